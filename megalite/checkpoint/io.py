@@ -1,0 +1,283 @@
+"""Atomic, verified, rank-aware checkpoint directories.
+
+Layout under a checkpoint root:
+
+    root/
+      latest                     text: the name of the newest complete step directory
+      step_00000100/
+        manifest.json            step, world_size, every file with its size and sha256
+        rank_00000.safetensors   this rank's tensors (flattened by checkpoint.state)
+        rank_00000.json          this rank's skeleton: everything that is not a tensor
+        rank_00001.safetensors ...
+      step_00000200.tmp/         a save in progress (or killed): ignored, cleaned by the next save
+
+A save becomes visible in three atomic moves, each made durable with fsync
+before the next: every rank's files, then the manifest and the rename of
+`step_N.tmp` to `step_N`, then the `latest` pointer (written to latest.tmp
+and os.replace'd). A crash at any point leaves `latest` naming the previous
+complete checkpoint. Loading reads safetensors and JSON only: nothing is
+unpickled, so a checkpoint from an untrusted source cannot run code.
+All ranks must see the same filesystem under `root`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from megalite.checkpoint.state import flatten, unflatten
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT = "megalite-checkpoint"
+STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit this run."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint for `step`."""
+    return f"step_{step:08d}"
+
+
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"rank_{rank:05d}.safetensors", f"rank_{rank:05d}.json"
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or (on POSIX) a directory, so a rename or a write survives power loss."""
+    if path.is_dir() and os.name != "posix":
+        return  # directories cannot be opened for fsync on Windows; renames there are durable anyway
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sync(barrier: Callable[[], object] | None) -> None:
+    if barrier is not None:
+        barrier()
+
+
+def _write_rank(tmp: Path, rank: int, state: dict) -> None:
+    """This rank's tensors and skeleton, fsynced, plus a digest file rank 0 merges into the manifest."""
+    tensors, skeleton = flatten(state)
+    st_name, js_name = _rank_files(rank)
+    save_file(tensors, tmp / st_name, metadata={"format": "pt", "writer": FORMAT})
+    _fsync_path(tmp / st_name)
+    _write_durable(tmp / js_name, json.dumps({"version": 1, "skeleton": skeleton}, allow_nan=False))
+    # each rank hashes its own files, in parallel, instead of rank 0 reading the whole checkpoint
+    digest = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in (st_name, js_name)}
+    _write_durable(tmp / f"rank_{rank:05d}.digest", json.dumps(digest))
+
+
+def _write_manifest(tmp: Path, step: int, world_size: int) -> None:
+    files = {}
+    for r in range(world_size):
+        digest = tmp / f"rank_{r:05d}.digest"
+        if not digest.is_file():
+            raise CheckpointError(f"rank {r} of {world_size} did not finish writing {tmp}; not publishing it")
+        files.update(json.loads(digest.read_text()))
+        digest.unlink()
+    manifest = {"format": FORMAT, "version": 1, "step": step, "world_size": world_size, "files": files}
+    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_path(tmp)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Atomically make `latest` name `name` (write a temp file, fsync, os.replace, fsync the root)."""
+    _write_durable(root / (LATEST + ".tmp"), name + "\n")
+    os.replace(root / (LATEST + ".tmp"), root / LATEST)
+    _fsync_path(root)
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, world_size: int) -> None:
+    _write_manifest(tmp, step, world_size)
+    replaced = None
+    if final.exists():  # saving a step again (a resumed run): move the old copy out of the way first
+        replaced = root / f"{final.name}.replaced.tmp"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    _point_latest(root, final.name)  # LAST: only now does the new checkpoint become the one to resume
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def _complete_steps(root: Path) -> list[Path]:
+    """Published step directories (with a manifest), oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_RE.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _remove_stale(root: Path) -> None:
+    """Delete leftovers of killed saves: step_*.tmp directories and latest.tmp."""
+    for p in root.iterdir():
+        if p.name.startswith("step_") and p.name.endswith(".tmp") and p.is_dir():
+            shutil.rmtree(p)
+    (root / (LATEST + ".tmp")).unlink(missing_ok=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest keep_last, never the one `latest` names."""
+    if keep_last <= 0:
+        return
+    pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    for old in _complete_steps(root)[:-keep_last]:
+        if old.name == pointed:
+            continue
+        # rename first: a crash mid-delete then leaves a *.tmp (ignored) rather than a
+        # directory whose manifest still promises files that are gone
+        doomed = root / f"{old.name}.deleting.tmp"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed)
+
+
+def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1,
+                    barrier: Callable[[], object] | None = None, keep_last: int = 2) -> Path:
+    """Write this rank's `state` into root/step_{step:08d} and, on rank 0, publish it.
+
+    Every rank calls this with its own state. `barrier` (e.g.
+    torch.distributed.barrier) is required when world_size > 1; it is called
+    three times: after rank 0 cleaned stale saves, after all ranks wrote, and
+    after rank 0 published, so every rank returns only once `latest` moved.
+    keep_last <= 0 keeps every checkpoint. Returns the step directory.
+    """
+    if step < 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need step >= 0 and 0 <= rank < world_size; got step={step}, rank={rank}, "
+                         f"world_size={world_size}")
+    if world_size > 1 and barrier is None:
+        raise ValueError(f"world_size={world_size} needs a barrier (e.g. torch.distributed.barrier) so rank 0 "
+                         "publishes only after every rank has written")
+    root = Path(root)
+    tmp, final = root / (step_dir_name(step) + ".tmp"), root / step_dir_name(step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+    _sync(barrier)  # nobody writes into tmp before rank 0 has removed a stale one
+    tmp.mkdir(parents=True, exist_ok=True)
+    _write_rank(tmp, rank, state)
+    _sync(barrier)
+    if rank == 0:
+        _publish(root, tmp, final, step, world_size)
+        _prune(root, keep_last)
+    _sync(barrier)
+    return final
+
+
+def latest_checkpoint(root) -> Path | None:
+    """The step directory `root/latest` names; None when nothing was ever published."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not STEP_RE.match(name):
+        raise CheckpointError(f"{pointer} holds {name!r}, not a step directory name like step_00000100; "
+                              "fix or delete the file")
+    if (root / name / MANIFEST).is_file():
+        return root / name
+    # only a crash between the two renames of a re-saved step leaves the pointer dangling
+    complete = _complete_steps(root)
+    if not complete:
+        raise CheckpointError(f"{pointer} names {name}, which is missing, and {root} holds no complete checkpoint")
+    warnings.warn(f"{pointer} names missing {name}; using the newest complete checkpoint {complete[-1].name}")
+    return complete[-1]
+
+
+def _resolve(path) -> Path:
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    if (p / LATEST).is_file():
+        return latest_checkpoint(p)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist")
+    if p.name.endswith(".tmp"):
+        raise CheckpointError(f"{p} is an unfinished save (a .tmp directory); load a complete step directory")
+    raise CheckpointError(f"{p} is neither a step directory (no {MANIFEST}) nor a checkpoint root (no '{LATEST}')")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing ({what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({what}): {e}") from e
+
+
+def _verify(d: Path, manifest: dict, rank: int) -> None:
+    """Every listed file present with its size; this rank's files also match their sha256."""
+    files, world = manifest.get("files"), manifest.get("world_size")
+    if manifest.get("format") != FORMAT or not isinstance(files, dict) or not isinstance(world, int):
+        raise CheckpointError(f"{d / MANIFEST} is not a {FORMAT} manifest")
+    if not 0 <= rank < world:
+        raise CheckpointError(f"{d} was written by {world} rank(s); rank {rank} has no shard in it "
+                              "(run with the same world size or reshard it)")
+    mine = _rank_files(rank)
+    for name in mine:
+        if name not in files:
+            raise CheckpointError(f"{d / MANIFEST} does not list {name}")
+    for name, info in files.items():
+        if Path(name).name != name:  # a manifest must not reach outside its directory
+            raise CheckpointError(f"{d / MANIFEST} lists {name!r}, which is not a plain file name")
+        path = d / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
+        if path.stat().st_size != info["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes but {MANIFEST} says {info['size']}: "
+                                  "truncated or overwritten")
+        if name in mine and _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupted")
+
+
+def load_checkpoint(path_or_root, rank: int = 0) -> dict:
+    """This rank's state from a step directory, or from a root (following `latest`).
+
+    Verifies the manifest first; every failure is a CheckpointError naming the file.
+    """
+    d = _resolve(path_or_root)
+    manifest = _read_json(d / MANIFEST, "the checkpoint manifest")
+    _verify(d, manifest, rank)
+    st_name, js_name = _rank_files(rank)
+    try:
+        tensors = load_file(d / st_name, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for every malformed file
+        raise CheckpointError(f"{d / st_name} is not a readable safetensors file: {e}") from e
+    doc = _read_json(d / js_name, "this rank's non-tensor state")
+    if "skeleton" not in doc:
+        raise CheckpointError(f"{d / js_name} has no 'skeleton' entry")
+    try:
+        return unflatten(tensors, doc["skeleton"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / js_name} does not fit {d / st_name}: {e}") from e
