@@ -1,0 +1,70 @@
+"""Pure-PyTorch twins of the fused kernels: the CPU path and the test oracle.
+
+Every function computes in fp32 and casts the result back to the input's
+dtype, which is what the fused CUDA kernels do too, so the two can be
+compared at any precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2, last dim) + eps) * weight, in fp32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim in fp32, returned in x's dtype."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, rot_dim: int, theta: float = 10000.0,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) tables, each [seq_len, rot_dim // 2], for positions 0..seq_len-1.
+
+    Frequency i (0 <= i < rot_dim/2) is theta^(-2i/rot_dim), as in RoFormer/Llama.
+    """
+    if rot_dim <= 0 or rot_dim % 2:
+        raise ValueError(f"rotary dim {rot_dim} must be a positive even number")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # [s, rot/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                 rot_dim: int | None = None) -> torch.Tensor:
+    """Rotate the first `rot_dim` features of every head of x [s, b, heads, head_dim].
+
+    cos/sin come from `rope_cos_sin` ([>= s, rot_dim/2]; the first s rows are
+    used, slice them yourself for an offset). Pairs are (i, i + rot_dim/2)
+    for rotate-half (Llama, GPT-NeoX) or (2i, 2i+1) when `interleaved`
+    (GPT-J). Features past rot_dim pass through unchanged (partial rotary).
+    """
+    s, half = x.shape[0], cos.shape[-1]
+    rot_dim = 2 * half if rot_dim is None else rot_dim
+    if rot_dim != 2 * half or rot_dim > x.shape[-1]:
+        raise ValueError(f"rot_dim={rot_dim} needs cos/sin of width {rot_dim // 2} (got {half}) and at most "
+                         f"head_dim={x.shape[-1]} features")
+    if cos.shape[0] < s:
+        raise ValueError(f"rotary table covers {cos.shape[0]} positions but the sequence has {s}; "
+                         "raise max_seq_len")
+    c = cos[:s, None, None, :]  # [s, 1, 1, rot/2], broadcasts over batch and heads
+    sn = sin[:s, None, None, :]
+    xr, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]  # [s, b, heads, rot/2] each
+        out = torch.stack((x1 * c - x2 * sn, x2 * c + x1 * sn), dim=-1).flatten(-2)  # -> [s, b, heads, rot]
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = torch.cat((x1 * c - x2 * sn, x2 * c + x1 * sn), dim=-1)  # [s, b, heads, rot]
+    return torch.cat((out.to(x.dtype), rest), dim=-1)

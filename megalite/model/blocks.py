@@ -1,0 +1,251 @@
+"""The blocks a Transformer is an ordered list of: Embedding, TransformerBlock x L, Head.
+
+Every block maps one tensor to one tensor (tokens [b, s] -> hidden [s, b, h]
+-> ... -> local logits [s, b, Vp/tp]), so a pipeline stage is just a slice of
+the list. Under sequence parallelism the hidden states between blocks are
+[s/tp, b, h]: each tp rank holds a contiguous chunk of the sequence.
+
+Blocks are built by `Transformer`, which then draws every weight by its
+module path (`tensor_parallel.init_model_weights`); built alone they hold
+uninitialised linear weights until that is called.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megalite import kernels
+from megalite.config import ModelConfig
+from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                      copy_to_tp_region, gather_from_sequence_parallel_region, group_size,
+                                      init_shard_, normal_init, scatter_to_sequence_parallel_region)
+
+
+# ------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """RMSNorm with a gain, through the kernels entry point (fp32 math)."""
+
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        if sequence_parallel:  # each tp rank sees a different sequence chunk: partial grads
+            self.weight.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a gain and optional bias, through the kernels entry point (fp32 math)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        for p in (self.weight, self.bias):
+            if p is not None and sequence_parallel:
+                p.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
+
+
+def make_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    """The norm cfg.norm names, over the hidden size."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps, sequence_parallel)
+    return LayerNorm(cfg.hidden_size, cfg.norm_eps, cfg.bias, sequence_parallel)
+
+
+# ------------------------------------------------------------------ blocks
+class Embedding(nn.Module):
+    """tokens [b, s] int64 -> hidden [s, b, h] (sequence parallel: [s/tp, b, h]).
+
+    Vocabulary-parallel token embedding (padded rows start at zero and are
+    never looked up), plus learned absolute positions when
+    cfg.position == 'learned', then dropout.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.tp_group, self.sequence_parallel, self.max_seq_len = tp_group, sequence_parallel, cfg.max_seq_len
+        self.init_std = cfg.init_std
+        self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group,
+                                           normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
+                                           sequence_parallel=sequence_parallel, init_seed=None)
+        learned = cfg.position == "learned"
+        self.position = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden_size)) if learned else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def init_weights(self, seed: int, prefix: str) -> None:
+        """Draw the (replicated) position table; the token table initialises itself."""
+        if self.position is not None:
+            init_shard_(self.position, normal_init(self.init_std), seed, f"{prefix}.position", None, 0, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"tokens must be [batch, seq] with seq <= max_seq_len={self.max_seq_len}; "
+                             f"got shape {tuple(tokens.shape)}")
+        x = self.word(tokens.t())  # [b, s] -> ids [s, b] -> [s, b, h] (SP: [s/tp, b, h])
+        if self.position is not None:
+            pos = self.position[: tokens.shape[1]].unsqueeze(1)  # [s, h] -> [s, 1, h]
+            if self.sequence_parallel:  # this rank's rows; backward all-gathers, so the grad is complete
+                pos = scatter_to_sequence_parallel_region(pos, self.tp_group)  # -> [s/tp, 1, h]
+            x = x + pos
+        return self.dropout(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention: fused QKV (column-parallel), rotary, SDPA, output (row-parallel).
+
+    Fused QKV weight layout (rows of the [(hq + 2*hkv) * d, h] matrix): one
+    slab per kv group g = 0..hkv-1, each slab [q heads g*r .. g*r+r-1, k_g,
+    v_g] with r = hq/hkv, i.e. viewed as [hkv, r + 2, d, h]. A tp rank owns
+    hkv/tp whole consecutive slabs, so its shard is contiguous and the full
+    matrix is the same for every tp size. (Hugging Face export must
+    de-interleave q, k and v.)
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
+        super().__init__()
+        tp = group_size(tp_group)
+        n_kv = cfg.num_kv_heads or cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.q_per_kv, self.kv_local = cfg.num_heads // n_kv, n_kv // tp
+        self.dropout = cfg.dropout
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual-branch outputs add up over 2L branches
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * n_kv) * self.head_dim, tp_group,
+                                        bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                        init_method=normal_init(cfg.init_std), init_seed=None)
+        self.proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp_group, bias=cfg.bias,
+                                      sequence_parallel=sequence_parallel, init_method=normal_init(out_std),
+                                      init_seed=None)
+        self.rope = cfg.position == "rope"
+        if self.rope:
+            cos, sin = kernels.rope_cos_sin(cfg.max_seq_len, self.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # [s, b, (hq + 2hkv)/tp * d]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
+        q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, -1, self.head_dim)  # -> [s, b, hq/tp, d]
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [s, b, hkv/tp, d] each
+        if self.rope:
+            q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
+            k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
+        out = kernels.attention(q, k, v, causal=True,
+                                dropout_p=self.dropout if self.training else 0.0)  # [s, b, hq/tp * d]
+        return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
+
+
+class MLP(nn.Module):
+    """SwiGLU or GELU MLP: column-parallel up projection, row-parallel down projection.
+
+    SwiGLU fuses gate and up into one weight whose rows alternate
+    (gate_0, up_0, gate_1, up_1, ...), so any contiguous tp shard holds
+    matching gate/up pairs and the full matrix does not depend on tp.
+    """
+
+    def __init__(self, cfg: ModelConfig, ffn: int, tp_group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, tp_group, bias=cfg.bias,
+                                        sequence_parallel=sequence_parallel,
+                                        init_method=normal_init(cfg.init_std), init_seed=None)
+        self.fc2 = RowParallelLinear(ffn, cfg.hidden_size, tp_group, bias=cfg.bias,
+                                     sequence_parallel=sequence_parallel, init_method=normal_init(out_std),
+                                     init_seed=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x)  # [s, b, 2f/tp] (swiglu) or [s, b, f/tp]
+        if self.swiglu:
+            y = y.unflatten(-1, (-1, 2))  # -> [s, b, f/tp, 2]: (gate, up) pairs
+            y = F.silu(y[..., 0]) * y[..., 1]  # -> [s, b, f/tp]
+        else:
+            y = F.gelu(y, approximate="tanh")
+        return self.fc2(y)  # [s, b, h] (SP: [s/tp, b, h])
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block [s, b, h] -> [s, b, h]: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With activation_checkpointing the block keeps only its input in forward
+    and recomputes the rest in backward (non-reentrant checkpoint, RNG state
+    replayed so dropout masks match).
+    """
+
+    def __init__(self, cfg: ModelConfig, ffn: int, tp_group=None, sequence_parallel: bool = False,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        self.activation_checkpointing = activation_checkpointing
+        self.norm1 = make_norm(cfg, sequence_parallel)
+        self.attn = Attention(cfg, tp_group, sequence_parallel)
+        self.norm2 = make_norm(cfg, sequence_parallel)
+        self.mlp = MLP(cfg, ffn, tp_group, sequence_parallel)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class Head(nn.Module):
+    """hidden [s, b, h] (SP: [s/tp, b, h]) -> local logits [s, b, Vp/tp].
+
+    Final norm, then a column-parallel projection to the padded vocabulary,
+    or, when `tied` is given, the token embedding's own (identically
+    sharded) table. Logits of padded ids (>= vocab_size) are set to -inf so
+    they are never predicted and get no gradient.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False,
+                 tied: VocabParallelEmbedding | None = None):
+        super().__init__()
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.norm = make_norm(cfg, sequence_parallel)
+        if tied is None:
+            self.output = ColumnParallelLinear(cfg.hidden_size, padded_vocab, tp_group, bias=False,
+                                               sequence_parallel=sequence_parallel,
+                                               init_method=normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
+                                               init_seed=None)
+            rows, start = self.output.out_local, self.output.tp_rank * self.output.out_local
+        else:
+            self.output = None
+            self.weight = tied.weight  # the same Parameter: one tensor, two names in state_dict
+            rows, start = tied.rows_local, tied.vocab_start
+        # first padded column of this rank's shard, or None when the shard has no padding
+        self.pad_from = max(cfg.vocab_size - start, 0) if start + rows > cfg.vocab_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.output is not None:
+            logits = self.output(x)  # [s, b, Vp/tp]
+        else:
+            if self.sequence_parallel:
+                x = gather_from_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h] -> [s, b, h]
+            else:
+                x = copy_to_tp_region(x, self.tp_group)
+            logits = F.linear(x, self.weight)  # [s, b, Vp/tp]
+        if self.pad_from is not None:
+            logits[..., self.pad_from:] = float("-inf")  # safe in place: linear's backward does not need its output
+        return logits

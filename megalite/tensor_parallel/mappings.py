@@ -1,0 +1,191 @@
+"""Every tensor-parallel collective, as paired autograd functions.
+
+Each public function is a forward collective with the matching backward
+collective, so parallel layers never call torch.distributed themselves and
+the gradient of every communication is correct by construction:
+
+    function                                  forward                 backward
+    copy_to_tp_region                         identity                all-reduce
+    reduce_from_tp_region                     all-reduce              identity
+    scatter_to_tp_region                      split last dim          all-gather last dim
+    gather_from_tp_region                     all-gather last dim     split last dim
+    scatter_to_sequence_parallel_region       split dim 0             all-gather dim 0
+    gather_from_sequence_parallel_region      all-gather dim 0        reduce-scatter dim 0
+    reduce_scatter_to_sequence_parallel_region reduce-scatter dim 0   all-gather dim 0
+
+`group=None` (or a group of one) means "no tensor parallelism": every
+function returns its input unchanged, so a single process runs exactly the
+code path of a sharded run. Note this differs from torch.distributed, where
+None means the world group. The collectives used work on gloo (CPU tests)
+and NCCL alike; gloo lacks reduce-scatter, so there it is an all-reduce
+followed by taking this rank's chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    """Ranks in `group`; 1 for None or when torch.distributed is not initialised."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank inside `group`; 0 for None."""
+    if group_size(group) == 1:
+        return 0
+    return dist.get_rank(group)
+
+
+# ------------------------------------------------------------ raw collectives
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.contiguous().clone()  # all_reduce is in place; autograd inputs must stay untouched
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = group_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split dim {dim} of size {x.shape[dim]} over {world} tensor-parallel ranks; "
+                         f"make it a multiple of {world}")
+    return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+    world = group_size(group)
+    if x.shape[0] % world:
+        raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks; "
+                         f"make the sequence length a multiple of the tensor-parallel size {world}")
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
+        return _split(_all_reduce(x, group), 0, group)
+    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+# ------------------------------------------------------- autograd functions
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, -1, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, -1, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, 0, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_first(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, 0, ctx.group), None
+
+
+# ------------------------------------------------------------- public entry
+def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Enter a column-parallel region: identity forward, all-reduce of the gradient backward."""
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Leave a row-parallel region: sum partial results forward, pass the gradient through backward."""
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's chunk of the last dim forward; all-gather the gradient backward."""
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's last-dim chunk forward; keep this rank's gradient chunk backward."""
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """[s, ...] -> this rank's [s/tp, ...] forward; all-gather the gradient along dim 0 backward."""
+    return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """[s/tp, ...] -> [s, ...] forward; reduce-scatter the gradient along dim 0 backward.
+
+    The backward sums because what follows (a column-parallel layer) gives
+    each rank only a partial gradient of the gathered input.
+    """
+    return x if group_size(group) == 1 else _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial [s, ...] -> summed [s/tp, ...] forward; all-gather the gradient along dim 0 backward."""
+    return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)
