@@ -1,0 +1,83 @@
+"""tools/inspect_data.py names the documents of a global batch, decoded or as ids."""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from megalite.config import DataConfig
+from megalite.data.indexed import IndexedDatasetWriter
+from megalite.data.loader import build_datasets
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "inspect_data.py")
+WORDS = ["<unk>", "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("inspect_data", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["inspect_data"] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two datasets whose documents start with a word naming dataset and document: ids 1.. / 5.."""
+    prefixes = []
+    for name, first_word in (("a", 1), ("b", 5)):
+        prefix = str(tmp_path / name)
+        with IndexedDatasetWriter(prefix, np.uint16) as w:
+            for d in range(30):
+                w.add_document([first_word + d % 4] + [9] * (3 + d % 5))
+        prefixes.append(prefix)
+    return prefixes
+
+
+def hf_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_inspect_names_the_documents_of_a_batch(corpus, tmp_path):
+    tool = load_tool()
+    path = ["0.5", corpus[0], "0.5", corpus[1]]
+    cache = str(tmp_path / "cache")
+    pieces = tool.inspect_batch(path, seq_len=6, global_batch_size=4, batch=2, seed=9, train_samples=40,
+                                cache_dir=cache)
+    ds = build_datasets(DataConfig(path=path, seq_len=6, seed=9, cache_dir=cache), {"train": 40})["train"]
+    expected = [(k, *piece) for k in range(8, 12) for piece in ds.sample_documents(k)]
+    assert [(p.sample, p.prefix, p.document, p.offset, p.num_tokens) for p in pieces] == expected
+    assert {p.position for p in pieces} == {0, 1, 2, 3}
+    for p in pieces:  # without a tokenizer: the piece's first token ids
+        tokens = ds.datasets[corpus.index(p.prefix)].indexed.document_tokens(p.document)
+        assert p.text.split() == [str(t) for t in tokens[p.offset:p.offset + min(p.num_tokens, 8)]]
+
+
+def test_inspect_cli_decodes_with_a_tokenizer(corpus, tmp_path, capsys):
+    tool = load_tool()
+    model = hf_tokenizer(tmp_path / "tokenizer.json")
+    assert tool.main(["--data-path", corpus[1], "--seq-len", "5", "--global-batch-size", "2", "--batch", "0",
+                      "--cache-dir", str(tmp_path / "cache"), "--tokenizer-type", "HuggingFaceTokenizer",
+                      "--tokenizer-model", model, "--words", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["sample", "pos", "dataset"]
+    pieces = tool.inspect_batch([corpus[1]], 5, 2, 0, cache_dir=str(tmp_path / "cache"))
+    assert len(lines) == 1 + len(pieces)
+    for line, p in zip(lines[1:], pieces):
+        assert line.split()[:6] == [str(p.sample), str(p.position), "b", str(p.document), str(p.offset),
+                                    str(p.num_tokens)]
+        words = line.split("'")[1].split()
+        ids = [WORDS.index(w) for w in words]
+        doc_first = 5 + p.document % 4
+        assert ids == ([doc_first] + [9] * 7)[p.offset:p.offset + len(ids)] and 0 < len(ids) <= 3
+
+
+def test_inspect_refuses_too_few_samples(corpus):
+    with pytest.raises(ValueError, match="too few"):
+        load_tool().inspect_batch([corpus[0]], 4, 8, 3, train_samples=16)
