@@ -1,0 +1,282 @@
+"""The training loop: one step is micro-batches forward/backward, then the engine's step.
+
+Reads top to bottom: `train_main` turns a command line into a Trainer (config
+validated before any process group exists), `Trainer.fit` runs the steps,
+evaluates, logs and checkpoints. Parallelism enters only through the
+ProcessGroups object handed to the model, the engine and the data loader.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.config import Config, ConfigError, load_config, save_config, validate
+from megalite.data.loader import build_dataloader, build_datasets
+from megalite.engine import build_engine
+from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
+from megalite.model import Transformer
+from megalite.rng import rng_state, seed_everything, set_rng_state
+from megalite.topology import ProcessGroups, Topology, discover, init_distributed
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask for a clean stop at the end of the current step (SLURM preemption,
+    Ctrl-C); every rank must agree, so the flag is all-reduced before it is acted on."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, device: torch.device):
+        self.flag, self.device, self.previous = False, device, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _set(self, signum, frame):
+        self.flag = True
+
+    def received(self) -> bool:
+        if not dist.is_initialized():
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_main(config: str, overrides: list[str]) -> int:
+    """`megalite train CONFIG [overrides]`: the same entry under every launcher."""
+    env = discover()
+    try:
+        cfg = load_config(config, overrides)
+        validate(cfg, world_size=env.world_size)
+    except ConfigError as e:
+        print(f"megalite: invalid config:\n{e}", file=sys.stderr)
+        return 2
+    init_distributed(env, timeout_s=cfg.parallel.timeout_s)
+    try:
+        trainer = Trainer(cfg, build_groups(cfg, env.world_size), local_rank=env.local_rank)
+        trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def build_groups(cfg: Config, world_size: int) -> ProcessGroups:
+    p = cfg.parallel
+    topo = Topology.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp,
+                               virtual_stages=p.virtual_stages, order=p.order)
+    return ProcessGroups.build(topo) if dist.is_initialized() else ProcessGroups.single()
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """cfg.train.run_dir, else runs/<timestamp> chosen by rank 0 and shared with the others."""
+    run_dir = [cfg.train.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run_dir, src=0)
+    return Path(run_dir[0])
+
+
+def resolve_data(cfg: Config, log) -> Config:
+    """With no data path the demo corpus is built (once, cached) and used."""
+    if cfg.data.path:
+        return cfg
+    from megalite.data.demo import ensure_demo_data
+
+    demo = ensure_demo_data(log=log)
+    return replace(cfg, data=replace(cfg.data, path=[demo.prefix], tokenizer_model=demo.tokenizer_model))
+
+
+class Trainer:
+    """Owns the model, the engine, the data iterators, the logger and checkpointing."""
+
+    def __init__(self, cfg: Config, groups: ProcessGroups, local_rank: int = 0):
+        self.groups = groups
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        self.cfg = cfg = resolve_data(cfg, self.log)
+        self.device = pick_device(cfg.train.device, local_rank)
+        self.run_dir = resolve_run_dir(cfg)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        seed_everything(cfg.train.seed)
+        self.model = Transformer(cfg.model, tp_group=groups.tp_group,
+                                 sequence_parallel=cfg.parallel.sequence_parallel,
+                                 activation_checkpointing=cfg.train.activation_checkpointing,
+                                 seed=cfg.train.seed).to(self.device)
+        self.engine = build_engine(cfg, self.model, groups, self.device.type)
+        self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
+        self.datasets = build_datasets(cfg.data, self._samples_needed())
+        self.step = 0
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
+
+    def _samples_needed(self) -> dict:
+        t = self.cfg.train
+        evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
+        return {"train": t.steps * t.global_batch_size, "valid": evals * t.eval_steps * t.global_batch_size,
+                "test": t.eval_steps * t.global_batch_size}
+
+    def _loader(self, split: str, consumed_samples: int):
+        t = self.cfg.train
+        return build_dataloader(self.datasets[split], t.global_batch_size, t.micro_batch_size,
+                                self.groups.dp_rank, self.groups.dp_size, consumed_samples,
+                                self.cfg.data.num_workers)
+
+    # ----------------------------------------------------------------- loop
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to train.steps (or stop cleanly, with a checkpoint, after step `stop_after`
+        or when SIGTERM/SIGINT arrives); returns the last step's metrics."""
+        with StopSignal(self.device) as stop:
+            return self._fit(stop, stop_after)
+
+    def _fit(self, stop: "StopSignal", stop_after: int | None) -> dict:
+        self.maybe_resume()
+        t = self.cfg.train
+        train_iter = iter(self._loader("train", self.step * t.global_batch_size))
+        self.log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters for {t.steps} steps "
+                 f"on {self.device} ({t.precision}); run directory {self.run_dir}")
+        last = {}
+        while self.step < t.steps:
+            self.step += 1
+            last = self.train_step(train_iter)
+            if self.step % self.cfg.logging.interval == 0 or self.step == t.steps:
+                self.metrics.log(self.step, last)
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                self.metrics.log(self.step, self.evaluate())
+            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+                self.save()
+            if self.step == stop_after or stop.received():
+                self.log(f"stopping cleanly after step {self.step}")
+                self.save()
+                self.metrics.close()
+                return last
+        final = self.evaluate() if t.eval_interval or t.steps == 0 else {}
+        if final:
+            self.metrics.log(self.step, final)
+        self.save()
+        self.metrics.close()
+        return {**last, **final}
+
+    def _autocast(self):
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _micro_loss(self, batch) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s] each
+        with self._autocast():
+            return self.model.loss(inputs, labels).mean()
+
+    def train_step(self, train_iter) -> dict:
+        start = time.perf_counter()
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            loss = self._micro_loss(next(train_iter)) / self.accum
+            self.engine.backward(loss)
+            loss_sum += loss.detach()
+        result = self.engine.step()
+        loss = self._dp_mean(loss_sum)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at step {self.step}; last good checkpoint: "
+                                   f"{latest_checkpoint(self.ckpt_dir) or 'none saved yet'}")
+        return self._step_metrics(loss, result, time.perf_counter() - start)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.groups.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=self.groups.dp_group)
+            value /= self.groups.dp_size
+        return float(value)
+
+    def _step_metrics(self, loss: float, result, seconds: float) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        tokens_per_s = t.global_batch_size * self.cfg.data.seq_len / seconds
+        flops = flops_per_token(self.model.flop_params() * self.groups.tp_size * self.groups.pp_size,
+                                m.num_layers, m.num_heads, m.hidden_size // m.num_heads, self.cfg.data.seq_len)
+        peak = peak_flops(self.device, t.precision)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                "skipped": result.skipped, "tokens_per_s": tokens_per_s,
+                "mfu": flops * tokens_per_s / (peak * world) if peak else None,
+                "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
+                "consumed_samples": self.step * t.global_batch_size}
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> dict:
+        """Mean loss (and perplexity) over the first eval_steps global batches of `split`."""
+        self.model.eval()
+        it, total = iter(self._loader(split, 0)), torch.zeros((), device=self.device)
+        n = self.cfg.train.eval_steps * self.accum
+        for _ in range(n):
+            total += self._micro_loss(next(it))
+        loss = self._dp_mean(total / n)
+        return {f"{split}_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0))}
+
+    # ---------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        p = self.groups
+        return {"model": self.model.state_dict(), "engine": self.engine.state_dict(), "rng": rng_state(),
+                "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},
+                "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size}}
+
+    def save(self) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        path = save_checkpoint(self.ckpt_dir, self.step, self.rank, self._state(), world_size=world,
+                               barrier=dist.barrier if dist.is_initialized() else None,
+                               keep_last=self.cfg.checkpoint.keep_last)
+        self.log(f"step {self.step}: checkpoint saved to {path}")
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resume
+        if path is None:
+            return
+        state = load_checkpoint(path, self.rank)
+        self._check_layout(state["layout"], path)
+        self.model.load_state_dict(state["model"])
+        self.engine.load_state_dict(state["engine"])
+        set_rng_state(state["rng"])
+        self.step = int(state["progress"]["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _check_layout(self, layout: dict, path) -> None:
+        p = self.groups
+        if (layout["tp"], layout["pp"]) != (p.tp_size, p.pp_size):
+            raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} but this run "
+                                  f"uses tp={p.tp_size} pp={p.pp_size}; reshard it with "
+                                  "tools/convert_checkpoint.py reshard, or match the layout")

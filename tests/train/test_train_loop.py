@@ -1,0 +1,156 @@
+"""The training loop end to end on a tiny model and a synthetic corpus.
+
+The corpus is counting sequences (t, t+1, t+2, ... mod V), which a two-layer
+model learns in a few steps, so a falling loss is a real signal.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+
+from megalite.checkpoint import CheckpointError
+from megalite.config import load_config
+from megalite.data.indexed import IndexedDatasetWriter
+from megalite.topology import ProcessGroups
+from megalite.train import Trainer, TrainingDiverged, build_groups
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def counting_data(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("data") / "count_text_document")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(300):
+            start, n = rng.integers(0, VOCAB), rng.integers(10, 90)
+            w.add_document((start + np.arange(n)) % VOCAB)
+    return prefix
+
+
+def tiny_overrides(prefix, run_dir, steps=8, **extra):
+    kv = {"model.vocab_size": VOCAB, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
+          "model.num_kv_heads": 2, "model.max_seq_len": 32, "data.seq_len": 32, "data.path": f"[{prefix}]",
+          "data.split": "90,10,0", "train.micro_batch_size": 2, "train.global_batch_size": 8,
+          "train.steps": steps, "train.eval_interval": 0, "train.eval_steps": 2, "train.run_dir": str(run_dir),
+          "optim.lr": 3e-3, "optim.warmup_steps": 2, "logging.interval": 1, "logging.tensorboard": False,
+          "logging.progress_bar": False, "checkpoint.interval": 2, "checkpoint.keep_last": 10}
+    kv.update(extra)
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if row.get("loss") is not None:
+                out[row["step"]] = row["loss"]
+    return out
+
+
+def run_inprocess(prefix, run_dir, stop_after=None, **extra):
+    cfg = load_config("tiny", tiny_overrides(prefix, run_dir, **extra))
+    return Trainer(cfg, ProcessGroups.single()).fit(stop_after=stop_after)
+
+
+def test_run_directory_has_config_metrics_and_checkpoints(counting_data, tmp_path):
+    final = run_inprocess(counting_data, tmp_path, steps=6, **{"train.eval_interval": 3})
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "peak_mem_gb"):
+        assert key in train_rows[0]
+    assert any("valid_loss" in r and "valid_ppl" in r for r in rows)
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "latest").exists()
+    assert load_config(str(tmp_path / "config.yaml")).train.steps == 6
+    assert final["valid_loss"] > 0
+
+
+def test_resume_after_clean_stop_reproduces_losses_exactly(counting_data, tmp_path):
+    run_inprocess(counting_data, tmp_path / "straight")
+    run_inprocess(counting_data, tmp_path / "stopped", stop_after=3)
+    assert sorted(losses(tmp_path / "stopped")) == [1, 2, 3]
+    run_inprocess(counting_data, tmp_path / "stopped")
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_corrupt_checkpoint_is_refused_by_name(counting_data, tmp_path):
+    run_inprocess(counting_data, tmp_path, steps=2)
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    victim = next(latest.glob("rank_00000.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank_00000.safetensors"):
+        run_inprocess(counting_data, tmp_path, steps=4)
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(counting_data, tmp_path, monkeypatch):
+    cfg = load_config("tiny", tiny_overrides(counting_data, tmp_path, steps=6))
+    trainer = Trainer(cfg, ProcessGroups.single())
+    real_loss, calls = trainer.model.loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        out = real_loss(*args)
+        return out * float("nan") if len(calls) > 4 * 3 else out  # 4 micro-batches a step: NaN in step 4
+
+    monkeypatch.setattr(trainer.model, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"step 4.*step_0+2"):
+        trainer.fit()
+
+
+def _dp_run(prefix, run_dir):
+    cfg = load_config("tiny", tiny_overrides(prefix, run_dir, steps=4))
+    Trainer(cfg, build_groups(cfg, dist.get_world_size())).fit()
+    return losses(run_dir) if dist.get_rank() == 0 else None
+
+
+def test_two_rank_data_parallel_equals_one_rank(counting_data, tmp_path, spawn):
+    one = spawn(_dp_run, 1, counting_data, str(tmp_path / "dp1"))[0]
+    two = spawn(_dp_run, 2, counting_data, str(tmp_path / "dp2"))[0]
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+def _train_cli(prefix, run_dir, steps=10, **extra):
+    cmd = [sys.executable, "-m", "megalite", "train", "tiny",
+           *tiny_overrides(prefix, run_dir, steps=steps, **{"checkpoint.interval": 1, **extra})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_steps(run_dir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(run_dir / "metrics.jsonl") and len(losses(run_dir)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("training made no progress")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_reproduces_losses_exactly(counting_data, tmp_path):
+    straight = _train_cli(counting_data, tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    killed = _train_cli(counting_data, tmp_path / "killed")
+    _wait_for_steps(tmp_path / "killed", 4, killed)
+    time.sleep(np.random.default_rng().uniform(0, 0.3))  # somewhere inside a step or a save
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = _train_cli(counting_data, tmp_path / "killed")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
