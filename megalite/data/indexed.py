@@ -86,17 +86,18 @@ class IndexedDatasetWriter:
         self._tmp_bin = bin_path(self.prefix) + ".tmp"
         self._tmp_idx = idx_path(self.prefix) + ".tmp"
         self._bin = open(self._tmp_bin, "wb")
-        self.sequence_lengths: list[int] = []
-        self.document_indices: list[int] = [0]
+        # Index arrays grow a chunk at a time as numpy arrays (4-8 bytes per entry), not as
+        # Python lists of ints (~36 bytes each): billions of documents must fit in memory.
+        self._lengths: list[np.ndarray] = []
+        self._doc_ends: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self._num_sequences = 0
 
     def add_document(self, tokens, lengths=None) -> None:
         """Append one document; `lengths` splits it into sequences (default: one)."""
         arr = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(arr.tobytes(order="C"))
         if lengths is None:
             lengths = [len(arr)] if len(arr) else []
-        self.sequence_lengths.extend(int(n) for n in lengths)
-        self.document_indices.append(len(self.sequence_lengths))
+        self.add_raw(arr.tobytes(order="C"), lengths, [len(lengths)])
 
     def add_raw(self, token_bytes: bytes, sequence_lengths, document_ends) -> None:
         """Append many documents at once from already-encoded bytes.
@@ -105,9 +106,18 @@ class IndexedDatasetWriter:
         own sequences (as document_indices[1:] would be for the batch alone).
         """
         self._bin.write(token_bytes)
-        base = len(self.sequence_lengths)
-        self.sequence_lengths.extend(int(n) for n in sequence_lengths)
-        self.document_indices.extend(base + int(e) for e in document_ends)
+        lengths = np.asarray(sequence_lengths, dtype=np.int32).reshape(-1)
+        self._lengths.append(lengths)
+        self._doc_ends.append(self._num_sequences + np.asarray(document_ends, dtype=np.int64).reshape(-1))
+        self._num_sequences += len(lengths)
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+
+    @property
+    def document_indices(self) -> np.ndarray:
+        return np.concatenate(self._doc_ends)
 
     def finalize(self) -> None:
         self._bin.flush()
