@@ -16,8 +16,8 @@ from megalite.engine.native import NativeEngine
 def build_engine(cfg, model: nn.Module, groups, device_type: str) -> Engine:
     """The engine for a whole-run Config `cfg`.
 
-    `groups` is the ProcessGroups object (only `dp_group` and `mp_group` are
-    read here, so any object with those attributes works).
+    `groups` is the ProcessGroups object (only `dp_group`, `mp_group` and
+    `tp_group` are read here, so any object with those attributes works).
     """
     backend = cfg.engine.backend
     if backend == "native":
@@ -25,7 +25,8 @@ def build_engine(cfg, model: nn.Module, groups, device_type: str) -> Engine:
             raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} needs engine.backend=deepspeed; "
                              "the native engine does not shard optimizer state")
         return NativeEngine(model, cfg.optim, cfg.train, cfg.train.steps, dp_group=groups.dp_group,
-                            model_parallel_group=groups.mp_group, device_type=device_type)
+                            model_parallel_group=groups.mp_group, device_type=device_type,
+                            tp_group=getattr(groups, "tp_group", None))
     if backend == "deepspeed":
         try:
             from megalite.engine.deepspeed import DeepSpeedEngine

@@ -12,10 +12,13 @@ gradients above fp16's underflow threshold.
 Gradients are reduced once per global batch (in `step`), never per
 micro-batch, so accumulation costs no communication.
 
-Grad-norm caveat: the global norm sums squares over `model_parallel_group`;
-a parameter replicated on every tensor-parallel rank (a norm gain) is
-therefore counted once per rank. This slightly overstates the norm under
-tp > 1; a later change deduplicates replicated parameters.
+Tensor parallelism: under sequence parallelism each tp rank sees its own
+chunk of the sequence, so the gradients of replicated parameters marked
+`sequence_parallel` (norm gains, row-parallel biases) are partial sums; they
+are all-reduced (summed) over `tp_group` after the data-parallel reduction.
+The global grad norm sums squares over `model_parallel_group`, counting a
+parameter replicated on every tp rank (no `tensor_model_parallel` mark) on
+tp rank 0 only, so it equals the norm of the unsharded model.
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ def _buckets(grads: list[torch.Tensor], bucket_elems: int) -> Iterator[list[torc
             yield bucket
 
 
-def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> None:
-    """Average `grads` in place over `group`: one all_reduce per flattened bucket.
+def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                   average: bool = True) -> None:
+    """Average (average=False: sum) `grads` in place over `group`: one all_reduce per flattened bucket.
 
     Bucketing trades a copy for far fewer collectives: hundreds of small
     parameter tensors would otherwise each pay the collective's latency.
@@ -67,7 +71,8 @@ def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT
     for bucket in _buckets(grads, bucket_elems):
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
-        flat.div_(size)  # gloo has no AVG op; summing then dividing works on every backend
+        if average:
+            flat.div_(size)  # gloo has no AVG op; summing then dividing works on every backend
         offset = 0
         for g in bucket:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -92,11 +97,14 @@ class NativeEngine(Engine):
     `dp_group`: data-parallel ProcessGroup (None or size 1: no gradient
     reduction). `model_parallel_group`: the tp x pp group over which the grad
     norm and the overflow decision are reduced (None: this rank alone).
+    `tp_group`: the tensor-parallel group, over which gradients of
+    parameters marked `sequence_parallel` are summed and replicated
+    parameters are counted once in the grad norm (None: no tensor parallelism).
     """
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, total_steps: int,
                  dp_group=None, model_parallel_group=None, device_type: str = "cpu",
-                 bucket_elems: int = DEFAULT_BUCKET_ELEMS):
+                 bucket_elems: int = DEFAULT_BUCKET_ELEMS, tp_group=None):
         low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
         if low:
             raise ValueError(f"NativeEngine keeps fp32 master weights in the model, but {low[:3]} are "
@@ -111,9 +119,15 @@ class NativeEngine(Engine):
         self.optimizer = build_optimizer(model, optim_cfg, device_type)
         self.schedule = LRSchedule(optim_cfg, total_steps)
         self.clip_grad = optim_cfg.clip_grad
-        self.dp_group, self.mp_group = dp_group, model_parallel_group
+        self.dp_group, self.mp_group, self.tp_group = dp_group, model_parallel_group, tp_group
         self.bucket_elems = bucket_elems
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.sp_params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        # replicated parameters contribute to the norm from tp rank 0 only; sharded ones from every rank;
+        # a pipeline's second copy of a tied table (last stage) not at all
+        tp_rank = dist.get_rank(tp_group) if _group_size(tp_group) > 1 else 0
+        self.norm_params = [p for p in self.params if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+                            and not getattr(p, "pipeline_duplicate", False)]
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scale (fp16) and backpropagate one micro-batch loss; gradients accumulate."""
@@ -130,11 +144,21 @@ class NativeEngine(Engine):
         left out of the reduction.
         """
         allreduce_mean(self._grads(), self.dp_group, self.bucket_elems)
+        self.reduce_sequence_parallel_gradients()
+
+    def reduce_sequence_parallel_gradients(self) -> None:
+        """Sum the partial gradients of `sequence_parallel` parameters over the tp group.
+
+        Every tp rank must hold a gradient for the same such parameters (they
+        run the same blocks); one without a gradient is left out.
+        """
+        grads = [p.grad for p in self.sp_params if p.grad is not None]
+        allreduce_mean(grads, self.tp_group, self.bucket_elems, average=False)
 
     def clip_gradients(self) -> float:
         """Global grad norm before clipping; scales gradients down to clip_grad when it is exceeded."""
         grads = self._grads()
-        norm = global_grad_norm(grads, self.mp_group)
+        norm = global_grad_norm([p.grad for p in self.norm_params if p.grad is not None], self.mp_group)
         if self.clip_grad > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, norm.to(grads[0].device))
         return float(norm)

@@ -8,10 +8,20 @@ the list. Under sequence parallelism the hidden states between blocks are
 Blocks are built by `Transformer`, which then draws every weight by its
 module path (`tensor_parallel.init_model_weights`); built alone they hold
 uninitialised linear weights until that is called.
+
+Dropout and the tensor-parallel RNG tracker (`tensor_parallel.random`):
+attention-probability dropout acts on this rank's heads, so it draws from
+the tracker (a different mask per tp rank). Residual and embedding dropout
+act on activations every tp rank holds whole, so they draw from the default
+generator (the same mask on every tp rank, which keeps the replicas equal);
+under sequence parallelism those activations are per-rank sequence chunks,
+so they draw from the tracker too. Blocks built without a tracker use the
+default generator, which is only correct without tensor parallelism.
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +33,19 @@ from megalite.config import ModelConfig
 from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                       copy_to_tp_region, gather_from_sequence_parallel_region, group_size,
                                       init_shard_, normal_init, scatter_to_sequence_parallel_region)
+from megalite.tensor_parallel.random import TPRngTracker
+
+
+def _sharded_rng(tracker: TPRngTracker | None):
+    """Context for dropout on activations that differ per tp rank: the tracker's stream, if any."""
+    return tracker.fork() if tracker is not None else nullcontext()
+
+
+def _need_tracker(cfg: ModelConfig, tp_group, tracker: TPRngTracker | None) -> None:
+    if tracker is None and cfg.dropout > 0 and group_size(tp_group) > 1:
+        raise ValueError(f"model.dropout={cfg.dropout} with tensor parallelism needs an rng_tracker "
+                         "(TPRngTracker), or every tp rank draws the same attention-dropout mask; "
+                         "build the model through Transformer, which passes one")
 
 
 # ------------------------------------------------------------------- norms
@@ -78,13 +101,17 @@ class Embedding(nn.Module):
     cfg.position == 'learned', then dropout.
     """
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False,
+                 rng_tracker: TPRngTracker | None = None):
         super().__init__()
+        _need_tracker(cfg, tp_group, rng_tracker)
         self.tp_group, self.sequence_parallel, self.max_seq_len = tp_group, sequence_parallel, cfg.max_seq_len
+        self.rng_tracker = rng_tracker
         self.init_std = cfg.init_std
         self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group,
                                            normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
                                            sequence_parallel=sequence_parallel, init_seed=None)
+        self.word.weight.valid_rows = cfg.vocab_size  # rows past it are tp-dependent padding (checkpoint.sharding)
         learned = cfg.position == "learned"
         self.position = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden_size)) if learned else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -104,7 +131,10 @@ class Embedding(nn.Module):
             if self.sequence_parallel:  # this rank's rows; backward all-gathers, so the grad is complete
                 pos = scatter_to_sequence_parallel_region(pos, self.tp_group)  # -> [s/tp, 1, h]
             x = x + pos
-        return self.dropout(x)
+        if not (self.training and self.dropout.p):
+            return x
+        with _sharded_rng(self.rng_tracker if self.sequence_parallel else None):  # SP: own sequence chunk
+            return self.dropout(x)
 
 
 class Attention(nn.Module):
@@ -118,8 +148,11 @@ class Attention(nn.Module):
     de-interleave q, k and v.)
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
+                 rng_tracker: TPRngTracker | None = None):
         super().__init__()
+        _need_tracker(cfg, tp_group, rng_tracker)
+        self.rng_tracker = rng_tracker
         tp = group_size(tp_group)
         n_kv = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
@@ -147,8 +180,9 @@ class Attention(nn.Module):
         if self.rope:
             q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
             k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
-        out = kernels.attention(q, k, v, causal=True,
-                                dropout_p=self.dropout if self.training else 0.0)  # [s, b, hq/tp * d]
+        dropout_p = self.dropout if self.training else 0.0
+        with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
+            out = kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
 
 
@@ -190,22 +224,33 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, ffn: int, tp_group=None, sequence_parallel: bool = False,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, rng_tracker: TPRngTracker | None = None):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing
+        self.rng_tracker = rng_tracker
+        # residual dropout: the same mask on every tp rank, unless each rank holds its own sequence chunk
+        self.residual_rng = rng_tracker if sequence_parallel else None
         self.norm1 = make_norm(cfg, sequence_parallel)
-        self.attn = Attention(cfg, tp_group, sequence_parallel)
+        self.attn = Attention(cfg, tp_group, sequence_parallel, rng_tracker)
         self.norm2 = make_norm(cfg, sequence_parallel)
         self.mlp = MLP(cfg, ffn, tp_group, sequence_parallel)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def _residual_dropout(self, y: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout.p):
+            return y
+        with _sharded_rng(self.residual_rng):
+            return self.dropout(y)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x)))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        x = x + self._residual_dropout(self.attn(self.norm1(x)))
+        return x + self._residual_dropout(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
+            # the tracker is replayed like the default generators, so recomputed masks match
+            kwargs = {} if self.rng_tracker is None else {"context_fn": self.rng_tracker.checkpoint_context}
+            return checkpoint(self._forward, x, use_reentrant=False, **kwargs)
         return self._forward(x)
 
 
@@ -228,6 +273,7 @@ class Head(nn.Module):
                                                sequence_parallel=sequence_parallel,
                                                init_method=normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
                                                init_seed=None)
+            self.output.weight.valid_rows = cfg.vocab_size  # padding rows (checkpoint.sharding)
             rows, start = self.output.out_local, self.output.tp_rank * self.output.out_local
         else:
             self.output = None

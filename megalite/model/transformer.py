@@ -18,7 +18,8 @@ from torch import nn
 
 from megalite.config import ModelConfig
 from megalite.model.blocks import Embedding, Head, TransformerBlock
-from megalite.tensor_parallel import group_size, init_model_weights, vocab_parallel_cross_entropy
+from megalite.tensor_parallel import group_rank, group_size, init_model_weights, vocab_parallel_cross_entropy
+from megalite.tensor_parallel.random import TPRngTracker
 
 _CHOICES = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "activation": ("swiglu", "gelu")}
 
@@ -71,6 +72,8 @@ class Transformer(nn.Module):
     loss [b, s]. Under sequence parallelism hidden states between blocks
     are [s/tp, b, h] and parameters marked `sequence_parallel` need their
     gradients all-reduced over the tp group before the optimizer step.
+    `rng_tracker` holds the per-tp-rank dropout stream (seeded from `seed`
+    and the tp rank); checkpoint its get_state() to resume exactly.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
@@ -82,8 +85,10 @@ class Transformer(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1  # a group of one has nothing to split
         self.padded_vocab = _padded_vocab(cfg, tp)
         sp, ffn = self.sequence_parallel, _ffn_size(cfg)
-        embedding = Embedding(cfg, self.padded_vocab, tp_group, sp)
-        layers = [TransformerBlock(cfg, ffn, tp_group, sp, activation_checkpointing) for _ in range(cfg.num_layers)]
+        self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
+        embedding = Embedding(cfg, self.padded_vocab, tp_group, sp, self.rng_tracker)
+        layers = [TransformerBlock(cfg, ffn, tp_group, sp, activation_checkpointing, self.rng_tracker)
+                  for _ in range(cfg.num_layers)]
         head = Head(cfg, self.padded_vocab, tp_group, sp, tied=embedding.word if cfg.tie_embeddings else None)
         self.blocks = nn.ModuleList([embedding, *layers, head])
         init_model_weights(self, seed)

@@ -19,11 +19,16 @@ code path of a sharded run. Note this differs from torch.distributed, where
 None means the world group. The collectives used work on gloo (CPU tests)
 and NCCL alike; gloo lacks reduce-scatter, so there it is an all-reduce
 followed by taking this rank's chunk.
+
+Each raw collective reports its payload to `comm` (see comm.py for what a
+byte means), so a step's tensor-parallel traffic can be logged.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megalite.tensor_parallel import comm
 
 
 def group_size(group) -> int:
@@ -43,6 +48,7 @@ def group_rank(group) -> int:
 # ------------------------------------------------------------ raw collectives
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous().clone()  # all_reduce is in place; autograd inputs must stay untouched
+    comm.record("all_reduce", out)
     dist.all_reduce(out, group=group)
     return out
 
@@ -59,7 +65,9 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    out = torch.cat(parts, dim=dim)
+    comm.record("all_gather", out)
+    return out
 
 
 def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
@@ -67,8 +75,11 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] % world:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks; "
                          f"make the sequence length a multiple of the tensor-parallel size {world}")
+    comm.record("reduce_scatter", x)
     if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
-        return _split(_all_reduce(x, group), 0, group)
+        summed = x.contiguous().clone()
+        dist.all_reduce(summed, group=group)  # not _all_reduce: it is counted as the reduce-scatter above
+        return _split(summed, 0, group)
     out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
     return out

@@ -1,0 +1,74 @@
+"""Communication accounting: measured tensor-parallel traffic equals the analytic amount.
+
+Payload bytes (see megalite/tensor_parallel/comm.py): per layer, without
+sequence parallelism, 4 all-reduces of s*b*h fp32 values (2 forward, 2
+backward); with it, 4 all-gathers and 4 reduce-scatters of the same size.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+from megalite.config import ModelConfig
+from megalite.model import Transformer
+from megalite.tensor_parallel import comm
+from megalite.tensor_parallel.comm import record, take_comm_bytes, wire_bytes
+
+S, B, H, L = 16, 2, 32, 3
+CFG = ModelConfig(vocab_size=50, pad_vocab_to=8, hidden_size=H, num_layers=L, num_heads=4, num_kv_heads=2,
+                  max_seq_len=S)
+ELEM = 4  # fp32
+
+
+def _tokens():
+    return torch.randint(0, 50, (B, S + 1), generator=torch.Generator().manual_seed(0))
+
+
+def _measure(sp: bool) -> dict:
+    """Payload bytes of one block's forward+backward, and of the whole model's."""
+    model = Transformer(CFG, tp_group=dist.group.WORLD, sequence_parallel=sp, seed=1)
+    tp = dist.get_world_size()
+    x = torch.randn(S // tp if sp else S, B, H, requires_grad=True)  # [s(/tp), b, h]
+    take_comm_bytes()
+    model.blocks[1](x).sum().backward()
+    block = take_comm_bytes()
+    tokens = _tokens()
+    model.loss(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    return {"block": block, "model": take_comm_bytes()}
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_measured_tp_bytes_equal_the_analytic_amount(spawn, sp):
+    sbh = S * B * H * ELEM
+    per_layer = ({"all_reduce": 0, "all_gather": 4 * sbh, "reduce_scatter": 4 * sbh} if sp
+                 else {"all_reduce": 4 * sbh, "all_gather": 0, "reduce_scatter": 0})
+    # the model adds the embedding (forward reduce) and the head (backward reduce) to L layers;
+    # the vocab-parallel loss's [s, b] all-reduces are not routed through mappings (not counted)
+    whole = {kind: n * (4 * L + 2) // 4 for kind, n in per_layer.items()}
+    for rank_bytes in spawn(_measure, 2, sp):
+        assert rank_bytes["block"] == per_layer
+        assert rank_bytes["model"] == whole
+
+
+def test_sequence_parallel_moves_the_same_volume_on_the_wire():
+    sbh, tp = S * B * H * ELEM, 4
+    plain = 4 * wire_bytes("all_reduce", sbh, tp)
+    sp = 4 * wire_bytes("all_gather", sbh, tp) + 4 * wire_bytes("reduce_scatter", sbh, tp)
+    assert plain == sp == 6 * sbh  # 8 collectives x (n-1)/n of the payload
+    assert wire_bytes("all_reduce", sbh, 1) == 0
+
+
+def test_a_single_process_records_nothing_and_take_resets():
+    take_comm_bytes()
+    tokens = _tokens()
+    Transformer(CFG, seed=1).loss(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    assert take_comm_bytes() == {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    record("all_gather", torch.zeros(3, 5, dtype=torch.bfloat16))
+    assert take_comm_bytes()["all_gather"] == 30
+    assert take_comm_bytes() == dict.fromkeys(comm.KINDS, 0)
+
+
+def test_unknown_kind_is_refused_by_name():
+    with pytest.raises(ValueError, match="'broadcast'"):
+        record("broadcast", torch.zeros(1))
+    with pytest.raises(ValueError, match="'send'"):
+        wire_bytes("send", 1, 2)
