@@ -175,7 +175,7 @@ RULES = [
     (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel=True requires parallel.tp > 1"),
     (["engine.zero_stage=4", "engine.backend=deepspeed"], None, "engine.zero_stage=4 must be 0, 1, 2 or 3"),
     (["engine.zero_stage=1"], None, "engine.zero_stage=1 requires engine.backend='deepspeed'"),
-    (["optim.warmup_steps=301"], None, "optim.warmup_steps=301 must be <= train.steps=300"),
+    (["optim.warmup_steps=301"], None, "optim.warmup_steps=301 must be <= train.steps=300; lower"),
     (["optim.lr=1e-5", "optim.min_lr=1e-4"], None, "optim.lr=1e-05 must be >= optim.min_lr=0.0001"),
     (["optim.lr=0", "optim.min_lr=-1"], None, "optim.min_lr=-1.0 must be >= 0"),
     (["train.precision=fp16", "train.device=cpu"], None,
