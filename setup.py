@@ -13,12 +13,12 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.19",
     "safetensors>=0.4",
     "tqdm>=4.60",
+    "tensorboard>=2.14",
 ]
 
 EXTRAS = {
     "dev": ["pytest>=8", "hypothesis>=6"],
     "deepspeed": ["deepspeed>=0.16"],
-    "tensorboard": ["tensorboard>=2.14"],
     "hf": ["transformers>=4.40"],
 }
 
