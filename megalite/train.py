@@ -26,6 +26,7 @@ from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from megalite.model import Transformer
+from megalite.pipeline import PipelineRunner, build_stage_model
 from megalite.rng import rng_state, seed_everything, set_rng_state
 from megalite.topology import ProcessGroups, Topology, discover, init_distributed
 
@@ -129,15 +130,24 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
-        self.model = Transformer(cfg.model, tp_group=groups.tp_group,
-                                 sequence_parallel=cfg.parallel.sequence_parallel,
-                                 activation_checkpointing=cfg.train.activation_checkpointing,
-                                 seed=cfg.train.seed).to(self.device)
+        self.model = self._build_model().to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
+        self.pipeline = None if groups.pp_size == 1 else PipelineRunner(
+            self.model, groups, self.engine, self.accum, cfg.data.seq_len, cfg.train.micro_batch_size,
+            cfg.parallel.schedule, self.device, self._autocast)
         self.datasets = build_datasets(cfg.data, self._samples_needed())
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
+
+    def _build_model(self):
+        """The whole Transformer, or with pp > 1 this rank's pipeline stage (same names, same init)."""
+        cfg, g = self.cfg, self.groups
+        kw = dict(tp_group=g.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
+                  activation_checkpointing=cfg.train.activation_checkpointing, seed=cfg.train.seed)
+        if g.pp_size == 1:
+            return Transformer(cfg.model, **kw)
+        return build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, **kw)
 
     def _samples_needed(self) -> dict:
         t = self.cfg.train
@@ -203,10 +213,13 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
-            loss = self._micro_loss(next(train_iter)) / self.accum
-            self.engine.backward(loss)
-            loss_sum += loss.detach()
+        if self.pipeline is not None:  # every stage reads the batch; the loss comes from the last
+            loss_sum = self.pipeline.train_batch([next(train_iter) for _ in range(self.accum)])
+        else:
+            for _ in range(self.accum):
+                loss = self._micro_loss(next(train_iter)) / self.accum
+                self.engine.backward(loss)
+                loss_sum += loss.detach()
         result = self.engine.step()
         loss = self._dp_mean(loss_sum)
         if not math.isfinite(loss):
@@ -240,8 +253,12 @@ class Trainer:
         self.model.eval()
         it, total = iter(self._loader(split, 0)), torch.zeros((), device=self.device)
         n = self.cfg.train.eval_steps * self.accum
-        for _ in range(n):
-            total += self._micro_loss(next(it))
+        if self.pipeline is not None:
+            for _ in range(self.cfg.train.eval_steps):
+                total += self.pipeline.eval_batch([next(it) for _ in range(self.accum)])
+        else:
+            for _ in range(n):
+                total += self._micro_loss(next(it))
         loss = self._dp_mean(total / n)
         return {f"{split}_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0))}
 
@@ -250,7 +267,8 @@ class Trainer:
         p = self.groups
         return {"model": self.model.state_dict(), "engine": self.engine.state_dict(), "rng": rng_state(),
                 "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},
-                "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size}}
+                "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
+                           "virtual_stages": p.topology.virtual_stages}}
 
     def save(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -276,7 +294,9 @@ class Trainer:
 
     def _check_layout(self, layout: dict, path) -> None:
         p = self.groups
-        if (layout["tp"], layout["pp"]) != (p.tp_size, p.pp_size):
-            raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} but this run "
-                                  f"uses tp={p.tp_size} pp={p.pp_size}; reshard it with "
+        vp = layout.get("virtual_stages", 1)  # each rank's blocks depend on pp and virtual stages
+        if (layout["tp"], layout["pp"], vp) != (p.tp_size, p.pp_size, p.topology.virtual_stages):
+            raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} virtual_stages="
+                                  f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
+                                  f"{p.topology.virtual_stages}; reshard it with "
                                   "tools/convert_checkpoint.py reshard, or match the layout")

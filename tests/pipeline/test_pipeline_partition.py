@@ -1,0 +1,126 @@
+"""Partitioning, stage models and the executor, without processes.
+
+The executor test runs every pipeline rank as a thread over an in-memory
+link, so the real executor and real stage models are checked against the
+unsplit model (gradients) and the schedule's stash bound (measured peak).
+"""
+import itertools
+import queue
+import threading
+
+import pytest
+import torch
+
+from megalite.config import ModelConfig
+from megalite.model import Transformer
+from megalite.pipeline import (Executor, StageHooks, build_schedule, build_stage_model, max_in_flight,
+                               partition_balanced, partition_uniform)
+from megalite.pipeline.partition import block_parameter_counts
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, pad_vocab_to=8, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                max_seq_len=16, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_uniform_partition_puts_embedding_first_and_head_last():
+    assert partition_uniform(4, 2) == [range(0, 3), range(3, 6)]
+    assert partition_uniform(5, 2) == [range(0, 4), range(4, 7)]
+    assert partition_uniform(8, 8)[0] == range(0, 2) and partition_uniform(8, 8)[-1] == range(8, 10)
+    with pytest.raises(ValueError, match="cannot fill"):
+        partition_uniform(3, 4)
+
+
+def test_balanced_partition_is_optimal():
+    for weights in ([5, 1, 1, 1, 1, 7], [1, 2, 3, 4, 5, 6, 7], [9, 1, 1, 1, 1, 1, 1, 9]):
+        for stages in range(1, len(weights) + 1):
+            got = partition_balanced(weights, stages)
+            assert [i for r in got for i in r] == list(range(len(weights))) and all(len(r) for r in got)
+            cost = max(sum(weights[i] for i in r) for r in got)
+            best = min(max(sum(weights[a:b]) for a, b in zip((0, *cuts), (*cuts, len(weights))))
+                       for cuts in itertools.combinations(range(1, len(weights)), stages - 1))
+            assert cost == best
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("pp,v", [(2, 1), (4, 1), (2, 2)])
+def test_stage_models_hold_the_unsplit_weights_under_global_names(pp, v, tie):
+    cfg = tiny(tie_embeddings=tie)
+    full = Transformer(cfg, seed=7).state_dict()
+    seen = set()
+    for rank in range(pp):
+        stage = build_stage_model(cfg, pp, rank, v, seed=7)
+        for name, value in stage.state_dict().items():
+            assert torch.equal(value, full[name]), name
+            seen.add(name)
+        assert (stage.tied_weight is not None) == (tie and rank in (0, pp - 1))
+    assert seen == set(full)
+    counts = block_parameter_counts(cfg)
+    assert len(counts) == cfg.num_layers + 2 and counts[1] == counts[2]
+
+
+class Link:
+    """In-memory P2P between threads: one FIFO queue per (src, dst) pair."""
+
+    def __init__(self, queues, rank, pp):
+        self.queues, self.rank, self.pp = queues, rank, pp
+
+    def send(self, tensor, a, stage):
+        dst = (self.rank + 1) % self.pp if a.op == "SEND_F" else (self.rank - 1) % self.pp
+        self.queues[(self.rank, dst)].put(tensor.detach().clone())
+
+    def recv(self, a, stage):
+        src = (self.rank - 1) % self.pp if a.op == "RECV_F" else (self.rank + 1) % self.pp
+        return self.queues[(src, self.rank)].get(timeout=30)
+
+    def flush(self):
+        pass
+
+
+def run_threads(cfg, kind, pp, v, tokens, seed=3):
+    """Every rank a thread; returns (grads by global name, loss, peak stash per rank)."""
+    m = len(tokens)
+    queues = {(a, b): queue.Queue() for a in range(pp) for b in range(pp)}
+    stages = [build_stage_model(cfg, pp, r, v, seed=seed) for r in range(pp)]
+    results, errors = {}, []
+
+    def work(rank):
+        try:
+            st = stages[rank]
+            hooks = StageHooks(forward=st.forward, first_input=lambda mb: tokens[mb][:, :-1],
+                               loss=lambda mb, out: st.loss_from_logits(out, tokens[mb][:, 1:]).mean() / m)
+            stats = Executor(hooks, Link(queues, rank, pp), rank, pp, v).run(build_schedule(kind, pp, rank, m, v))
+            results[rank] = stats
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(pp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    if cfg.tie_embeddings:  # what tie_embedding_grads does over the embedding group
+        total = stages[0].tied_weight.grad + stages[-1].tied_weight.grad
+        stages[0].tied_weight.grad = stages[-1].tied_weight.grad = total
+    grads = {n: p.grad for st in stages for n, p in st.named_parameters()}
+    loss = sum(results[pp - 1].losses.values())
+    return grads, loss, [results[r].peak_stashed for r in range(pp)]
+
+
+@pytest.mark.parametrize("kind,pp,v,m,tie", [("1f1b", 2, 1, 4, False), ("1f1b", 4, 1, 6, True),
+                                             ("interleaved", 2, 2, 4, True), ("afab", 2, 2, 3, False)])
+def test_threaded_pipeline_matches_the_unsplit_model(kind, pp, v, m, tie):
+    cfg = tiny(tie_embeddings=tie)
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, cfg.vocab_size, (2, 9), generator=gen) for _ in range(m)]
+    full = Transformer(cfg, seed=3)
+    ref_loss = sum(full.loss(t[:, :-1], t[:, 1:]).mean() / m for t in tokens)
+    ref_loss.backward()
+    grads, loss, peaks = run_threads(cfg, kind, pp, v, tokens)
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for name, p in full.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert peaks == [max_in_flight(kind, pp, r, m, v) for r in range(pp)]
