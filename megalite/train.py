@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.checkpoint.sharding import shard_metadata
 from megalite.config import Config, ConfigError, load_config, save_config, validate
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
@@ -28,6 +29,7 @@ from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_me
 from megalite.model import Transformer
 from megalite.pipeline import PipelineRunner, build_stage_model
 from megalite.rng import rng_state, seed_everything, set_rng_state
+from megalite.tensor_parallel.comm import take_comm_bytes
 from megalite.topology import ProcessGroups, Topology, discover, init_distributed
 
 
@@ -174,25 +176,24 @@ class Trainer:
         train_iter = iter(self._loader("train", self.step * t.global_batch_size))
         self.log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters for {t.steps} steps "
                  f"on {self.device} ({t.precision}); run directory {self.run_dir}")
-        last = {}
+        last, final, saved = {}, {}, False
         while self.step < t.steps:
             self.step += 1
             last = self.train_step(train_iter)
             if self.step % self.cfg.logging.interval == 0 or self.step == t.steps:
                 self.metrics.log(self.step, last)
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
-                self.metrics.log(self.step, self.evaluate())
-            if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0:
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                final = self.evaluate()
+                self.metrics.log(self.step, final)
+            interval = self.cfg.checkpoint.interval
+            saved = bool(interval) and self.step % interval == 0
+            if saved:
                 self.save()
             if self.step == stop_after or stop.received():
                 self.log(f"stopping cleanly after step {self.step}")
-                self.save()
-                self.metrics.close()
-                return last
-        final = self.evaluate() if t.eval_interval or t.steps == 0 else {}
-        if final:
-            self.metrics.log(self.step, final)
-        self.save()
+                break
+        if not saved:  # the end of training (or a clean stop) always leaves a checkpoint
+            self.save()
         self.metrics.close()
         return {**last, **final}
 
@@ -211,6 +212,7 @@ class Trainer:
 
     def train_step(self, train_iter) -> dict:
         start = time.perf_counter()
+        take_comm_bytes()  # count only this step's traffic, not evaluation's
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:  # every stage reads the batch; the loss comes from the last
@@ -245,7 +247,8 @@ class Trainer:
                 "skipped": result.skipped, "tokens_per_s": tokens_per_s,
                 "mfu": flops * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
-                "consumed_samples": self.step * t.global_batch_size}
+                "consumed_samples": self.step * t.global_batch_size,
+                **{f"comm_{kind}_bytes": n for kind, n in take_comm_bytes().items()}}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict:
@@ -265,7 +268,9 @@ class Trainer:
     # ---------------------------------------------------------- checkpoints
     def _state(self) -> dict:
         p = self.groups
-        return {"model": self.model.state_dict(), "engine": self.engine.state_dict(), "rng": rng_state(),
+        return {"model": self.model.state_dict(), "shards": shard_metadata(self.model),
+                "engine": self.engine.state_dict(),
+                "rng": {**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
                 "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},
                 "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
                            "virtual_stages": p.topology.virtual_stages}}
@@ -289,6 +294,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
         set_rng_state(state["rng"])
+        self.model.rng_tracker.set_state(state["rng"]["tp_tracker"])
         self.step = int(state["progress"]["step"])
         self.log(f"resumed from {path} at step {self.step}")
 
@@ -298,5 +304,5 @@ class Trainer:
         if (layout["tp"], layout["pp"], vp) != (p.tp_size, p.pp_size, p.topology.virtual_stages):
             raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} virtual_stages="
                                   f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
-                                  f"{p.topology.virtual_stages}; reshard it with "
-                                  "tools/convert_checkpoint.py reshard, or match the layout")
+                                  f"{p.topology.virtual_stages}; resume with the layout it was written with "
+                                  "(changing the layout of a checkpoint is not supported yet)")
