@@ -13,6 +13,9 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megalite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher passes --local_rank=N before the command; the rank comes from the
+    # LOCAL_RANK it also exports (topology.launcher.discover), so the flag is accepted and ignored
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a preset or YAML config")
     train.add_argument("config", help="preset name (tiny, gpt2-124m, llama-1b, ...) or YAML path")

@@ -171,7 +171,20 @@ class EngineConfig:
     backend: str = "native"
     """'native' (plain PyTorch) or 'deepspeed' (ZeRO)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (deepspeed backend only)."""
+    """DeepSpeed ZeRO stage 0-3 (deepspeed backend only): 1 shards optimizer states over dp, 2 also
+    gradients, 3 also parameters. With pp > 1 only stage 0 and 1 are accepted."""
+    zero_bucket_size: int = 50_000_000
+    """Elements per ZeRO reduce-scatter / all-gather bucket (deepspeed backend)."""
+    overlap_comm: bool = False
+    """Overlap ZeRO's gradient reduction with backward (deepspeed backend; costs extra buffers)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the fp32 master weights) in CPU memory and step there with
+    DeepSpeed's CPU Adam (deepspeed backend, zero_stage >= 1; needs the cpu_adam op)."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep the parameter shards in CPU memory between uses."""
+    ds_config: str | None = None
+    """Path of a raw DeepSpeed JSON merged on top of the generated one; a key it sets to a value
+    different from the generated one is an error naming both (deepspeed backend)."""
 
 
 @dataclass
@@ -579,6 +592,58 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
         err(f"engine.zero_stage={e.zero_stage} must be 0, 1, 2 or 3")
     elif e.zero_stage > 0 and e.backend != "deepspeed":
         err(f"engine.zero_stage={e.zero_stage} requires engine.backend='deepspeed' (got {e.backend!r})")
+    _check_engine(cfg, err)
+
+
+def _check_engine(cfg: Config, err) -> None:
+    """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason)."""
+    e, p = cfg.engine, cfg.parallel
+    if e.backend != "deepspeed":
+        for key, default in (("overlap_comm", False), ("offload_optimizer", False), ("offload_params", False),
+                             ("ds_config", None)):
+            if getattr(e, key) != default:
+                err(f"engine.{key}={getattr(e, key)!r} requires engine.backend='deepspeed' (got {e.backend!r})")
+        return
+    if e.zero_bucket_size <= 0:
+        err(f"engine.zero_bucket_size={e.zero_bucket_size} must be > 0 (elements per bucket, e.g. 50000000)")
+    if e.offload_params and e.zero_stage != 3:
+        err(f"engine.offload_params=True requires engine.zero_stage=3 (got {e.zero_stage}): only ZeRO-3 "
+            "partitions parameters; nearest valid: engine.zero_stage=3, or engine.offload_params=false")
+    if e.offload_optimizer and e.zero_stage == 0:
+        err("engine.offload_optimizer=True requires engine.zero_stage >= 1 (ZeRO-0 has no sharded optimizer "
+            "to offload); nearest valid: engine.zero_stage=1")
+    if e.zero_stage >= 2 and p.pp > 1:
+        err(f"engine.zero_stage={e.zero_stage} with parallel.pp={p.pp} is refused: ZeRO-{e.zero_stage} reduce-scatters "
+            "gradients from hooks driven by DeepSpeed's own backward, which non-last pipeline stages (they run "
+            "autograd.backward on their outputs with the received gradients) bypass"
+            f"{', and it would re-gather every parameter once per micro-batch' if e.zero_stage == 3 else ''}; "
+            "nearest valid: engine.zero_stage=1, or parallel.pp=1 (ZeRO-2/3 with tp x dp)")
+    if e.zero_stage <= 1 and p.pp > 1:
+        _check_pipeline_zero1(cfg, err)
+    if e.ds_config is not None and not os.path.isfile(e.ds_config):
+        err(f"engine.ds_config={e.ds_config!r} does not exist; give the path of a DeepSpeed JSON or null")
+    if e.offload_optimizer:
+        _check_cpu_adam(err)
+
+
+def _check_pipeline_zero1(cfg: Config, err) -> None:
+    """ZeRO-1 under megalite's pipeline scheduler (see megalite/engine/deepspeed.py)."""
+    from megalite.engine.ds_config import PIPELINE_ZERO1_REASON, PIPELINE_ZERO1_SUPPORTED
+
+    if not PIPELINE_ZERO1_SUPPORTED:
+        err(f"engine.backend='deepspeed' (zero_stage={cfg.engine.zero_stage}) with parallel.pp={cfg.parallel.pp} "
+            f"is refused: {PIPELINE_ZERO1_REASON}; nearest valid: engine.backend=native (with pp), or parallel.pp=1")
+
+
+def _check_cpu_adam(err) -> None:
+    """Offload needs DeepSpeed's compiled cpu_adam op: fail here, not minutes into the launch."""
+    from megalite.engine.deepspeed import cpu_adam_problem  # imports DeepSpeed: only when offloading
+
+    problem = cpu_adam_problem()
+    if problem:
+        err(f"engine.offload_optimizer=True needs DeepSpeed's cpu_adam op, but {problem}; nearest valid: "
+            "engine.offload_optimizer=false (optimizer states sharded on the device), or rebuild DeepSpeed "
+            "with DS_BUILD_CPU_ADAM=1")
 
 
 def _check_data(cfg: Config, err) -> None:

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from megalite.checkpoint.sharding import shard_metadata
 from megalite.config import Config, ConfigError, load_config, save_config, validate
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
@@ -268,7 +267,7 @@ class Trainer:
     # ---------------------------------------------------------- checkpoints
     def _state(self) -> dict:
         p = self.groups
-        return {"model": self.model.state_dict(), "shards": shard_metadata(self.model),
+        return {"model": self.model.state_dict(), "shards": self.engine.shard_metadata(),
                 "engine": self.engine.state_dict(),
                 "rng": {**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
                 "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},

@@ -31,3 +31,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def counting_data(tmp_path_factory):
+    """Prefix of a synthetic counting corpus (see training_helpers) shared by the training tests."""
+    from training_helpers import write_counting_corpus
+
+    return write_counting_corpus(str(tmp_path_factory.mktemp("counting") / "count_text_document"))

@@ -63,7 +63,7 @@ class DistributedPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, *args, timeout_s: float = 180, **kwargs) -> list:
+    def run(self, fn, *args, timeout_s: float = 300, **kwargs) -> list:
         """Run fn(*args, **kwargs) on every rank inside a fresh process group."""
         port = free_port()
         for q in self.tasks:

@@ -55,6 +55,14 @@ class Engine(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
 
+    def shard_metadata(self) -> dict:
+        """How this rank's tensors join into full ones (see megalite.checkpoint.sharding).
+
+        Engines that repartition parameters (ZeRO-3) record it before they do."""
+        from megalite.checkpoint.sharding import shard_metadata
+
+        return shard_metadata(self.model)
+
     def train(self) -> None:
         """Put the model in training mode."""
         self.model.train()

@@ -10,26 +10,23 @@ all-reduce), which moves results by a few fp32 ulps (measured worst case
 those ulps into relative changes of the update that compound step by step
 (measured worst case about 3e-7 relative on loss and grad norm).
 """
-import json
 import os
 import subprocess
 import sys
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig, OptimConfig, TrainConfig, load_config
-from megalite.data.indexed import IndexedDatasetWriter
 from megalite.engine import NativeEngine
 from megalite.model import Transformer
 from megalite.train import Trainer, build_groups
+from training_helpers import VOCAB, step_metrics, tiny_overrides
 
 RTOL, ATOL = 1e-5, 1e-6
 CURVE_RTOL = 1e-5
-VOCAB = 128
 LLAMA = ModelConfig(vocab_size=VOCAB, pad_vocab_to=16, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
                     max_seq_len=32)  # GQA (2 q heads per kv head), rope, swiglu, rmsnorm, untied
 GPT2 = replace(LLAMA, num_heads=4, num_kv_heads=None, norm="layernorm", position="learned", activation="gelu",
@@ -107,37 +104,15 @@ def test_without_the_engine_reduction_sequence_parallel_norm_grads_differ(spawn)
 
 
 # ------------------------------------------------------------ 20 training steps
-@pytest.fixture(scope="module")
-def counting_data(tmp_path_factory):
-    """Counting sequences (t, t+1, ... mod V): learnable in a few steps, so the curves move."""
-    prefix = str(tmp_path_factory.mktemp("data") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(300):
-            start, n = rng.integers(0, VOCAB), rng.integers(10, 90)
-            w.add_document((start + np.arange(n)) % VOCAB)
-    return prefix
-
-
 def _overrides(prefix, run_dir, steps=20, **extra):
-    kv = {"model.vocab_size": VOCAB, "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-          "model.num_kv_heads": 4, "model.max_seq_len": 32, "data.seq_len": 32, "data.path": f"[{prefix}]",
-          "data.split": "90,10,0", "train.micro_batch_size": 4, "train.global_batch_size": 8,
-          "train.steps": steps, "train.eval_interval": 0, "train.run_dir": str(run_dir), "optim.lr": 3e-3,
-          "optim.warmup_steps": 2, "logging.interval": 1, "logging.tensorboard": False,
-          "logging.progress_bar": False, "checkpoint.interval": 0, "train.device": "cpu"}
-    kv.update(extra)
-    return [f"{k}={v}" for k, v in kv.items()]
+    """4 query and 4 kv heads so tp=4 splits both; micro 4 so tp x dp=2 keeps one micro-batch per rank."""
+    return tiny_overrides(prefix, run_dir, steps, **{
+        "model.hidden_size": 64, "model.num_kv_heads": 4, "train.micro_batch_size": 4,
+        "checkpoint.interval": 0, "train.device": "cpu", **extra})
 
 
 def _metrics(run_dir) -> dict[int, tuple[float, float]]:
-    """step -> (loss, grad_norm); a step logged twice (after a resume) keeps its last value."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            if row.get("loss") is not None:
-                out[row["step"]] = (row["loss"], row["grad_norm"])
-    return out
+    return step_metrics(run_dir, "loss", "grad_norm")
 
 
 def _train(prefix, runs):

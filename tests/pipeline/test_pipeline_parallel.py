@@ -8,59 +8,33 @@ on two shared cores, but always from a run planned for 20 steps, because the
 plan fixes the data order and LR schedule): Adam amplifies those last-bit
 differences a little per step.
 """
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from megalite.config import load_config
-from megalite.data.indexed import IndexedDatasetWriter
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, build_groups
+from training_helpers import step_metrics, tiny_overrides
 
-VOCAB = 128
 RTOL = 2e-4
 STEPS = 20
 TIED_COPY = {"blocks.5.weight": "blocks.0.word.weight"}  # 4 layers: the head is block 5
 
 
-@pytest.fixture(scope="module")
-def counting_data(tmp_path_factory):
-    """Counting sequences (t, t+1, ... mod V): a falling loss is a real signal within a few steps."""
-    prefix = str(tmp_path_factory.mktemp("data") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(300):
-            start, n = rng.integers(0, VOCAB), rng.integers(10, 90)
-            w.add_document((start + np.arange(n)) % VOCAB)
-    return prefix
-
-
 def overrides(prefix, run_dir, steps, **extra):
-    kv = {"model.vocab_size": VOCAB, "model.hidden_size": 32, "model.num_layers": 4, "model.num_heads": 4,
-          "model.num_kv_heads": 2, "model.max_seq_len": 32, "model.tie_embeddings": True,
-          "data.seq_len": 32, "data.path": f"[{prefix}]", "data.split": "90,10,0",
-          "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.steps": steps,
-          "train.eval_interval": 0, "train.eval_steps": 1, "train.run_dir": str(run_dir), "optim.lr": 3e-3,
-          "optim.warmup_steps": 2, "logging.interval": 1, "logging.tensorboard": False,
-          "logging.progress_bar": False, "checkpoint.interval": 0, "checkpoint.keep_last": 10}
-    kv.update(extra)
-    return [f"{k}={v}" for k, v in kv.items()]
+    """4 layers (so pp=4 has one block a stage) with a tied head (the embedding group's job)."""
+    return tiny_overrides(prefix, run_dir, steps, **{
+        "model.num_layers": 4, "model.tie_embeddings": True, "train.eval_steps": 1,
+        "checkpoint.interval": 0, **extra})
 
 
 def metrics(run_dir) -> dict[int, tuple]:
-    """step -> (loss, grad_norm), last value per step."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            if row.get("loss") is not None:
-                out[row["step"]] = (row["loss"], row["grad_norm"])
-    return out
+    return step_metrics(run_dir, "loss", "grad_norm")
 
 
 def _world() -> int:

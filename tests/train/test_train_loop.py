@@ -1,8 +1,4 @@
-"""The training loop end to end on a tiny model and a synthetic corpus.
-
-The corpus is counting sequences (t, t+1, t+2, ... mod V), which a two-layer
-model learns in a few steps, so a falling loss is a real signal.
-"""
+"""The training loop end to end on a tiny model and the synthetic counting corpus."""
 import json
 import os
 import signal
@@ -16,43 +12,10 @@ import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError
 from megalite.config import load_config
-from megalite.data.indexed import IndexedDatasetWriter
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, TrainingDiverged, build_groups
-
-VOCAB = 128
-
-
-@pytest.fixture(scope="module")
-def counting_data(tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("data") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, np.uint16) as w:
-        for _ in range(300):
-            start, n = rng.integers(0, VOCAB), rng.integers(10, 90)
-            w.add_document((start + np.arange(n)) % VOCAB)
-    return prefix
-
-
-def tiny_overrides(prefix, run_dir, steps=8, **extra):
-    kv = {"model.vocab_size": VOCAB, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
-          "model.num_kv_heads": 2, "model.max_seq_len": 32, "data.seq_len": 32, "data.path": f"[{prefix}]",
-          "data.split": "90,10,0", "train.micro_batch_size": 2, "train.global_batch_size": 8,
-          "train.steps": steps, "train.eval_interval": 0, "train.eval_steps": 2, "train.run_dir": str(run_dir),
-          "optim.lr": 3e-3, "optim.warmup_steps": 2, "logging.interval": 1, "logging.tensorboard": False,
-          "logging.progress_bar": False, "checkpoint.interval": 2, "checkpoint.keep_last": 10}
-    kv.update(extra)
-    return [f"{k}={v}" for k, v in kv.items()]
-
-
-def losses(run_dir) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            if row.get("loss") is not None:
-                out[row["step"]] = row["loss"]
-    return out
+from training_helpers import step_metrics as losses
+from training_helpers import tiny_overrides
 
 
 def run_inprocess(prefix, run_dir, stop_after=None, **extra):
