@@ -1,0 +1,253 @@
+"""The run configuration's sections: one typed dataclass each, a docstring per field.
+
+Each component receives only its own section. Sizes that follow from a
+section (head dim, padded vocabulary, MLP width) are computed here too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key, the value and the rule (one per line)."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape."""
+
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size; the embedding is padded up to a multiple of `pad_vocab_to`."""
+    pad_vocab_to: int = 64
+    """Embedding rows are padded to a multiple of this times tp; padded ids are never predicted."""
+    hidden_size: int = 256
+    """Width of the residual stream (h)."""
+    num_layers: int = 4
+    """Number of transformer blocks (L)."""
+    num_heads: int = 4
+    """Attention query heads; hidden_size must divide evenly by it."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means num_heads (plain multi-head)."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; None picks 4h for GELU and the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (rotary table or learned position rows)."""
+    norm: str = "rmsnorm"
+    """Normalization: 'rmsnorm' or 'layernorm'."""
+    norm_eps: float = 1e-5
+    """Epsilon inside the norm's square root."""
+    position: str = "rope"
+    """Positions: 'rope' (rotary) or 'learned' (absolute embedding, GPT-2 style)."""
+    rope_theta: float = 10000.0
+    """Rotary base frequency."""
+    activation: str = "swiglu"
+    """MLP: 'swiglu' (gated, Llama) or 'gelu' (GPT-2)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    bias: bool = False
+    """Biases in linear layers (GPT-2 style) or none (Llama style)."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches."""
+    init_std: float = 0.02
+    """Std of normal init; output projections are scaled by 1/sqrt(2*num_layers)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: tensor x pipeline x data."""
+
+    tp: int = 1
+    """Tensor-parallel degree (ranks that split each layer)."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages)."""
+    dp: int | None = None
+    """Data-parallel degree; None means world_size / (tp * pp)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    """Split activations outside attention/MLP along the sequence over the tp group."""
+    order: str = "tp-dp-pp"
+    """Rank order of the grid, fastest-varying first (Megatron's default keeps tp ranks adjacent)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: '1f1b', 'interleaved' or 'afab' (all-forward-all-backward)."""
+    timeout_s: float = 600.0
+    """Collective timeout; a dead rank ends the job after at most this long."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how samples are cut."""
+
+    path: list[str] = field(default_factory=list)
+    """Dataset prefixes, optionally weighted: ['0.3', 'A_text_document', '0.7', 'B_text_document'].
+    Empty: the tiny preset builds (and caches) the demo corpus."""
+    split: str = "969,30,1"
+    """Train/valid/test proportions over documents."""
+    seq_len: int = 256
+    """Tokens per sample fed to the model (each sample reads seq_len + 1)."""
+    tokenizer_type: str = "SentencePieceTokenizer"
+    """'SentencePieceTokenizer' or 'HuggingFaceTokenizer'."""
+    tokenizer_model: str | None = None
+    """SentencePiece .model file or Hugging Face tokenizer.json (or its directory)."""
+    seed: int = 1234
+    """Shuffling seed for the sample order."""
+    cache_dir: str | None = None
+    """Where built index arrays are cached; None: next to the data."""
+    reset_attention_mask: bool = False
+    """Mask attention across document boundaries inside packed samples."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-5
+    """Floor the decay ends at."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or (1-D) gains."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
+    decay: str = "cosine"
+    """Decay after warmup: 'cosine', 'linear' or 'constant'."""
+    decay_steps: int | None = None
+    """Steps over which to decay to min_lr; None means train.steps - warmup_steps."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes, precision, length, evaluation, resume."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all dp ranks (micro x accumulation x dp)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
+    seed: int = 1234
+    """Seed for weights, dropout and everything random except the data order."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    eval_interval: int = 50
+    """Evaluate every this many steps (and at the end); 0 disables."""
+    eval_steps: int = 5
+    """Validation batches per evaluation."""
+    resume: str = "auto"
+    """'auto' (continue from run_dir's latest checkpoint if any), 'none', or a checkpoint path."""
+    run_dir: str | None = None
+    """Run directory; None creates runs/<timestamp> under the current directory."""
+    device: str = "auto"
+    """'auto' (cuda when present), 'cuda' or 'cpu'."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: starting dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16 only: the scale never drops below this."""
+
+
+@dataclass
+class EngineConfig:
+    """Who owns the optimizer step and data-parallel gradients."""
+
+    backend: str = "native"
+    """'native' (plain PyTorch) or 'deepspeed' (ZeRO)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (deepspeed backend only): 1 shards optimizer states over dp, 2 also
+    gradients, 3 also parameters. With pp > 1 only stage 0 and 1 are accepted."""
+    zero_bucket_size: int = 50_000_000
+    """Elements per ZeRO reduce-scatter / all-gather bucket (deepspeed backend)."""
+    overlap_comm: bool = False
+    """Overlap ZeRO's gradient reduction with backward (deepspeed backend; costs extra buffers)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the fp32 master weights) in CPU memory and step there with
+    DeepSpeed's CPU Adam (deepspeed backend, zero_stage >= 1; needs the cpu_adam op)."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep the parameter shards in CPU memory between uses."""
+    ds_config: str | None = None
+    """Path of a raw DeepSpeed JSON merged on top of the generated one; a key it sets to a value
+    different from the generated one is an error naming both (deepspeed backend)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    interval: int = 100
+    """Save every this many steps (and always at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    dir: str | None = None
+    """Checkpoint directory; None means <run_dir>/checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported, where, and how often."""
+
+    interval: int = 10
+    """Log every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <run_dir>/tensorboard when tensorboard is installed."""
+    wandb: bool = False
+    """Log to Weights & Biases when it is installed and this is set."""
+    wandb_project: str = "megalite"
+    """W&B project name."""
+    progress_bar: bool = True
+    """Show a console progress bar with ETA on rank 0."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def head_dim(model: ModelConfig) -> int:
+    """Per-head width: hidden_size / num_heads."""
+    return model.hidden_size // model.num_heads
+
+
+def kv_heads(model: ModelConfig) -> int:
+    """Key/value heads actually used (num_kv_heads, or num_heads when unset)."""
+    return model.num_kv_heads or model.num_heads
+
+
+def resolved_ffn_hidden_size(model: ModelConfig) -> int:
+    """MLP inner width: ffn_hidden_size if set; else 4h for GELU, int(8h/3) rounded up to 256 for SwiGLU.
+
+    The SwiGLU rule keeps the parameter count of a 4h GELU MLP (three matrices
+    instead of two); rounding to Llama's multiple_of=256 gives its h=4096 -> 11008.
+    """
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if model.activation == "swiglu":
+        return -(-int(8 * model.hidden_size / 3) // 256) * 256
+    return 4 * model.hidden_size
+
+
+def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
+    """vocab_size rounded up to a multiple of pad_vocab_to * tp (every tp shard gets equal, aligned rows)."""
+    multiple = model.pad_vocab_to * tp
+    return -(-model.vocab_size // multiple) * multiple

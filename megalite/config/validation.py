@@ -1,0 +1,245 @@
+"""Validation: every rule checked, every broken one reported at once (key, value, rule),
+before any process group exists."""
+from __future__ import annotations
+
+import os
+import typing
+
+from megalite.config.loading import _coerce, _did_you_mean, _section_types, _type_name
+from megalite.config.sections import (Config, ConfigError, head_dim, kv_heads,
+                                      resolved_ffn_hidden_size)
+from megalite.data.blend import parse_data_path
+
+
+CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.position": ("rope", "learned"),
+    "model.activation": ("swiglu", "gelu"),
+    "parallel.schedule": ("1f1b", "interleaved", "afab"),
+    "data.tokenizer_type": ("SentencePieceTokenizer", "HuggingFaceTokenizer"),
+    "optim.decay": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "engine.backend": ("native", "deepspeed"),
+}
+POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
+            "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
+            "model.rope_theta", "model.init_std", "parallel.tp", "parallel.pp", "parallel.dp",
+            "parallel.virtual_stages", "parallel.timeout_s", "data.seq_len", "optim.eps", "optim.decay_steps",
+            "train.steps", "train.micro_batch_size", "train.global_batch_size", "train.eval_steps",
+            "train.initial_loss_scale", "train.loss_scale_window", "train.min_loss_scale",
+            "checkpoint.keep_last", "logging.interval")
+NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.clip_grad",
+                "train.eval_interval", "checkpoint.interval")
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _check_types(cfg: Config, err) -> bool:
+    """Fields set from code (not YAML) can hold anything; check them before doing arithmetic."""
+    ok = True
+    for section, cls in _section_types().items():
+        for key, tp in typing.get_type_hints(cls).items():
+            value = getattr(getattr(cfg, section), key)
+            try:
+                coerced = _coerce(value, tp, f"{section}.{key}")
+                int_as_float = type(value) is int and isinstance(coerced, float)
+                if coerced != value or (type(coerced) is not type(value) and not int_as_float):
+                    raise ConfigError(f"{section}.{key}={value!r} must be {_type_name(tp)}")
+            except ConfigError as e:
+                err(str(e))
+                ok = False
+    return ok
+
+
+def _check_generic(cfg: Config, err) -> None:
+    for dotted, allowed in CHOICES.items():
+        if _get(cfg, dotted) not in allowed:
+            value = _get(cfg, dotted)
+            err(f"{dotted}={value!r} must be one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}")
+    for dotted in POSITIVE:
+        value = _get(cfg, dotted)
+        if value is not None and value <= 0:
+            err(f"{dotted}={value!r} must be > 0")
+    for dotted in NON_NEGATIVE:
+        if _get(cfg, dotted) < 0:
+            err(f"{dotted}={_get(cfg, dotted)!r} must be >= 0")
+
+
+def _check_model(cfg: Config, err) -> None:
+    m, tp = cfg.model, cfg.parallel.tp
+    if m.num_heads > 0 and m.hidden_size % m.num_heads:
+        err(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+    elif m.num_heads > 0 and m.position == "rope" and head_dim(m) % 2:
+        err(f"model.hidden_size={m.hidden_size} / model.num_heads={m.num_heads} = head_dim {head_dim(m)} "
+            "must be even for position='rope' (rotary turns pairs of channels)")
+    if m.num_kv_heads and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+        err(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads} "
+            "(each kv head serves a whole group of query heads)")
+    if not 0 <= m.dropout < 1:
+        err(f"model.dropout={m.dropout} must be in [0, 1)")
+    if tp > 1:
+        if m.num_heads % tp:
+            err(f"model.num_heads={m.num_heads} must be divisible by parallel.tp={tp} (heads are split over tp)")
+        if kv_heads(m) % tp:
+            err(f"model.num_kv_heads={kv_heads(m)} must be divisible by parallel.tp={tp} "
+                "(kv heads are split over tp, not replicated)")
+        if m.hidden_size > 0 and resolved_ffn_hidden_size(m) % tp:
+            err(f"model.ffn_hidden_size={resolved_ffn_hidden_size(m)} must be divisible by parallel.tp={tp}")
+
+
+def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
+    p, m = cfg.parallel, cfg.model
+    dims = sorted(str(p.order).split("-"))
+    if dims != ["dp", "pp", "tp"]:
+        err(f"parallel.order={p.order!r} must be a permutation of tp, dp and pp joined by '-', e.g. 'tp-dp-pp'")
+    if p.virtual_stages > 1 and p.pp == 1:
+        err(f"parallel.virtual_stages={p.virtual_stages} requires parallel.pp > 1")
+    if p.schedule == "interleaved" and p.virtual_stages == 1:
+        err("parallel.schedule='interleaved' requires parallel.virtual_stages > 1 (chunks per pipeline rank)")
+    if p.sequence_parallel and p.tp == 1:
+        err("parallel.sequence_parallel=True requires parallel.tp > 1 (it splits activations over tp)")
+    if p.pp > 0 and p.virtual_stages > 0 and m.num_layers % (p.pp * p.virtual_stages):
+        err(f"model.num_layers={m.num_layers} must be divisible by parallel.pp * parallel.virtual_stages = "
+            f"{p.pp}*{p.virtual_stages} = {p.pp * p.virtual_stages} (equal layers per model chunk)")
+    if world_size is None or p.tp <= 0 or p.pp <= 0:
+        return
+    if world_size % (p.tp * p.pp):
+        err(f"world_size={world_size} must be divisible by parallel.tp * parallel.pp = {p.tp}*{p.pp}; "
+            f"launch a multiple of {p.tp * p.pp} ranks")
+    elif p.dp is not None and p.dp * p.tp * p.pp != world_size:
+        err(f"parallel.dp={p.dp} must equal world_size / (tp*pp) = {world_size // (p.tp * p.pp)}; "
+            "or leave it unset (null) to infer it")
+
+
+def _check_train(cfg: Config, world_size: int | None, err) -> None:
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    dp = p.dp or (world_size // (p.tp * p.pp) if world_size and p.tp > 0 and p.pp > 0 else 1)
+    if t.micro_batch_size > 0 and dp > 0 and t.global_batch_size % (t.micro_batch_size * dp):
+        err(f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size * dp = "
+            f"{t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}")
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp) if t.micro_batch_size > 0 and dp > 0 else 0
+    if p.virtual_stages > 1 and p.pp > 1 and micro_batches % p.pp:
+        err(f"parallel.virtual_stages={p.virtual_stages} (interleaved 1F1B) needs the micro-batches per step, "
+            f"global_batch_size / (micro_batch_size * dp) = {micro_batches}, to be a multiple of parallel.pp="
+            f"{p.pp}; change train.global_batch_size or train.micro_batch_size")
+    if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
+        err(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
+            "parallel.sequence_parallel=True (each tp rank holds an equal slice of the sequence)")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        err(f"data.seq_len={cfg.data.seq_len} must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    if o.warmup_steps > t.steps:
+        err(f"optim.warmup_steps={o.warmup_steps} must be <= train.steps={t.steps}; lower optim.warmup_steps or raise train.steps")
+    if o.lr < o.min_lr:
+        err(f"optim.lr={o.lr} must be >= optim.min_lr={o.min_lr}")
+    if o.min_lr < 0:
+        err(f"optim.min_lr={o.min_lr} must be >= 0")
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= beta < 1:
+            err(f"{key}={beta} must be in [0, 1)")
+    if t.precision == "fp16" and t.device == "cpu":
+        err("train.precision='fp16' is not supported with train.device='cpu'; use 'bf16' or 'fp32' on CPU")
+    if t.min_loss_scale > t.initial_loss_scale:
+        err(f"train.min_loss_scale={t.min_loss_scale} must be <= train.initial_loss_scale={t.initial_loss_scale}")
+    e = cfg.engine
+    if e.zero_stage not in (0, 1, 2, 3):
+        err(f"engine.zero_stage={e.zero_stage} must be 0, 1, 2 or 3")
+    elif e.zero_stage > 0 and e.backend != "deepspeed":
+        err(f"engine.zero_stage={e.zero_stage} requires engine.backend='deepspeed' (got {e.backend!r})")
+    _check_engine(cfg, err)
+
+
+def _check_engine(cfg: Config, err) -> None:
+    """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason)."""
+    e, p = cfg.engine, cfg.parallel
+    if e.backend != "deepspeed":
+        for key, default in (("overlap_comm", False), ("offload_optimizer", False), ("offload_params", False),
+                             ("ds_config", None)):
+            if getattr(e, key) != default:
+                err(f"engine.{key}={getattr(e, key)!r} requires engine.backend='deepspeed' (got {e.backend!r})")
+        return
+    if e.zero_bucket_size <= 0:
+        err(f"engine.zero_bucket_size={e.zero_bucket_size} must be > 0 (elements per bucket, e.g. 50000000)")
+    if e.offload_params and e.zero_stage != 3:
+        err(f"engine.offload_params=True requires engine.zero_stage=3 (got {e.zero_stage}): only ZeRO-3 "
+            "partitions parameters; nearest valid: engine.zero_stage=3, or engine.offload_params=false")
+    if e.offload_optimizer and e.zero_stage == 0:
+        err("engine.offload_optimizer=True requires engine.zero_stage >= 1 (ZeRO-0 has no sharded optimizer "
+            "to offload); nearest valid: engine.zero_stage=1")
+    if e.zero_stage >= 2 and p.pp > 1:
+        err(f"engine.zero_stage={e.zero_stage} with parallel.pp={p.pp} is refused: ZeRO-{e.zero_stage} reduce-scatters "
+            "gradients from hooks driven by DeepSpeed's own backward, which non-last pipeline stages (they run "
+            "autograd.backward on their outputs with the received gradients) bypass"
+            f"{', and it would re-gather every parameter once per micro-batch' if e.zero_stage == 3 else ''}; "
+            "nearest valid: engine.zero_stage=1, or parallel.pp=1 (ZeRO-2/3 with tp x dp)")
+    if e.zero_stage <= 1 and p.pp > 1:
+        _check_pipeline_zero1(cfg, err)
+    if e.ds_config is not None and not os.path.isfile(e.ds_config):
+        err(f"engine.ds_config={e.ds_config!r} does not exist; give the path of a DeepSpeed JSON or null")
+    if e.offload_optimizer:
+        _check_cpu_adam(err)
+
+
+def _check_pipeline_zero1(cfg: Config, err) -> None:
+    """ZeRO-1 under megalite's pipeline scheduler (see megalite/engine/deepspeed.py)."""
+    from megalite.engine.ds_config import PIPELINE_ZERO1_REASON, PIPELINE_ZERO1_SUPPORTED
+
+    if not PIPELINE_ZERO1_SUPPORTED:
+        err(f"engine.backend='deepspeed' (zero_stage={cfg.engine.zero_stage}) with parallel.pp={cfg.parallel.pp} "
+            f"is refused: {PIPELINE_ZERO1_REASON}; nearest valid: engine.backend=native (with pp), or parallel.pp=1")
+
+
+def _check_cpu_adam(err) -> None:
+    """Offload needs DeepSpeed's compiled cpu_adam op: fail here, not minutes into the launch."""
+    from megalite.engine.deepspeed import cpu_adam_problem  # imports DeepSpeed: only when offloading
+
+    problem = cpu_adam_problem()
+    if problem:
+        err(f"engine.offload_optimizer=True needs DeepSpeed's cpu_adam op, but {problem}; nearest valid: "
+            "engine.offload_optimizer=false (optimizer states sharded on the device), or rebuild DeepSpeed "
+            "with DS_BUILD_CPU_ADAM=1")
+
+
+def _check_data(cfg: Config, err) -> None:
+    d = cfg.data
+    parts = [s.strip() for s in str(d.split).split(",")]
+    try:
+        weights = [float(s) for s in parts]
+        if len(weights) > 3 or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError
+    except ValueError:
+        err(f"data.split={d.split!r} must be up to three non-negative numbers with a positive sum, e.g. '969,30,1'")
+    if d.path:
+        try:
+            parse_data_path(list(d.path))
+        except ValueError as e:
+            err(f"data.path={list(d.path)!r} must alternate positive weights and prefixes, e.g. "
+                f"[0.3, A, 0.7, B], or list prefixes only ({e})")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Raise ConfigError listing every broken rule (one per line, each naming key, value and rule).
+
+    `world_size` (when known) also checks that tp*pp divides it and that dp and
+    the batch sizes fit. Returns cfg unchanged, so `validate(load_config(...))` chains.
+    Pure: it never looks at the machine, so fp16 is refused only for device='cpu'
+    (device='auto' is resolved later, where the hardware is known).
+    """
+    errors: list[str] = []
+    err = errors.append
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                                   or world_size < 1):
+        err(f"world_size={world_size!r} must be a positive integer")
+        world_size = None
+    if _check_types(cfg, err):
+        _check_generic(cfg, err)
+        _check_model(cfg, err)
+        _check_parallel(cfg, world_size, err)
+        _check_train(cfg, world_size, err)
+        _check_data(cfg, err)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
