@@ -175,21 +175,10 @@ def _check_engine(cfg: Config, err) -> None:
             "autograd.backward on their outputs with the received gradients) bypass"
             f"{', and it would re-gather every parameter once per micro-batch' if e.zero_stage == 3 else ''}; "
             "nearest valid: engine.zero_stage=1, or parallel.pp=1 (ZeRO-2/3 with tp x dp)")
-    if e.zero_stage <= 1 and p.pp > 1:
-        _check_pipeline_zero1(cfg, err)
     if e.ds_config is not None and not os.path.isfile(e.ds_config):
         err(f"engine.ds_config={e.ds_config!r} does not exist; give the path of a DeepSpeed JSON or null")
     if e.offload_optimizer:
         _check_cpu_adam(err)
-
-
-def _check_pipeline_zero1(cfg: Config, err) -> None:
-    """ZeRO-1 under megalite's pipeline scheduler (see megalite/engine/deepspeed.py)."""
-    from megalite.engine.ds_config import PIPELINE_ZERO1_REASON, PIPELINE_ZERO1_SUPPORTED
-
-    if not PIPELINE_ZERO1_SUPPORTED:
-        err(f"engine.backend='deepspeed' (zero_stage={cfg.engine.zero_stage}) with parallel.pp={cfg.parallel.pp} "
-            f"is refused: {PIPELINE_ZERO1_REASON}; nearest valid: engine.backend=native (with pp), or parallel.pp=1")
 
 
 def _check_cpu_adam(err) -> None:

@@ -31,7 +31,11 @@ DeepSpeed's forward adds to its module hooks: `clear_backward_seen_flag`,
 which advances ZeRO's micro-step counter (without it ZeRO-2/3 overwrite
 instead of accumulating gradients across micro-batches).
 
-Pipeline parallelism is refused at config time for now (config._check_engine).
+With pipeline parallelism, ZeRO-0/1 work under megalite's scheduler: non-last
+stages run autograd.backward on their outputs outside DeepSpeed's backward,
+which is harmless there because ZeRO-0/1 reduce gradients only in `step()`.
+ZeRO-2/3 reduce-scatter from backward hooks and are refused at config time
+(megalite/config/validation.py, _check_engine).
 """
 from __future__ import annotations
 

@@ -181,9 +181,3 @@ def build_ds_config(cfg: Config, dp_size: int) -> dict:
     if not cfg.engine.ds_config:
         return generated
     return merge_raw(generated, load_raw(cfg.engine.ds_config), f"engine.ds_config={cfg.engine.ds_config!r}")
-
-
-# ZeRO-1 under megalite's own pipeline scheduler: see DeepSpeedEngine (megalite/engine/deepspeed.py)
-PIPELINE_ZERO1_SUPPORTED = False
-PIPELINE_ZERO1_REASON = ("the DeepSpeed engine has not been proven equal to the native engine under the pipeline "
-                         "scheduler (non-last stages run autograd.backward on their outputs outside the engine)")

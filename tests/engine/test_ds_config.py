@@ -84,8 +84,8 @@ def test_zero2_and_3_with_pipeline_are_refused_with_reason_and_nearest_setting(s
     assert "nearest valid: engine.zero_stage=1, or parallel.pp=1" in msg
 
 
-def test_deepspeed_with_pipeline_refused_until_proven():
-    assert "with parallel.pp=2 is refused" in errors(ds_cfg("engine.zero_stage=1", "parallel.pp=2"))
+def test_zero1_with_pipeline_is_accepted():
+    validate(ds_cfg("engine.zero_stage=1", "parallel.pp=2"), world_size=4)
 
 
 def test_bad_engine_combinations_name_the_fix(tmp_path):
