@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "hypothesis>=6"],
+    "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.50"],  # transformers: HF parity tests
     "deepspeed": ["deepspeed>=0.16"],
     "hf": ["transformers>=4.40"],
 }

@@ -3,6 +3,7 @@
     megalite train CONFIG [section.key=value ...]   train (single process or under any launcher)
     megalite demo [--steps N]                       build the demo data and train the tiny preset
     megalite config CONFIG [section.key=value ...]  print the resolved, validated config
+    megalite generate CKPT --prompt TEXT [...]      continue a prompt with a trained checkpoint
 """
 from __future__ import annotations
 
@@ -25,7 +26,23 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved and validated config")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
+    _generate_parser(sub)
     return p
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="greedy or sampled decoding from a checkpoint (KV cache, one device)")
+    gen.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step directory, any layout")
+    gen.add_argument("--prompt", required=True, help="text, or token ids ('1 2 3') with --ids or no tokenizer")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--ids", action="store_true", help="the prompt is token ids; print ids")
+    gen.add_argument("--eod", type=int, default=None, help="stop id when the run has no tokenizer")
+    gen.add_argument("--config", default=None, help="the run's config.yaml (default: next to the checkpoint)")
+    gen.add_argument("--device", default="cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(to_yaml(cfg), end="")
         return 0
+    if args.command == "generate":
+        from megalite.generate import generate_main
+        return generate_main(args)
     return 2
 
 

@@ -31,6 +31,17 @@ def loss_curve(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def sample_text(run_dir: str, demo, prompt: str = "def ", new_tokens: int = 48) -> str:
+    """A greedy continuation of `prompt` by the model the demo just trained (its latest checkpoint)."""
+    from megalite.data.tokenizer import build_tokenizer
+    from megalite.generate import generate, load_model
+
+    model, _ = load_model(os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "config.yaml"))
+    tok = build_tokenizer("SentencePieceTokenizer", demo.tokenizer_model)
+    ids = tok.encode(prompt)
+    return tok.decode(ids + generate(model, ids, new_tokens, eod=tok.eod))
+
+
 def demo_main(overrides: list[str]) -> int:
     demo = ensure_demo_data()
     describe_data(demo)
@@ -39,6 +50,7 @@ def demo_main(overrides: list[str]) -> int:
         cfg = load_config("tiny", [f"data.path=[{demo.prefix}]", f"data.tokenizer_model={demo.tokenizer_model}",
                                    f"train.run_dir={run_dir}", *overrides])
         validate(cfg, world_size=1)
+        run_dir = cfg.train.run_dir  # an override of train.run_dir wins
     except ConfigError as e:
         print(f"megalite: invalid config:\n{e}", file=sys.stderr)
         return 2
@@ -53,4 +65,6 @@ def demo_main(overrides: list[str]) -> int:
           f"validation loss {final.get('valid_loss', float('nan')):.3f}, "
           f"perplexity {final.get('valid_ppl', float('nan')):.1f}")
     print(f"run directory: {run_dir} (config.yaml, metrics.jsonl, checkpoints/)")
+    print(f"\nthe trained model continues 'def ' (greedy, `megalite generate {run_dir}/checkpoints "
+          f"--prompt ...` for more):\n{sample_text(run_dir, demo)}")
     return 0

@@ -32,14 +32,32 @@ def test_bad_config_fails_before_training_with_the_key(override, message, tmp_pa
     assert not (tmp_path / "run").exists()  # nothing was started or written
 
 
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """One demo corpus and tokenizer for this module: the first command that needs it builds it."""
+    return tmp_path_factory.mktemp("megalite-cache")
+
+
 @pytest.mark.slow
-def test_tiny_trains_in_an_empty_folder_on_the_demo_corpus(tmp_path):
-    env = {"MEGALITE_CACHE": str(tmp_path / "cache")}
+def test_tiny_trains_in_an_empty_folder_on_the_demo_corpus(tmp_path, demo_cache):
+    env = {"MEGALITE_CACHE": str(demo_cache)}
     args = ["train", "tiny", "train.steps=3", "train.eval_interval=0", "checkpoint.interval=0",
             "logging.interval=1", "optim.warmup_steps=1", f"train.run_dir={tmp_path}/run"]
     out = megalite(*args, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
-    assert (tmp_path / "cache" / "demo" / "demo_text_document.idx").exists()
+    assert (demo_cache / "demo" / "demo_text_document.idx").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_demo_trains_and_ends_with_a_generated_sample(tmp_path, demo_cache):
+    args = ["demo", "train.steps=4", "train.eval_interval=2", "optim.warmup_steps=1", "logging.interval=1",
+            f"train.run_dir={tmp_path}/run"]
+    out = megalite(*args, cwd=tmp_path, env={"MEGALITE_CACHE": str(demo_cache)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "trained 4 steps" in out.stdout
+    sample = out.stdout.split("for more):\n", 1)[1].strip()
+    assert sample.startswith("def") and len(sample) > len("def "), out.stdout[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()

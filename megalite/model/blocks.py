@@ -137,6 +137,25 @@ class Embedding(nn.Module):
             return self.dropout(x)
 
 
+class KVCache:
+    """One layer's rotated keys and values of the tokens seen so far, [t, b, hkv/tp, d] each (inference)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def offset(self) -> int:
+        """Number of cached positions (the position of the next token)."""
+        return 0 if self.k is None else self.k.shape[0]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' k, v [s, b, hkv/tp, d]; returns all cached k, v."""
+        self.k = k if self.k is None else torch.cat((self.k, k))
+        self.v = v if self.v is None else torch.cat((self.v, v))
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     """Causal self-attention: fused QKV (column-parallel), rotary, SDPA, output (row-parallel).
 
@@ -171,12 +190,16 @@ class Attention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x [s, b, h] -> [s, b, h]. With `kv_cache` (inference only) x holds the tokens after the
+        cached ones: rotary starts at the cache's offset and attention also sees the cached keys."""
         qkv = self.qkv(x)  # [s, b, (hq + 2hkv)/tp * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
         q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, -1, self.head_dim)  # -> [s, b, hq/tp, d]
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [s, b, hkv/tp, d] each
+        if kv_cache is not None:
+            return self.proj(self._cached_attention(q, k, v, kv_cache))
         if self.rope:
             q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
             k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
@@ -184,6 +207,23 @@ class Attention(nn.Module):
         with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
             out = kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
+
+
+    def _cached_attention(self, q, k, v, cache: KVCache) -> torch.Tensor:
+        """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
+        offset = cache.offset
+        if self.rope:  # positions offset .. offset+s-1
+            q = kernels.apply_rotary(q, self.rope_cos[offset:], self.rope_sin[offset:])
+            k = kernels.apply_rotary(k, self.rope_cos[offset:], self.rope_sin[offset:])
+        k, v = cache.append(k, v)  # [t, b, hkv/tp, d], t = offset + s
+        s, t = q.shape[0], k.shape[0]
+        # query i sits at position offset + i and may see keys 0 .. offset + i
+        mask = torch.arange(t, device=q.device)[None, :] <= torch.arange(offset, offset + s, device=q.device)[:, None]
+        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [., b, heads, d] -> [b, heads, ., d]
+        kh = kh.repeat_interleave(self.q_per_kv, dim=1)  # query head j uses kv head j // r
+        vh = vh.repeat_interleave(self.q_per_kv, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # [b, hq/tp, s, d]
+        return out.permute(2, 0, 1, 3).reshape(s, q.shape[1], -1)  # -> [s, b, hq/tp * d]
 
 
 class MLP(nn.Module):
@@ -242,11 +282,14 @@ class TransformerBlock(nn.Module):
         with _sharded_rng(self.residual_rng):
             return self.dropout(y)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._residual_dropout(self.attn(self.norm1(x)))
+    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self._residual_dropout(self.attn(self.norm1(x), kv_cache))
         return x + self._residual_dropout(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x [s, b, h] -> [s, b, h]; `kv_cache` is for incremental decoding (see Attention.forward)."""
+        if kv_cache is not None:
+            return self._forward(x, kv_cache)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # the tracker is replayed like the default generators, so recomputed masks match
             kwargs = {} if self.rng_tracker is None else {"context_fn": self.rng_tracker.checkpoint_context}

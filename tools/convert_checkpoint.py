@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Convert checkpoints between megalite and Hugging Face transformers.
+
+    python tools/convert_checkpoint.py to-hf CKPT OUT_DIR [--config RUN/config.yaml]
+                                       [--max-shard-size 5GB] [--dtype fp32|bf16|fp16]
+    python tools/convert_checkpoint.py from-hf HF_DIR OUT_CKPT [parallel.tp=2 parallel.pp=2 ...]
+
+to-hf reads a checkpoint of any layout (tp, pp, ZeRO) and writes a directory that
+LlamaForCausalLM.from_pretrained loads as is. from-hf writes a megalite checkpoint
+(step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
+`megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
+same parallel layout. Nothing is written when a conversion is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not like 5GB, 500MB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face LlamaForCausalLM directory")
+    to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
+    to.add_argument("out_dir")
+    to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
+    to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
+    to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    frm = sub.add_parser("from-hf", help="Hugging Face Llama directory -> megalite checkpoint")
+    frm.add_argument("hf_dir")
+    frm.add_argument("out_ckpt")
+    frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from megalite.checkpoint.hf import export_hf, import_hf
+    from megalite.checkpoint.io import CheckpointError
+    from megalite.config import ConfigError
+
+    try:
+        if args.command == "to-hf":
+            out = export_hf(args.checkpoint, args.out_dir, args.config, args.max_shard_size, args.dtype)
+        else:
+            out = import_hf(args.hf_dir, args.out_ckpt, args.overrides)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"convert_checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
