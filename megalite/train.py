@@ -30,6 +30,7 @@ from megalite.pipeline import PipelineRunner, build_stage_model
 from megalite.rng import rng_state, seed_everything, set_rng_state
 from megalite.tensor_parallel.comm import take_comm_bytes
 from megalite.topology import ProcessGroups, Topology, discover, init_distributed
+from megalite.topology.failure import FailureGuard, install_fault_injection
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,7 +78,10 @@ def train_main(config: str, overrides: list[str]) -> int:
     init_distributed(env, timeout_s=cfg.parallel.timeout_s)
     try:
         trainer = Trainer(cfg, build_groups(cfg, env.world_size), local_rank=env.local_rank)
-        trainer.fit()
+        install_fault_injection(trainer)  # test-only hook, inert unless MEGALITE_FAULT_INJECT is set
+        # A failing rank records where it was and exits; the others follow within the timeout.
+        with FailureGuard(trainer.run_dir, trainer.groups, cfg.parallel.timeout_s, lambda: trainer.step):
+            trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -280,6 +280,23 @@ def init_distributed(env: LaunchEnv, backend: str | None = None, timeout_s: floa
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timeout)
+    _default_group_timeout(timeout)
     return True
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make groups created later without a timeout (dist.new_group) use the run's timeout.
+
+    new_group falls back to torch's 30-minute default, not the world group's
+    timeout, so a tp/dp collective waiting on a dead rank would hang for half an
+    hour. The fallback is a module global of distributed_c10d; where a torch
+    release lacks it nothing changes (pass timeout= to new_group instead).
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)

@@ -1,0 +1,51 @@
+"""Two "nodes" on one machine: torchrun --nnodes 2 --node_rank 0/1 against a localhost
+rendezvous trains tp=2 x dp=2 with the same losses as one 4-rank torchrun run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distributed import free_port
+from training_helpers import step_metrics, tiny_overrides
+
+STEPS = 4
+
+
+def train_cmd(prefix, run_dir) -> list[str]:
+    """`-m megalite train` arguments for the tiny tp=2 x dp=2 run every launcher test compares."""
+    return ["-m", "megalite", "train", "tiny", "parallel.tp=2", "parallel.timeout_s=60",
+            *tiny_overrides(prefix, run_dir, steps=STEPS, **{"checkpoint.interval": 1000})]
+
+
+def worker_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def single_node_losses(prefix, run_dir) -> dict:
+    """Losses of one `torchrun --standalone --nproc_per_node 4` run: the reference."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           *train_cmd(prefix, run_dir)]
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return step_metrics(run_dir)
+
+
+def assert_same_losses(got: dict, want: dict, label: str) -> None:
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), label
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), f"{label}: step {step}"
+
+
+def test_two_nodes_of_two_ranks_match_one_node_of_four(counting_data, tmp_path):
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         *train_cmd(counting_data, tmp_path / "two_nodes")],
+        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outs = [node.communicate(timeout=240)[0] for node in nodes]
+    for node, out in zip(nodes, outs):
+        assert node.returncode == 0, out[-4000:]
+    want = single_node_losses(counting_data, tmp_path / "one_node")
+    assert_same_losses(step_metrics(tmp_path / "two_nodes"), want, "torchrun --nnodes 2")
