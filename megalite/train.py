@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.checkpoint.io import read_manifest
 from megalite.config import Config, ConfigError, load_config, save_config, validate
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
+from megalite.kernels.attention import document_ids
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from megalite.model import Transformer
 from megalite.pipeline import PipelineRunner, build_stage_model
@@ -120,6 +122,18 @@ def resolve_data(cfg: Config, log) -> Config:
     return replace(cfg, data=replace(cfg.data, path=[demo.prefix], tokenizer_model=demo.tokenizer_model))
 
 
+def document_eod(data) -> int | None:
+    """The end-of-document id that splits packed samples when data.reset_attention_mask is set, else None."""
+    if not data.reset_attention_mask:
+        return None
+    if not data.tokenizer_model:
+        raise ConfigError("data.reset_attention_mask=true needs the tokenizer's end-of-document id; "
+                          "set data.tokenizer_model to the tokenizer the data was preprocessed with")
+    from megalite.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod
+
+
 class Trainer:
     """Owns the model, the engine, the data iterators, the logger and checkpointing."""
 
@@ -138,9 +152,10 @@ class Trainer:
         self.model = self._build_model().to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
+        self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)
         self.pipeline = None if groups.pp_size == 1 else PipelineRunner(
             self.model, groups, self.engine, self.accum, cfg.data.seq_len, cfg.train.micro_batch_size,
-            cfg.parallel.schedule, self.device, self._autocast)
+            cfg.parallel.schedule, self.device, self._autocast, eod=self.eod)
         self.datasets = build_datasets(cfg.data, self._samples_needed())
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
@@ -210,8 +225,9 @@ class Trainer:
     def _micro_loss(self, batch) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s] each
+        doc_ids = None if self.eod is None else document_ids(inputs, self.eod)  # [b, s]
         with self._autocast():
-            return self.model.loss(inputs, labels).mean()
+            return self.model.loss(inputs, labels, doc_ids).mean()
 
     def train_step(self, train_iter) -> dict:
         start = time.perf_counter()
@@ -292,6 +308,7 @@ class Trainer:
         path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resume
         if path is None:
             return
+        self._check_world_size(read_manifest(path)["world_size"], path)
         state = load_checkpoint(path, self.rank)
         self._check_layout(state["layout"], path)
         self.model.load_state_dict(state["model"])
@@ -301,11 +318,23 @@ class Trainer:
         self.step = int(state["progress"]["step"])
         self.log(f"resumed from {path} at step {self.step}")
 
+    def _reshard_hint(self, path) -> str:
+        p = self.groups
+        return (f"python tools/convert_checkpoint.py reshard {path} OUT --tp {p.tp_size} --pp {p.pp_size} "
+                f"--dp {p.dp_size} --virtual-stages {p.topology.virtual_stages}")
+
+    def _check_world_size(self, saved: int, path) -> None:
+        # Each rank loads its own file: another rank count would read files of another layout.
+        world = self.groups.topology.world_size
+        if saved != world:
+            raise CheckpointError(f"{path} was written by {saved} ranks but this run has {world}; resume with "
+                                  f"{saved} ranks, or write a copy for this layout first: {self._reshard_hint(path)}")
+
     def _check_layout(self, layout: dict, path) -> None:
         p = self.groups
         vp = layout.get("virtual_stages", 1)  # each rank's blocks depend on pp and virtual stages
         if (layout["tp"], layout["pp"], vp) != (p.tp_size, p.pp_size, p.topology.virtual_stages):
             raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} virtual_stages="
                                   f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
-                                  f"{p.topology.virtual_stages}; resume with the layout it was written with "
-                                  "(changing the layout of a checkpoint is not supported yet)")
+                                  f"{p.topology.virtual_stages}; resume with that layout, or convert it first: "
+                                  f"{self._reshard_hint(path)}")

@@ -138,6 +138,8 @@ def test_derived_sizes():
 # Each case: overrides on the tiny preset (and a world size) that break exactly one rule,
 # and text the message must contain: the key, the offending value and the rule.
 RULES = [
+    (["data.reset_attention_mask=true", "data.path=[corpus_text_document]"], None,
+     "data.reset_attention_mask=true needs the end-of-document id"),
     (["model.hidden_size=250"], None, "model.hidden_size=250 must be divisible by model.num_heads=4"),
     (["model.num_kv_heads=3"], None, "model.num_heads=4 must be divisible by model.num_kv_heads=3"),
     (["parallel.tp=4", "model.num_kv_heads=2"], None, "model.num_kv_heads=2 must be divisible by parallel.tp=4"),

@@ -261,6 +261,11 @@ def _verify(d: Path, manifest: dict, rank: int) -> None:
             raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupted")
 
 
+def read_manifest(path_or_root) -> dict:
+    """The manifest (step, world_size, files) of a step directory, or of a root's `latest`."""
+    return _read_json(_resolve(path_or_root) / MANIFEST, "the checkpoint manifest")
+
+
 def load_checkpoint(path_or_root, rank: int = 0) -> dict:
     """This rank's state from a step directory, or from a root (following `latest`).
 

@@ -207,6 +207,10 @@ def _check_data(cfg: Config, err) -> None:
         except ValueError as e:
             err(f"data.path={list(d.path)!r} must alternate positive weights and prefixes, e.g. "
                 f"[0.3, A, 0.7, B], or list prefixes only ({e})")
+    # With no data.path the demo corpus and its tokenizer are used, so the end-of-document id is known.
+    if d.reset_attention_mask and d.path and not d.tokenizer_model:
+        err("data.reset_attention_mask=true needs the end-of-document id of the tokenizer the data was "
+            "preprocessed with: set data.tokenizer_model")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> Config:

@@ -2,7 +2,9 @@
 
 Every block maps one tensor to one tensor (tokens [b, s] -> hidden [s, b, h]
 -> ... -> local logits [s, b, Vp/tp]), so a pipeline stage is just a slice of
-the list. Under sequence parallelism the hidden states between blocks are
+the list. The one side input is an optional `DocumentMask` (packed samples
+with data.reset_attention_mask), which `run_blocks` hands to the
+transformer blocks only. Under sequence parallelism the hidden states between blocks are
 [s/tp, b, h]: each tp rank holds a contiguous chunk of the sequence.
 
 Blocks are built by `Transformer`, which then draws every weight by its
@@ -30,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megalite import kernels
 from megalite.config import ModelConfig
+from megalite.kernels.attention import DocumentMask, attention
 from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                       copy_to_tp_region, gather_from_sequence_parallel_region, group_size,
                                       init_shard_, normal_init, scatter_to_sequence_parallel_region)
@@ -157,7 +160,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention: fused QKV (column-parallel), rotary, SDPA, output (row-parallel).
+    """Causal self-attention: fused QKV (column-parallel), rotary, attention kernel, output (row-parallel).
 
     Fused QKV weight layout (rows of the [(hq + 2*hkv) * d, h] matrix): one
     slab per kv group g = 0..hkv-1, each slab [q heads g*r .. g*r+r-1, k_g,
@@ -190,24 +193,29 @@ class Attention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                documents: DocumentMask | None = None) -> torch.Tensor:
         """x [s, b, h] -> [s, b, h]. With `kv_cache` (inference only) x holds the tokens after the
-        cached ones: rotary starts at the cache's offset and attention also sees the cached keys."""
+        cached ones: rotary starts at the cache's offset and attention also sees the cached keys.
+        `documents` confines each token to its own document of a packed sample (the mask covers
+        the whole sequence, which attention sees even under sequence parallelism)."""
         qkv = self.qkv(x)  # [s, b, (hq + 2hkv)/tp * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
         q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, -1, self.head_dim)  # -> [s, b, hq/tp, d]
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [s, b, hkv/tp, d] each
         if kv_cache is not None:
+            if documents is not None:
+                raise ValueError("document masking is for training on packed samples; "
+                                 "incremental decoding with a KVCache takes none")
             return self.proj(self._cached_attention(q, k, v, kv_cache))
         if self.rope:
             q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
             k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
         dropout_p = self.dropout if self.training else 0.0
         with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
-            out = kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)  # [s, b, hq/tp * d]
+            out = attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
-
 
     def _cached_attention(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
@@ -216,14 +224,8 @@ class Attention(nn.Module):
             q = kernels.apply_rotary(q, self.rope_cos[offset:], self.rope_sin[offset:])
             k = kernels.apply_rotary(k, self.rope_cos[offset:], self.rope_sin[offset:])
         k, v = cache.append(k, v)  # [t, b, hkv/tp, d], t = offset + s
-        s, t = q.shape[0], k.shape[0]
-        # query i sits at position offset + i and may see keys 0 .. offset + i
-        mask = torch.arange(t, device=q.device)[None, :] <= torch.arange(offset, offset + s, device=q.device)[:, None]
-        qh, kh, vh = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [., b, heads, d] -> [b, heads, ., d]
-        kh = kh.repeat_interleave(self.q_per_kv, dim=1)  # query head j uses kv head j // r
-        vh = vh.repeat_interleave(self.q_per_kv, dim=1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # [b, hq/tp, s, d]
-        return out.permute(2, 0, 1, 3).reshape(s, q.shape[1], -1)  # -> [s, b, hq/tp * d]
+        # the queries are the last s of t positions: attention aligns the causal mask bottom-right
+        return attention(q, k, v, causal=True)  # [s, b, hq/tp * d]
 
 
 class MLP(nn.Module):
@@ -282,19 +284,29 @@ class TransformerBlock(nn.Module):
         with _sharded_rng(self.residual_rng):
             return self.dropout(y)
 
-    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self._residual_dropout(self.attn(self.norm1(x), kv_cache))
+    def _forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                 documents: DocumentMask | None = None) -> torch.Tensor:
+        x = x + self._residual_dropout(self.attn(self.norm1(x), kv_cache, documents))
         return x + self._residual_dropout(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """x [s, b, h] -> [s, b, h]; `kv_cache` is for incremental decoding (see Attention.forward)."""
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                documents: DocumentMask | None = None) -> torch.Tensor:
+        """x [s, b, h] -> [s, b, h]; `kv_cache` is for incremental decoding, `documents` masks
+        attention at document boundaries of packed samples (see Attention.forward)."""
         if kv_cache is not None:
-            return self._forward(x, kv_cache)
+            return self._forward(x, kv_cache, documents)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # the tracker is replayed like the default generators, so recomputed masks match
             kwargs = {} if self.rng_tracker is None else {"context_fn": self.rng_tracker.checkpoint_context}
-            return checkpoint(self._forward, x, use_reentrant=False, **kwargs)
-        return self._forward(x)
+            return checkpoint(self._forward, x, None, documents, use_reentrant=False, **kwargs)
+        return self._forward(x, None, documents)
+
+
+def run_blocks(blocks, x: torch.Tensor, documents: DocumentMask | None = None) -> torch.Tensor:
+    """Run `blocks` in order on x (tokens or hidden states); transformer blocks also get `documents`."""
+    for block in blocks:
+        x = block(x, documents=documents) if isinstance(block, TransformerBlock) else block(x)
+    return x
 
 
 class Head(nn.Module):

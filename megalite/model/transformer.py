@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from megalite.config import ModelConfig
-from megalite.model.blocks import Embedding, Head, TransformerBlock
+from megalite.kernels.attention import DocumentMask
+from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
 from megalite.tensor_parallel import group_rank, group_size, init_model_weights, vocab_parallel_cross_entropy
 from megalite.tensor_parallel.random import TPRngTracker
 
@@ -67,7 +68,7 @@ def _check(cfg: ModelConfig, tp: int) -> None:
 class Transformer(nn.Module):
     """Llama/GPT-style decoder, tensor-parallel over `tp_group` (None: a single process).
 
-    forward(tokens [b, s]) -> this rank's logits [s, b, Vp/tp] (Vp = padded
+    forward(tokens [b, s], doc_ids=None) -> this rank's logits [s, b, Vp/tp] (Vp = padded
     vocabulary; padded ids get -inf). loss(tokens, labels) -> per-token fp32
     loss [b, s]. Under sequence parallelism hidden states between blocks
     are [s/tp, b, h] and parameters marked `sequence_parallel` need their
@@ -93,20 +94,23 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([embedding, *layers, head])
         init_model_weights(self, seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] int64 -> local logits [s, b, Vp/tp]."""
-        x = tokens
-        for block in self.blocks:
-            x = block(x)
-        return x
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] int64 -> local logits [s, b, Vp/tp].
+
+        `doc_ids` [b, s] (kernels.attention.document_ids) restricts attention to
+        each token's own document of the packed sample; None: plain causal.
+        """
+        documents = None if doc_ids is None else DocumentMask(doc_ids)
+        return run_blocks(self.blocks, tokens, documents)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Local logits [s, b, Vp/tp] and labels [b, s] -> per-token fp32 loss [b, s]."""
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()  # [s, b] -> [b, s]
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token fp32 cross-entropy [b, s] of predicting labels [b, s] from tokens [b, s]."""
-        return self.loss_from_logits(self(tokens), labels)
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token fp32 cross-entropy [b, s] of predicting labels [b, s] from tokens [b, s]
+        (attention confined to documents when `doc_ids` is given, see forward)."""
+        return self.loss_from_logits(self(tokens, doc_ids), labels)
 
     def num_parameters(self) -> int:
         """Parameters held by THIS rank (tp shards counted once; tied weights once)."""

@@ -27,6 +27,9 @@ class StageHooks:
     backpropagate for micro-batch mb (already divided by the number of
     micro-batches); backward_loss(loss) runs its backward (the engine scales
     it under fp16). `context` wraps every forward (autocast).
+    forward_kwargs(mb) -> extra keyword arguments of every chunk's forward of
+    micro-batch mb (the document ids of packed samples, which every stage
+    derives from the batch it reads rather than receiving them over p2p).
     """
 
     forward: Callable[[int, torch.Tensor], torch.Tensor]
@@ -34,6 +37,7 @@ class StageHooks:
     loss: Callable[[int, torch.Tensor], torch.Tensor]
     backward_loss: Callable[[torch.Tensor], None] = lambda loss: loss.backward()
     context: Callable[[], object] = nullcontext
+    forward_kwargs: Callable[[int], dict] = lambda mb: {}
 
 
 @dataclass
@@ -120,7 +124,7 @@ class Executor:
         elif x is None:
             raise RuntimeError(f"{a} on stage {self.stage} has no received input; the schedule lacks a RECV_F")
         with torch.set_grad_enabled(not forward_only), self.hooks.context():
-            out = self.hooks.forward(a.chunk, x)
+            out = self.hooks.forward(a.chunk, x, **self.hooks.forward_kwargs(a.mb))
             if self._is_last(a):
                 out = self.hooks.loss(a.mb, out)
                 stats.losses[a.mb] = out.detach()

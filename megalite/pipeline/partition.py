@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megalite.config import ModelConfig
-from megalite.model.blocks import Embedding, Head, TransformerBlock
+from megalite.kernels.attention import DocumentMask
+from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
 from megalite.model.transformer import _check, _ffn_size, _padded_vocab
 from megalite.tensor_parallel import (VocabParallelEmbedding, group_rank, group_size, init_model_weights,
                                       normal_init, vocab_parallel_cross_entropy)
@@ -162,11 +163,12 @@ class StageModel(nn.Module):
         head = self.blocks[str(self.cfg.num_layers + 1)] if str(self.cfg.num_layers + 1) in self.blocks else None
         return None if head is None else head.weight
 
-    def forward(self, chunk: int, x: torch.Tensor) -> torch.Tensor:
-        """Run chunk `chunk`'s blocks in order: tokens or hidden [s, b, h] in, hidden or logits out."""
-        for i in self.chunks[chunk]:
-            x = self.blocks[str(i)](x)
-        return x
+    def forward(self, chunk: int, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run chunk `chunk`'s blocks in order: tokens or hidden [s, b, h] in, hidden or logits out.
+
+        `doc_ids` [b, s] of the micro-batch confines attention to documents (Transformer.forward)."""
+        documents = None if doc_ids is None else DocumentMask(doc_ids)
+        return run_blocks((self.blocks[str(i)] for i in self.chunks[chunk]), x, documents)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Local logits [s, b, Vp/tp] and labels [b, s] -> per-token fp32 loss [b, s] (last stage)."""

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from megalite.kernels.attention import document_ids
 from megalite.pipeline.executor import Executor, StageHooks
 from megalite.pipeline.p2p import P2P
 from megalite.pipeline.partition import StageModel, tie_embedding_grads
@@ -29,11 +30,15 @@ class PipelineRunner:
     `groups` is the ProcessGroups object; `engine` provides `backward(loss)`
     (loss scaling); `context` wraps every forward (autocast); `seq_len`,
     `micro_batch` size the boundary tensors [s (/tp under SP), b, h].
+    `eod` (data.reset_attention_mask): every stage masks attention at the
+    documents its micro-batch's tokens delimit with this id; None: plain causal.
     """
 
     def __init__(self, model: StageModel, groups, engine, micro_batches: int, seq_len: int, micro_batch: int,
-                 schedule: str = "1f1b", device: torch.device | str = "cpu", context=nullcontext):
+                 schedule: str = "1f1b", device: torch.device | str = "cpu", context=nullcontext,
+                 eod: int | None = None):
         topo, self.groups, self.model, self.engine = groups.topology, groups, model, engine
+        self.eod = eod
         self.pp, self.stage, self.v, self.m = groups.pp_size, groups.pp_rank, topo.virtual_stages, micro_batches
         self.kind, self.device, self.context = schedule_kind(schedule, self.v), torch.device(device), context
         # fail now, not at the first step: the schedule checks (pp, m, v) and names the fix
@@ -58,8 +63,11 @@ class PipelineRunner:
             labels = tokens[mb][:, 1:].to(self.device, non_blocking=True)  # [b, s]
             return self.model.loss_from_logits(logits, labels).mean() * scale
 
+        def forward_kwargs(mb: int) -> dict:
+            return {} if self.eod is None else {"doc_ids": document_ids(first_input(mb), self.eod)}
+
         return StageHooks(forward=self.model.forward, first_input=first_input, loss=loss,
-                          backward_loss=self.engine.backward, context=self.context)
+                          backward_loss=self.engine.backward, context=self.context, forward_kwargs=forward_kwargs)
 
     def _run(self, batches: list[dict], forward_only: bool, scale: float) -> torch.Tensor:
         if len(batches) != self.m:

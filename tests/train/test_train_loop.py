@@ -117,3 +117,20 @@ def test_resume_after_kill_9_reproduces_losses_exactly(counting_data, tmp_path):
     assert resumed.returncode == 0, out
     assert "resumed from" in out
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def _resume_on_two_ranks(prefix, run_dir) -> str:
+    cfg = load_config("tiny", tiny_overrides(prefix, run_dir, steps=4))
+    try:
+        Trainer(cfg, build_groups(cfg, dist.get_world_size())).fit()
+    except CheckpointError as e:
+        return str(e)
+    return "resumed"
+
+
+def test_resume_with_another_rank_count_is_refused_with_the_reshard_command(counting_data, tmp_path, spawn):
+    run_inprocess(counting_data, tmp_path, steps=2)
+    messages = spawn(_resume_on_two_ranks, 2, counting_data, str(tmp_path))
+    for message in messages:
+        assert "written by 1 ranks but this run has 2" in message, message
+        assert "convert_checkpoint.py reshard" in message and "--dp 2" in message, message

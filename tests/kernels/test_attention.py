@@ -1,0 +1,213 @@
+"""Attention dispatch: SDPA and flash-attn against the explicit math path; GQA; document masking.
+
+Tolerances: fp32 on CPU, SDPA vs math 1e-5 absolute (both do the same
+math in fp32, only the summation order differs: measured ~1e-6). Flash-attn
+(GPU, bf16) vs math on the bf16 inputs: 2e-2 absolute, about two bf16 ulps
+of values of order 1.
+"""
+import importlib
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalite.kernels.attention import ENV_VAR, DocumentMask, attention, choose_backend, document_ids
+
+attn_mod = importlib.import_module("megalite.kernels.attention")  # the package attribute is the function
+TOL = 1e-5
+SHAPES = [(7, 3, 6, 2, 12), (5, 2, 4, 4, 8), (9, 1, 3, 1, 6)]  # (s, b, hq, hkv, d): GQA, MHA, MQA; odd sizes
+
+
+def _qkv(s, b, hq, hkv, d, seed=0, t=None, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    t = s if t is None else t
+    q = torch.randn(s, b, hq, d, generator=g)
+    k, v = torch.randn(t, b, hkv, d, generator=g), torch.randn(t, b, hkv, d, generator=g)
+    return [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+
+
+def _run(backend, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv(ENV_VAR, backend)
+    return attention(*args, **kwargs)
+
+
+def _naive(q, k, v, mask):
+    """Textbook attention with kv repeated per head, mask [s, t] or None, fp64: the math path's own check."""
+    s, b, hq, d = q.shape
+    r = hq // k.shape[2]
+    qh = q.double().permute(1, 2, 0, 3)  # [b, hq, s, d]
+    kh, vh = (x.double().permute(1, 2, 0, 3).repeat_interleave(r, dim=1) for x in (k, v))
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ vh).permute(2, 0, 1, 3).reshape(s, b, hq * d)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_math_path_is_textbook_attention(shape, causal, monkeypatch):
+    q, k, v = _qkv(*shape)
+    s = shape[0]
+    mask = torch.ones(s, s, dtype=torch.bool).tril() if causal else None
+    got = _run("math", monkeypatch, q, k, v, causal=causal)
+    torch.testing.assert_close(got.double(), _naive(q, k, v, mask), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_equals_math_outputs_and_gradients(shape, causal, monkeypatch):
+    outs, grads = [], []
+    for backend in ("sdpa", "math"):
+        q, k, v = _qkv(*shape)
+        out = _run(backend, monkeypatch, q, k, v, causal=causal, scale=0.3)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outs.append(out.detach())
+        grads.append([x.grad for x in (q, k, v)])
+    torch.testing.assert_close(outs[0], outs[1], atol=TOL, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_queries_after_a_cache_see_every_earlier_key(backend, monkeypatch):
+    """t > s (decoding): the s queries are the last positions; equal to the last rows of a full run."""
+    s, t = 3, 8
+    q, k, v = _qkv(t, 2, 4, 2, 8, seed=1)
+    full = _run(backend, monkeypatch, q, k, v, causal=True)
+    tail = _run(backend, monkeypatch, q[-s:], k, v, causal=True)
+    torch.testing.assert_close(tail, full[-s:], atol=TOL, rtol=0)
+
+
+def test_gqa_does_not_repeat_kv(monkeypatch):
+    seen = {}
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.update(kv_heads=k.shape[1], enable_gqa=kwargs.get("enable_gqa"))
+        return real_sdpa(q, k, v, **kwargs)
+
+    def no_repeat(*args, **kwargs):
+        raise AssertionError("kv was repeated for GQA")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
+    monkeypatch.setattr(torch, "repeat_interleave", no_repeat)
+    q, k, v = _qkv(6, 2, 8, 2, 4)
+    for backend in ("sdpa", "math"):
+        _run(backend, monkeypatch, q, k, v).sum().backward()
+    assert seen == {"kv_heads": 2, "enable_gqa": True}
+
+
+def test_automatic_choice_on_cpu_is_sdpa_and_logged_once(monkeypatch, caplog):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(attn_mod, "_logged", set())
+    q, k, v = _qkv(4, 1, 2, 2, 8)
+    backend, why = choose_backend(q)
+    assert backend == "sdpa" and ("flash_attn" in why or "cpu" in why), why
+    with caplog.at_level(logging.INFO, logger="megalite.kernels"):
+        attention(q, k, v)
+        attention(q, k, v)
+    lines = [r.getMessage() for r in caplog.records if r.name == "megalite.kernels"]
+    assert lines == [f"attention backend: sdpa ({why})"]
+
+
+def test_forcing_a_backend_and_bad_values(monkeypatch):
+    q, k, v = _qkv(4, 1, 2, 2, 8)
+    monkeypatch.setenv(ENV_VAR, "math")
+    assert choose_backend(q) == ("math", f"forced by {ENV_VAR}=math")
+    monkeypatch.setenv(ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="'fast' is not one of"):
+        attention(q, k, v)
+    monkeypatch.setenv(ENV_VAR, "flash")  # CPU fp32: flash-attn cannot run, and says why
+    with pytest.raises(RuntimeError, match="MEGALITE_ATTENTION=flash, but"):
+        attention(q, k, v)
+
+
+def test_shape_errors_name_the_rule():
+    q, k, v = _qkv(4, 1, 6, 4, 8)
+    with pytest.raises(ValueError, match="multiple of hkv"):
+        attention(q, k, v)
+    q, k, v = _qkv(4, 2, 4, 2, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        attention(q, k, v, documents=DocumentMask(torch.zeros(2, 5, dtype=torch.int64)))
+
+
+# ------------------------------------------------------------ documents
+EOD = 0
+PACKED = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 4, 3],  # documents of lengths 3, 4, 2
+                       [0, 5, 5, 5, 5, 5, 5, 5, 0]])  # 1, 8 (a sample may start with an EOD)
+
+
+def test_document_ids_start_a_document_after_each_eod():
+    assert document_ids(PACKED, EOD).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]]
+    cu, longest = DocumentMask.from_tokens(PACKED, EOD).varlen()
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 7, 9, 10, 18] and longest == 8
+
+
+def test_dense_mask_is_causal_within_documents():
+    mask = DocumentMask.from_tokens(PACKED, EOD).dense()[0, 0]  # [s, s]
+    assert mask[3].tolist() == [False] * 3 + [True] + [False] * 5  # first token of document 1 sees itself only
+    assert mask[6].tolist() == [False] * 3 + [True] * 4 + [False] * 2
+    assert not mask.triu(1).any()
+
+
+def _segments(row):
+    ids = document_ids(row[None], EOD)[0].tolist()
+    return [(start, start + ids.count(d)) for d, start in ((d, ids.index(d)) for d in sorted(set(ids)))]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_each_document_attends_as_if_alone(backend, monkeypatch):
+    s, b, hq, hkv, d = PACKED.shape[1], PACKED.shape[0], 6, 2, 8
+    q, k, v = _qkv(s, b, hq, hkv, d, seed=2)
+    packed = _run(backend, monkeypatch, q, k, v, documents=DocumentMask.from_tokens(PACKED, EOD))
+    plain = _run(backend, monkeypatch, q, k, v)
+    for i in range(b):
+        for start, end in _segments(PACKED[i]):
+            alone = _run(backend, monkeypatch, *(x[start:end, i:i + 1] for x in (q, k, v)))
+            torch.testing.assert_close(packed[start:end, i:i + 1], alone, atol=TOL, rtol=0)
+    assert not torch.allclose(packed, plain, atol=1e-3)  # the mask did change later documents
+
+
+def test_document_gradients_sdpa_equal_math(monkeypatch):
+    documents = DocumentMask.from_tokens(PACKED, EOD)
+    grads = []
+    for backend in ("sdpa", "math"):
+        q, k, v = _qkv(PACKED.shape[1], PACKED.shape[0], 4, 2, 8, seed=3)
+        _run(backend, monkeypatch, q, k, v, documents=documents).pow(2).sum().backward()
+        grads.append([x.grad for x in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------ GPU
+def _needs_flash():
+    if attn_mod._flash_module()[0] is None:
+        pytest.skip("flash_attn is not importable")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(129, 2, 8, 2, 64), (77, 3, 4, 4, 128)])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_flash_and_cuda_sdpa_equal_math(shape, with_documents, monkeypatch):
+    s, b = shape[:2]
+    tokens = torch.randint(1, 50, (b, s), generator=torch.Generator().manual_seed(0))
+    tokens[:, ::23] = EOD
+    documents = DocumentMask.from_tokens(tokens.cuda(), EOD) if with_documents else None
+    q, k, v = _qkv(*shape, seed=4, dtype=torch.bfloat16, device="cuda")
+    want = _run("math", monkeypatch, q, k, v, documents=documents).float()
+    backends = ["sdpa"] + ([] if attn_mod._flash_module()[0] is None else ["flash"])
+    for backend in backends:
+        got = _run(backend, monkeypatch, q, k, v, documents=documents).float()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0, msg=backend)
+
+
+@pytest.mark.gpu
+def test_flash_is_chosen_for_cuda_bf16(monkeypatch):
+    _needs_flash()
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    q = torch.zeros(4, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert choose_backend(q)[0] == "flash"
+    assert choose_backend(q.float())[0] == "sdpa"
