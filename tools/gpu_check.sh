@@ -3,7 +3,8 @@
 #   1. environment report (GPU, torch, nvcc),
 #   2. build the extension in place (setup.py build_ext), or rely on the JIT build,
 #   3. pytest -m gpu tests/kernels  (fused vs reference: outputs, gradients, dtypes, odd sizes),
-#   4. tools/bench_kernels.py       (GB/s, % of copy bandwidth, eager and torch.compile times).
+#   4. tools/bench_kernels.py       (GB/s, % of copy bandwidth, eager and torch.compile times),
+#   5. tools/bench_train.py llama-1b (seq 2048, bf16) with reference ops, then fused ops: tokens/s, MFU.
 # Usage: tools/gpu_check.sh [--quick]    (--quick: short benchmark)
 # Logs go to ${OUT:-build/gpu_check_logs}/; the exit status is the first failing step's.
 set -uo pipefail
@@ -36,5 +37,9 @@ import logging; logging.basicConfig(level=logging.INFO)
 from megalite.kernels import fused; ok, why = fused.load(); print('fused kernels:', ok, why); raise SystemExit(0 if ok else 1)"
 step tests env MEGALITE_KERNELS=fused python -m pytest -m gpu tests/kernels -q -rs
 step bench python tools/bench_kernels.py "${BENCH_ARGS[@]}"
+TRAIN_ARGS=(llama-1b train.precision=bf16 data.seq_len=2048 train.micro_batch_size="${MICRO_BATCH:-4}"
+            --steps "${TRAIN_STEPS:-20}" --warmup 5)
+step train_reference env MEGALITE_KERNELS=reference python tools/bench_train.py "${TRAIN_ARGS[@]}"
+step train_fused env MEGALITE_KERNELS=auto python tools/bench_train.py "${TRAIN_ARGS[@]}"
 echo "gpu_check: exit $status (logs in $LOG_DIR/)"
 exit "$status"
