@@ -4,6 +4,7 @@
     megalite demo [--steps N]                       build the demo data and train the tiny preset
     megalite config CONFIG [section.key=value ...]  print the resolved, validated config
     megalite generate CKPT --prompt TEXT [...]      continue a prompt with a trained checkpoint
+    torchrun --nproc_per_node N -m megalite generate CKPT ...   the same, tensor-parallel (tp = N)
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate_parser(sub) -> None:
-    gen = sub.add_parser("generate", help="greedy or sampled decoding from a checkpoint (KV cache, one device)")
+    gen = sub.add_parser("generate", help="greedy or sampled decoding from a checkpoint (KV cache); under "
+                         "torchrun --nproc_per_node N it runs tensor-parallel with tp = N")
     gen.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step directory, any layout")
     gen.add_argument("--prompt", required=True, help="text, or token ids ('1 2 3') with --ids or no tokenizer")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -42,7 +44,9 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--ids", action="store_true", help="the prompt is token ids; print ids")
     gen.add_argument("--eod", type=int, default=None, help="stop id when the run has no tokenizer")
     gen.add_argument("--config", default=None, help="the run's config.yaml (default: next to the checkpoint)")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (each rank uses cuda:LOCAL_RANK)")
+    gen.add_argument("--tp", type=int, default=None,
+                     help="tensor-parallel degree; must equal the launch's world size (the default)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,3 +85,68 @@ def test_cli_generate(llama_ckpt, capsys):
     want = generate(model, [7, 8, 9], 6)
     assert main(["generate", str(llama_ckpt), "--prompt", "7 8 9", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in [7, 8, 9] + want]
+
+
+def test_argument_checks_name_the_value(llama_ckpt):
+    model, _ = load_model(llama_ckpt)
+    for kwargs, match in (({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": 0}, "top_k=0"),
+                          ({"top_p": 1.5}, "top_p=1.5"), ({"max_new_tokens": -2}, "max_new_tokens=-2")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, [1, 2], **{"max_new_tokens": 3, **kwargs})
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, [], 3)
+
+
+def test_cli_sampling_flags_and_eod(llama_ckpt, capsys):
+    model, _ = load_model(llama_ckpt)
+    want = generate(model, [7, 8], 10, temperature=0.7, top_k=20, top_p=0.8, seed=5)
+    args = ["generate", str(llama_ckpt), "--prompt", "7 8", "--max-new-tokens", "10", "--temperature", "0.7",
+            "--top-k", "20", "--top-p", "0.8", "--seed", "5"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in [7, 8] + want]
+    stop = next(i for i in range(1, len(want)) if want[i] not in want[:i])  # its first appearance
+    assert main(args + ["--eod", str(want[stop])]) == 0  # no tokenizer: --eod is the stop id
+    assert capsys.readouterr().out.split() == [str(t) for t in [7, 8] + want[:stop + 1]]
+    assert main(args + ["--tp", "2"]) == 2  # one process cannot be tp=2
+    assert "--nproc_per_node 2" in capsys.readouterr().err
+
+
+def _tp2_decode(ckpts: list[str], prompt: list[int], cli: list[str]):
+    """On each of 2 gloo ranks: greedy and sampled tokens of every checkpoint at tp=2, then the CLI's output."""
+    import contextlib
+    import io
+
+    from megalite.topology import ProcessGroups, Topology
+
+    tp_group = ProcessGroups.build(Topology.from_world(2, tp=2)).tp_group
+    tokens = []
+    for ckpt in ckpts:
+        model, cfg = load_model(ckpt, tp_group=tp_group)
+        assert model.blocks[0].word.weight.shape[0] == model.padded_vocab // 2  # really sharded
+        tokens.append((generate(model, prompt, 20),
+                       generate(model, prompt, 20, temperature=1.0, top_k=40, top_p=0.95, seed=11)))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(cli)
+    return tokens, rc, out.getvalue()
+
+
+def test_tp2_decodes_the_tp1_tokens(llama_ckpt, tmp_path, spawn):
+    """tp=2 (vocabulary-parallel logits gathered, kv heads split) gives tp=1's greedy and sampled tokens,
+    from a tp=1 checkpoint and from a tp=2 x pp=2 one; `megalite generate` prints on rank 0 only."""
+    from megalite.checkpoint.hf import import_hf
+
+    export_hf(llama_ckpt, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "tp2pp2", ["parallel.tp=2", "parallel.pp=2"])
+    model, _ = load_model(llama_ckpt)
+    prompt = [3, 14, 15, 92, 65]
+    greedy = generate(model, prompt, 20)
+    sampled = generate(model, prompt, 20, temperature=1.0, top_k=40, top_p=0.95, seed=11)
+    assert greedy != sampled and len(set(sampled)) > 5
+    cli = ["generate", str(llama_ckpt), "--prompt", "3 14 15 92 65", "--max-new-tokens", "20",
+           "--temperature", "1.0", "--top-k", "40", "--top-p", "0.95", "--seed", "11", "--tp", "2"]
+    results = spawn(_tp2_decode, 2, [str(llama_ckpt), str(tmp_path / "tp2pp2")], prompt, cli)
+    for rank, (tokens, rc, printed) in enumerate(results):
+        assert tokens == [(greedy, sampled), (greedy, sampled)], rank
+        assert rc == 0
+        assert printed.split() == ([str(t) for t in prompt + sampled] if rank == 0 else [])

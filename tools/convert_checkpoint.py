@@ -4,12 +4,19 @@
     python tools/convert_checkpoint.py to-hf CKPT OUT_DIR [--config RUN/config.yaml]
                                        [--max-shard-size 5GB] [--dtype fp32|bf16|fp16]
     python tools/convert_checkpoint.py from-hf HF_DIR OUT_CKPT [parallel.tp=2 parallel.pp=2 ...]
+    python tools/convert_checkpoint.py reshard CKPT OUT --tp N --pp M [--dp D] [--virtual-stages V]
+                                       [--config RUN/config.yaml]
 
-to-hf reads a checkpoint of any layout (tp, pp, ZeRO) and writes a directory that
-LlamaForCausalLM.from_pretrained loads as is. from-hf writes a megalite checkpoint
+to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
+--max-shard-size file plus one tensor) and writes a directory that LlamaForCausalLM (Llama-style
+models) or GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
+from-hf imports either architecture. from-hf writes a megalite checkpoint
 (step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
 `megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
-same parallel layout. Nothing is written when a conversion is refused.
+same parallel layout. reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
+layout, optimizer state and data position included; resume with
+`megalite train OUT/config.yaml train.resume=OUT train.run_dir=...` on N*M*D ranks.
+Nothing is written when a conversion is refused.
 """
 from __future__ import annotations
 
@@ -31,16 +38,24 @@ def parse_size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face LlamaForCausalLM directory")
+    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory")
     to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
     to.add_argument("out_dir")
     to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
     to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    frm = sub.add_parser("from-hf", help="Hugging Face Llama directory -> megalite checkpoint")
+    frm = sub.add_parser("from-hf", help="Hugging Face Llama or GPT-2 directory -> megalite checkpoint")
     frm.add_argument("hf_dir")
     frm.add_argument("out_ckpt")
     frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")
+    rs = sub.add_parser("reshard", help="megalite checkpoint -> the same checkpoint at another tp/pp layout")
+    rs.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
+    rs.add_argument("out", help="new checkpoint root (must not exist)")
+    rs.add_argument("--tp", type=int, required=True, help="tensor-parallel degree of the output")
+    rs.add_argument("--pp", type=int, required=True, help="pipeline-parallel degree of the output")
+    rs.add_argument("--dp", type=int, default=1, help="data-parallel replicas to write (the resumed run's dp)")
+    rs.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank of the output")
+    rs.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
     return p
 
 
@@ -53,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-hf":
             out = export_hf(args.checkpoint, args.out_dir, args.config, args.max_shard_size, args.dtype)
+        elif args.command == "reshard":
+            from megalite.checkpoint.reshard import reshard
+
+            out = reshard(args.checkpoint, args.out, args.tp, args.pp, args.dp, args.virtual_stages, args.config)
         else:
             out = import_hf(args.hf_dir, args.out_ckpt, args.overrides)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:

@@ -155,12 +155,13 @@ def test_refusals_write_nothing(tmp_path):
     write_ckpt(tmp_path / "ckpt", TIED_MHA)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     before = _listing(tmp_path)
-    with pytest.raises(CheckpointError, match="gelu|layernorm|learned|GPT-2"):  # GPT-2 style preset
-        write_ckpt(tmp_path / "gpt", ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=1",
-                                      "model.num_heads=4", "model.norm=layernorm", "model.position=learned",
-                                      "model.activation=gelu", "model.bias=true", "model.max_seq_len=16"])
-        export_hf(tmp_path / "gpt", tmp_path / "gpt_hf")
-    assert not (tmp_path / "gpt_hf").exists()
+    # Llama norm and MLP with learned positions: neither LlamaForCausalLM nor GPT2LMHeadModel computes it
+    write_ckpt(tmp_path / "mixed", TIED_MHA + ["model.position=learned"])
+    with pytest.raises(CheckpointError, match=r"model\.position='rope' \(not 'learned'\).*"
+                                              r"model\.norm='layernorm' \(not 'rmsnorm'\)"):
+        export_hf(tmp_path / "mixed", tmp_path / "mixed_hf")
+    assert not (tmp_path / "mixed_hf").exists() and not (tmp_path / "mixed_hf.tmp").exists()
+    before = _listing(tmp_path)
     with pytest.raises(CheckpointError, match="not empty"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
     before = _listing(tmp_path)

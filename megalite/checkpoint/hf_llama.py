@@ -1,0 +1,155 @@
+"""Hugging Face LlamaForCausalLM <-> megalite weights: the name map and the fused-layout conversions.
+
+megalite (model/blocks.py)              Hugging Face LlamaForCausalLM
+  blocks.0.word.weight [Vp, h]            model.embed_tokens.weight [V, h] (padding rows dropped)
+  blocks.i.norm1.weight                   model.layers.{i-1}.input_layernorm.weight
+  blocks.i.attn.qkv.weight                q_proj / k_proj / v_proj: rows viewed as [hkv, r + 2, d, h]
+                                          (per kv group: its r q heads, then k, then v)
+  blocks.i.attn.proj.weight               o_proj
+  blocks.i.norm2.weight                   post_attention_layernorm
+  blocks.i.mlp.fc1.weight [2f, h]         gate_proj / up_proj: rows alternate gate_j, up_j
+  blocks.i.mlp.fc2.weight                 down_proj
+  blocks.L+1.norm.weight                  model.norm.weight
+  blocks.L+1.output.weight (or .weight)   lm_head.weight (absent when tied)
+
+Both use rotate-half rotary over the same head-major q/k rows (kernels.reference
+pairs features i and i + d/2, as HF's rotate_half does), so no per-head
+permutation is needed; the logit-parity tests prove it. Query head j uses kv
+head j // r in both.
+
+`to_hf` asks its `state` mapping for one megalite tensor at a time, right
+before yielding the HF tensors made from it, so over a lazy mapping
+(checkpoint.stream) only one megalite tensor is held by the converter.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+
+from megalite.checkpoint.io import CheckpointError
+from megalite.config import ModelConfig
+from megalite.model.transformer import _ffn_size
+
+ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "dropout": 0.0}
+
+
+def mismatches(cfg: ModelConfig) -> dict[str, tuple]:
+    """model.<field> -> (value, what LlamaForCausalLM needs), for every field it cannot represent."""
+    return {k: (getattr(cfg, k), v) for k, v in _WANTED.items() if getattr(cfg, k) != v}
+
+
+def check(cfg: ModelConfig) -> None:
+    """Refuse model shapes that LlamaForCausalLM cannot represent, naming the setting."""
+    for key, (value, wanted) in mismatches(cfg).items():
+        raise CheckpointError(f"model.{key}={value!r}: {ARCH} needs model.{key}={wanted!r} "
+                              "(Llama style: rmsnorm, rope, swiglu, no bias, no dropout)")
+
+
+def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
+              dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for LlamaForCausalLM of the megalite model `cfg` (unpadded vocabulary)."""
+    check(cfg)
+    n_kv = cfg.num_kv_heads or cfg.num_heads
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    return {"architectures": [ARCH], "model_type": MODEL_TYPE, "hidden_size": cfg.hidden_size,
+            "intermediate_size": _ffn_size(cfg), "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": n_kv, "num_hidden_layers": cfg.num_layers,
+            "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
+            "rope_scaling": None, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+            "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "initializer_range": cfg.init_std, "bos_token_id": bos,
+            "eos_token_id": eos, "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
+
+
+def need(state: Mapping, name: str, shape: list[int]) -> torch.Tensor:
+    """state[name], refusing a missing tensor or one of the wrong shape by name."""
+    if name not in state:
+        raise CheckpointError(f"tensor '{name}' is missing from the checkpoint")
+    t = state[name]
+    if list(t.shape) != list(shape):
+        raise CheckpointError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)} for this config")
+    return t
+
+
+def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor view) pairs from a full, padding-stripped megalite state, tensor by tensor."""
+    check(cfg)
+    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg)
+    hkv, d = cfg.num_kv_heads or hq, h // hq
+    r = hq // hkv
+    yield "model.embed_tokens.weight", need(state, "blocks.0.word.weight", [cfg.vocab_size, h])
+    for i in range(1, L + 1):
+        p, o = f"blocks.{i}.", f"model.layers.{i - 1}."
+        yield o + "input_layernorm.weight", need(state, p + "norm1.weight", [h])
+        qkv = need(state, p + "attn.qkv.weight", [(hq + 2 * hkv) * d, h]).view(hkv, r + 2, d, h)
+        yield o + "self_attn.q_proj.weight", qkv[:, :r].reshape(hq * d, h)  # [hkv, r, d, h] -> [hq*d, h]
+        yield o + "self_attn.k_proj.weight", qkv[:, r].reshape(hkv * d, h)
+        yield o + "self_attn.v_proj.weight", qkv[:, r + 1].reshape(hkv * d, h)
+        del qkv  # let a lazily read tensor go before the next one is read
+        yield o + "self_attn.o_proj.weight", need(state, p + "attn.proj.weight", [h, hq * d])
+        yield o + "post_attention_layernorm.weight", need(state, p + "norm2.weight", [h])
+        fc1 = need(state, p + "mlp.fc1.weight", [2 * f, h]).view(f, 2, h)  # rows: (gate_j, up_j) pairs
+        yield o + "mlp.gate_proj.weight", fc1[:, 0]
+        yield o + "mlp.up_proj.weight", fc1[:, 1]
+        del fc1
+        yield o + "mlp.down_proj.weight", need(state, p + "mlp.fc2.weight", [h, f])
+    yield "model.norm.weight", need(state, f"blocks.{L + 1}.norm.weight", [h])
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", need(state, f"blocks.{L + 1}.output.weight", [cfg.vocab_size, h])
+
+
+def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full megalite state (unpadded vocabulary, fp32) from HF Llama tensors; names every missing one."""
+    check(cfg)
+    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg)
+    hkv, d = cfg.num_kv_heads or hq, h // hq
+    r, V = hq // hkv, cfg.vocab_size
+    g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731
+    out = {"blocks.0.word.weight": g("model.embed_tokens.weight", [V, h])}
+    for i in range(1, L + 1):
+        p, o = f"blocks.{i}.", f"model.layers.{i - 1}."
+        q = g(o + "self_attn.q_proj.weight", [hq * d, h]).view(hkv, r, d, h)
+        k = g(o + "self_attn.k_proj.weight", [hkv * d, h]).view(hkv, 1, d, h)
+        v = g(o + "self_attn.v_proj.weight", [hkv * d, h]).view(hkv, 1, d, h)
+        gate, up = g(o + "mlp.gate_proj.weight", [f, h]), g(o + "mlp.up_proj.weight", [f, h])
+        out[p + "norm1.weight"] = g(o + "input_layernorm.weight", [h])
+        out[p + "attn.qkv.weight"] = torch.cat((q, k, v), dim=1).reshape(-1, h)  # -> [(hq + 2hkv) d, h]
+        out[p + "attn.proj.weight"] = g(o + "self_attn.o_proj.weight", [h, hq * d])
+        out[p + "norm2.weight"] = g(o + "post_attention_layernorm.weight", [h])
+        out[p + "mlp.fc1.weight"] = torch.stack((gate, up), dim=1).reshape(2 * f, h)  # interleave rows
+        out[p + "mlp.fc2.weight"] = g(o + "mlp.down_proj.weight", [h, f])
+    out[f"blocks.{L + 1}.norm.weight"] = g("model.norm.weight", [h])
+    if cfg.tie_embeddings:
+        out[f"blocks.{L + 1}.weight"] = out["blocks.0.word.weight"]
+    else:
+        out[f"blocks.{L + 1}.output.weight"] = g("lm_head.weight", [V, h])
+    return out
+
+
+def model_overrides(conf: dict) -> list[str]:
+    """megalite model.* overrides equal to a HF Llama config.json; refuses what megalite cannot build."""
+    hq = conf["num_attention_heads"]
+    bad = {"rope_scaling": conf.get("rope_scaling"), "attention_bias": conf.get("attention_bias", False),
+           "mlp_bias": conf.get("mlp_bias", False), "hidden_act": conf.get("hidden_act", "silu")}
+    rope = conf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        bad["rope_parameters.rope_type"] = rope["rope_type"]
+    for key, value in bad.items():
+        if value not in (None, False, "silu", "default"):
+            raise CheckpointError(f"config.json {key}={value!r} is not supported (megalite has plain rotary, "
+                                  "no biases, SiLU); convert a model without it")
+    if conf.get("head_dim", conf["hidden_size"] // hq) * hq != conf["hidden_size"]:
+        raise CheckpointError(f"head_dim={conf['head_dim']} * num_attention_heads={hq} != hidden_size="
+                              f"{conf['hidden_size']}; megalite needs head_dim = hidden_size / heads")
+    theta = rope.get("rope_theta", conf.get("rope_theta", 10000.0))
+    kv = {"vocab_size": conf["vocab_size"], "hidden_size": conf["hidden_size"],
+          "num_layers": conf["num_hidden_layers"], "num_heads": hq,
+          "num_kv_heads": conf.get("num_key_value_heads") or hq, "ffn_hidden_size": conf["intermediate_size"],
+          "max_seq_len": conf.get("max_position_embeddings", 2048), "norm": "rmsnorm", "position": "rope",
+          "activation": "swiglu", "bias": False, "dropout": 0.0, "norm_eps": conf.get("rms_norm_eps", 1e-6),
+          "rope_theta": float(theta), "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}
+    return [f"model.{k}={v}" for k, v in kv.items()]

@@ -1,0 +1,124 @@
+"""Streaming Hugging Face export: tensor by tensor from tp x pp and ZeRO checkpoints, memory bounded.
+
+The memory proof instruments CheckpointReader.read: every full tensor it hands
+out is counted (its storage bytes) until it is garbage collected. An export
+that consolidated the model first would hold every tensor at once (peak = the
+whole model); the streamed one holds at most one output file plus one tensor.
+"""
+import json
+import weakref
+
+import pytest
+import torch
+
+from checkpoint.test_hf import hf_logits, ours, write_ckpt
+from megalite.checkpoint import CheckpointError
+from megalite.checkpoint.consolidate import consolidate_fp32
+from megalite.checkpoint.hf import export_hf, import_hf, megalite_to_hf
+from megalite.checkpoint.stream import CheckpointReader
+from megalite.config import load_config
+
+transformers = pytest.importorskip("transformers")
+ATOL = 1e-4  # fp32 logits, as in test_hf
+# 8 layers so the model (~1.3 MB fp32) is many times one output file plus one tensor
+DEEP = ["model.vocab_size=100", "model.hidden_size=64", "model.num_layers=8", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.ffn_hidden_size=128", "model.max_seq_len=32"]
+
+
+class LiveBytes:
+    """Bytes of the tensors CheckpointReader.read returned that are still alive: now, at peak, in total."""
+
+    def __init__(self, monkeypatch):
+        self.live = self.peak = self.total = 0
+        self.largest = 0
+        original = CheckpointReader.read
+
+        def read(reader, name):
+            t = original(reader, name)
+            n = t.untyped_storage().nbytes()  # a padding-stripped view keeps its whole table alive
+            self.live, self.total, self.largest = self.live + n, self.total + n, max(self.largest, n)
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, n)
+            return t
+
+        monkeypatch.setattr(CheckpointReader, "read", read)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+
+@pytest.fixture
+def tp2_pp2_ckpt(tmp_path):
+    """A tp=2 x pp=2 checkpoint (4 rank files) of a random 8-layer Llama-style model, and that model."""
+    cfg, model = write_ckpt(tmp_path / "tp1", DEEP)
+    export_hf(tmp_path / "tp1", tmp_path / "hf1")
+    import_hf(tmp_path / "hf1", tmp_path / "tp2pp2", ["parallel.tp=2", "parallel.pp=2"])
+    assert len(list((tmp_path / "tp2pp2").glob("step_*/rank_*.safetensors"))) == 4
+    return tmp_path / "tp2pp2", model
+
+
+def test_tp2_pp2_export_streams_with_bounded_memory(tmp_path, tp2_pp2_ckpt, monkeypatch):
+    ckpt, model = tp2_pp2_ckpt
+    meter = LiveBytes(monkeypatch)
+    max_shard = 100_000
+    export_hf(ckpt, tmp_path / "hf", max_shard_bytes=max_shard)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(files) >= 10 and sorted(set(index["weight_map"].values())) == files
+    assert all((tmp_path / "hf" / f).stat().st_size <= max_shard + 64_000 for f in files)  # + one tensor, header
+    model_bytes = sum(t.numel() * 4 for t in consolidate_fp32(ckpt, strip_padding=True).values())
+    assert meter.total >= model_bytes  # every tensor went through the instrumented reader
+    assert meter.peak <= max_shard + meter.largest, (meter.peak, max_shard, meter.largest)
+    assert meter.peak * 5 < model_bytes, (meter.peak, model_bytes)  # far from holding the whole model
+    tokens = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours(model, tokens), atol=ATOL, rtol=0)
+
+
+def test_streamed_bf16_export_equals_cast_of_the_full_state(tmp_path, tp2_pp2_ckpt):
+    from safetensors.torch import load_file
+
+    ckpt, _ = tp2_pp2_ckpt
+    export_hf(ckpt, tmp_path / "hf", max_shard_bytes=50_000, dtype="bf16")
+    got = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    cfg = load_config(str(ckpt / "config.yaml"))
+    want = dict(megalite_to_hf(consolidate_fp32(ckpt, strip_padding=True), cfg.model))
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor.to(torch.bfloat16)), name
+
+
+def test_reader_names_a_missing_rank_file_and_a_wrong_config(tmp_path, tp2_pp2_ckpt):
+    ckpt, _ = tp2_pp2_ckpt
+    wrong = load_config(str(ckpt / "config.yaml"), ["model.num_layers=9"])
+    from megalite.config import save_config
+
+    save_config(wrong, tmp_path / "wrong.yaml")
+    with pytest.raises(CheckpointError, match=r"'blocks\.9\..*' is missing"):
+        export_hf(ckpt, tmp_path / "out", config=str(tmp_path / "wrong.yaml"))
+    next(ckpt.glob("step_*/rank_00003.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="rank_00003.safetensors is missing"):
+        export_hf(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_zero3_tp2_dp2_export_streams_the_consolidated_model(counting_data, tmp_path, spawn, monkeypatch):
+    """ZeRO-3 keeps each parameter only as dp slices of fp32 masters; the reader joins one at a time."""
+    pytest.importorskip("deepspeed")
+    from engine.test_deepspeed import _train, zero
+
+    spawn(_train, 4, counting_data, str(tmp_path / "z3"), zero(3, **{"parallel.tp": 2, "checkpoint.interval": 0}),
+          steps=1)
+    ckpt = tmp_path / "z3" / "checkpoints"
+    full = consolidate_fp32(ckpt, strip_padding=True)
+    reader = CheckpointReader(ckpt)
+    assert sorted(reader.names()) == sorted(full)
+    for name, tensor in full.items():
+        assert torch.equal(reader.read(name), tensor), name
+    meter = LiveBytes(monkeypatch)
+    export_hf(ckpt, tmp_path / "hf", max_shard_bytes=20_000)
+    assert meter.peak <= 20_000 + meter.largest
+    from safetensors.torch import load_file
+
+    got = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    want = dict(megalite_to_hf(full, load_config(str(tmp_path / "z3" / "config.yaml")).model))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
