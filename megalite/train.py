@@ -292,7 +292,7 @@ class Trainer:
                 "rng": {**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
                 "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},
                 "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
-                           "virtual_stages": p.topology.virtual_stages}}
+                           "virtual_stages": p.topology.virtual_stages, "order": p.topology.order}}
 
     def save(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -338,3 +338,7 @@ class Trainer:
                                   f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
                                   f"{p.topology.virtual_stages}; resume with that layout, or convert it first: "
                                   f"{self._reshard_hint(path)}")
+        order = layout.get("order", p.topology.order)  # recorded since the order was configurable
+        if order != p.topology.order:
+            raise CheckpointError(f"{path} was written with parallel.order={order} but this run uses "
+                                  f"parallel.order={p.topology.order}; resume with parallel.order={order}")

@@ -111,6 +111,7 @@ def _coords_from_layout(state: dict, rank: int) -> dict:
 
     layout = state["layout"]
     topo = Topology.from_world(int(layout["world_size"]), tp=int(layout["tp"]), pp=int(layout["pp"]),
-                               virtual_stages=int(layout.get("virtual_stages", 1)))
+                               virtual_stages=int(layout.get("virtual_stages", 1)),
+                               order=layout.get("order", "tp-dp-pp"))  # older checkpoints: the default order
     c = topo.coords(rank)
     return {"tp": c.tp, "pp": c.pp, "dp": c.dp}

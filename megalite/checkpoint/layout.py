@@ -157,4 +157,5 @@ def rank_state(full: dict, meta: dict, engine: dict, cfg, tp_rank: int, world: i
     return {"model": model, "shards": meta, "engine": engine,
             "rng": {**rng_state(), "tp_tracker": TPRngTracker(cfg.train.seed, tp_rank).get_state()},
             "progress": {"step": 0, "consumed_samples": 0},
-            "layout": {"tp": tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages}}
+            "layout": {"tp": tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages,
+                       "order": p.order}}

@@ -95,7 +95,8 @@ class CheckpointReader:
         lay = skel.get("layout") or {}
         try:
             topo = Topology.from_world(int(lay["world_size"]), tp=int(lay["tp"]), pp=int(lay["pp"]),
-                                       virtual_stages=int(lay.get("virtual_stages", 1)), order=order)
+                                       virtual_stages=int(lay.get("virtual_stages", 1)),
+                                       order=lay.get("order", order))  # recorded order wins
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.dir}: rank {rank}'s layout {lay!r} is unreadable ({e})") from e
         c = topo.coords(rank)

@@ -48,3 +48,23 @@ def test_missing_rank_slice_is_reported(counting_data, tmp_path, spawn):
     (step_dir / "rank_00001.safetensors").unlink()
     with pytest.raises(Exception, match="rank_00001"):
         consolidate_fp32(step_dir)
+
+
+def test_rank_order_is_recorded_and_followed(counting_data, tmp_path, spawn):
+    """With parallel.order=pp-tp-dp rank 1 is (tp 0, pp 1), not (tp 1, pp 0): readers must not assume."""
+    from megalite.checkpoint.stream import CheckpointReader
+
+    layout = {"parallel.tp": 2, "parallel.pp": 2, "checkpoint.interval": 0}
+    spawn(_train, 4, counting_data, str(tmp_path / "default"), layout, steps=2)
+    spawn(_train, 4, counting_data, str(tmp_path / "pp_first"), {**layout, "parallel.order": "pp-tp-dp"}, steps=2)
+    assert load_checkpoint(tmp_path / "pp_first" / "checkpoints", 1)["layout"]["order"] == "pp-tp-dp"
+    want = consolidate_fp32(tmp_path / "default" / "checkpoints")
+    got = consolidate_fp32(tmp_path / "pp_first" / "checkpoints")
+    reader = CheckpointReader(tmp_path / "pp_first" / "checkpoints")  # its default order is tp-dp-pp
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    stripped = consolidate_fp32(tmp_path / "default" / "checkpoints", strip_padding=True)
+    assert set(reader.names()) <= set(stripped)
+    for name in reader.names():
+        torch.testing.assert_close(reader.read(name), stripped[name], rtol=1e-5, atol=1e-6, msg=name)
