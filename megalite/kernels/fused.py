@@ -31,7 +31,10 @@ SCHEMAS = {
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-NVCC_ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+# sm_80 and sm_90a binaries plus sm_90 PTX (as setup.py builds): without the PTX a GPU newer than
+# Hopper would load the extension and then fail every launch with "no kernel image".
+NVCC_ARCH_FLAGS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
+                   "-gencode", "arch=compute_90,code=compute_90"]
 
 _lock = threading.Lock()
 _state: dict = {"result": None, "ops": None}
