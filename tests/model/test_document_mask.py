@@ -78,7 +78,7 @@ def test_activation_checkpointing_carries_the_document_mask():
         model.loss(tokens[:, :-1], tokens[:, 1:], document_ids(tokens[:, :-1], EOD)).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ----------------------------------------------------- tensor parallel

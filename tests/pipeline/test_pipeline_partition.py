@@ -122,5 +122,5 @@ def test_threaded_pipeline_matches_the_unsplit_model(kind, pp, v, m, tie):
     grads, loss, peaks = run_threads(cfg, kind, pp, v, tokens)
     assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for name, p in full.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert peaks == [max_in_flight(kind, pp, r, m, v) for r in range(pp)]
