@@ -26,7 +26,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from megalite.checkpoint.hf_llama import DTYPE_NAMES, need
+from megalite.checkpoint.hf_llama import DTYPE_NAMES, field_mismatches, need, refuse_mismatches
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
 from megalite.model.transformer import _ffn_size
@@ -38,14 +38,12 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(sqrt(2/
 
 def mismatches(cfg: ModelConfig) -> dict[str, tuple]:
     """model.<field> -> (value, what GPT2LMHeadModel needs), for every field it cannot represent."""
-    return {k: (getattr(cfg, k), v) for k, v in _WANTED.items() if getattr(cfg, k) != v}
+    return field_mismatches(cfg, _WANTED)
 
 
 def check(cfg: ModelConfig) -> None:
     """Refuse model shapes that GPT2LMHeadModel cannot represent, naming the setting."""
-    for key, (value, wanted) in mismatches(cfg).items():
-        raise CheckpointError(f"model.{key}={value!r}: {ARCH} needs model.{key}={wanted!r} "
-                              "(GPT-2 style: layernorm, learned positions, gelu)")
+    refuse_mismatches(cfg, _WANTED, ARCH, "GPT-2 style: layernorm, learned positions, gelu")
 
 
 def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,

@@ -36,16 +36,25 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 _WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "dropout": 0.0}
 
 
+def field_mismatches(cfg: ModelConfig, wanted: Mapping) -> dict[str, tuple]:
+    """model.<field> -> (value, wanted value), for every field of `wanted` that cfg sets otherwise."""
+    return {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
+
+
+def refuse_mismatches(cfg: ModelConfig, wanted: Mapping, arch: str, style: str) -> None:
+    """Raise naming the first model.<field> that `arch` cannot represent (`style` says what it needs)."""
+    for key, (value, want) in field_mismatches(cfg, wanted).items():
+        raise CheckpointError(f"model.{key}={value!r}: {arch} needs model.{key}={want!r} ({style})")
+
+
 def mismatches(cfg: ModelConfig) -> dict[str, tuple]:
     """model.<field> -> (value, what LlamaForCausalLM needs), for every field it cannot represent."""
-    return {k: (getattr(cfg, k), v) for k, v in _WANTED.items() if getattr(cfg, k) != v}
+    return field_mismatches(cfg, _WANTED)
 
 
 def check(cfg: ModelConfig) -> None:
     """Refuse model shapes that LlamaForCausalLM cannot represent, naming the setting."""
-    for key, (value, wanted) in mismatches(cfg).items():
-        raise CheckpointError(f"model.{key}={value!r}: {ARCH} needs model.{key}={wanted!r} "
-                              "(Llama style: rmsnorm, rope, swiglu, no bias, no dropout)")
+    refuse_mismatches(cfg, _WANTED, ARCH, "Llama style: rmsnorm, rope, swiglu, no bias, no dropout")
 
 
 def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,

@@ -174,14 +174,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     cos/sin get no gradient here: tables that require grad, and dtypes the
     kernel lacks, take the reference path.
     """
-    s, half = x.shape[0], cos.shape[-1]
-    rot_dim = 2 * half if rot_dim is None else rot_dim
-    if rot_dim != 2 * half or rot_dim > x.shape[-1]:
-        raise ValueError(f"rot_dim={rot_dim} needs cos/sin of width {rot_dim // 2} (got {half}) and at most "
-                         f"head_dim={x.shape[-1]} features")
-    if cos.shape[0] < s:
-        raise ValueError(f"rotary table covers {cos.shape[0]} positions but the sequence has {s}; "
-                         "raise max_seq_len")
+    rot_dim = reference.rotary_dim(x, cos, rot_dim)
     if x.dim() != 4 or x.dtype not in DTYPES or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return reference.apply_rotary(x, cos, sin, interleaved=interleaved, rot_dim=rot_dim)
     return _ops().rotary(x, cos, sin, bool(interleaved), int(rot_dim), False)

@@ -41,6 +41,19 @@ def rope_cos_sin(seq_len: int, rot_dim: int, theta: float = 10000.0,
     return angles.cos(), angles.sin()
 
 
+def rotary_dim(x: torch.Tensor, cos: torch.Tensor, rot_dim: int | None) -> int:
+    """The rotated width (default: all that cos/sin cover), checked against x and the table."""
+    s, half = x.shape[0], cos.shape[-1]
+    rot_dim = 2 * half if rot_dim is None else rot_dim
+    if rot_dim != 2 * half or rot_dim > x.shape[-1]:
+        raise ValueError(f"rot_dim={rot_dim} needs cos/sin of width {rot_dim // 2} (got {half}) and at most "
+                         f"head_dim={x.shape[-1]} features")
+    if cos.shape[0] < s:
+        raise ValueError(f"rotary table covers {cos.shape[0]} positions but the sequence has {s}; "
+                         "raise max_seq_len")
+    return rot_dim
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
                  rot_dim: int | None = None) -> torch.Tensor:
     """Rotate the first `rot_dim` features of every head of x [s, b, heads, head_dim].
@@ -51,13 +64,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     (GPT-J). Features past rot_dim pass through unchanged (partial rotary).
     """
     s, half = x.shape[0], cos.shape[-1]
-    rot_dim = 2 * half if rot_dim is None else rot_dim
-    if rot_dim != 2 * half or rot_dim > x.shape[-1]:
-        raise ValueError(f"rot_dim={rot_dim} needs cos/sin of width {rot_dim // 2} (got {half}) and at most "
-                         f"head_dim={x.shape[-1]} features")
-    if cos.shape[0] < s:
-        raise ValueError(f"rotary table covers {cos.shape[0]} positions but the sequence has {s}; "
-                         "raise max_seq_len")
+    rot_dim = rotary_dim(x, cos, rot_dim)
     c = cos[:s, None, None, :]  # [s, 1, 1, rot/2], broadcasts over batch and heads
     sn = sin[:s, None, None, :]
     xr, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
