@@ -1,5 +1,6 @@
 """Config: presets, YAML files, dotted overrides, validation rules, round trip."""
 import dataclasses
+import os
 
 import pytest
 
@@ -62,6 +63,8 @@ def test_overrides_of_every_type():
     ("data.path=0.3,A,0.7,B", ["0.3", "A", "0.7", "B"]),
     ("data.path=/data/one_text_document", ["/data/one_text_document"]),
     ("data.path=[]", []),
+    ("data.path=0.3 A 0.7 B", ["0.3", "A", "0.7", "B"]),  # Megatron's single-string blend
+    ("data.path=[0.3 /d/A, 0.7 /d/B]", ["0.3", "/d/A", "0.7", "/d/B"]),
 ])
 def test_list_overrides(text, value):
     assert load_config("tiny", [text]).data.path == value
@@ -191,6 +194,12 @@ RULES = [
     (["model.position=rope", "model.hidden_size=12", "model.num_heads=4", "model.num_kv_heads=null"], None,
      "head_dim 3 must be even for position='rope'"),
     (["train.min_loss_scale=1e9"], None, "train.min_loss_scale=1000000000.0 must be <= train.initial_loss_scale"),
+    (["parallel.partition=greedy"], None, "parallel.partition='greedy' must be one of uniform, balanced"),
+    (["parallel.pp=4", "parallel.virtual_stages=2", "parallel.partition=balanced", "train.global_batch_size=64"],
+     None, "model.num_layers=4 must be >= parallel.pp * parallel.virtual_stages = 4*2 = 8 with parallel.partition"),
+    (["data.split=100,0,0"], None, "data.split='100,0,0' gives the valid split a zero share, but "
+                                   "train.eval_interval=100 evaluates on it"),
+    (["data.split=0,1,0", "train.eval_interval=0"], None, "data.split='0,1,0' gives the train split a zero share"),
 ]
 
 
@@ -231,3 +240,94 @@ def test_dp_is_inferred_for_the_batch_rule():
     validate(cfg, world_size=8)  # dp = 4, 32 % (8 * 4) == 0
     with pytest.raises(ConfigError, match="8\\*8 = 64"):
         validate(cfg, world_size=16)
+
+
+def test_balanced_partition_only_needs_a_layer_per_chunk():
+    validate(load_config("tiny", ["parallel.pp=3", "parallel.partition=balanced"]))
+    with pytest.raises(ConfigError, match="or set parallel.partition='balanced'"):
+        validate(load_config("tiny", ["parallel.pp=3"]))  # uniform (the default) needs 4 % 3 == 0
+    assert ParallelConfig().partition == "uniform"
+
+
+def test_split_without_valid_share_is_fine_when_nothing_is_evaluated():
+    validate(load_config("tiny", ["data.split=100,0,0", "train.eval_interval=0"]))
+
+
+def test_one_ffn_rule_for_model_and_config():
+    from megalite.model.transformer import _ffn_size
+
+    for h in (32, 64, 100, 256, 4096):
+        m = ModelConfig(hidden_size=h)
+        assert _ffn_size(m) == resolved_ffn_hidden_size(m) and resolved_ffn_hidden_size(m) % 256 == 0
+
+
+def _dataset(prefix, docs=100):
+    from megalite.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(prefix), "uint16") as w:
+        for d in range(docs):
+            w.add_document([1 + d, 2, 3])
+    return str(prefix)
+
+
+def _data_errors(overrides, **kw) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(load_config("tiny", overrides), **kw)
+    return str(info.value)
+
+
+def test_data_path_files_are_checked_before_anything_heavy(tmp_path):
+    good = _dataset(tmp_path / "good_text_document")
+    validate(load_config("tiny", [f"data.path=[{good}]"]))
+    missing = str(tmp_path / "missing_text_document")
+    message = _data_errors([f"data.path=[0.5, {good}, 0.5, {missing}]"])
+    assert f"data.path prefix '{missing}'" in message and "missing_text_document.idx cannot be opened" in message
+    assert "tools/preprocess_data.py" in message and f"'{good}'" not in message
+    assert "drop the extension" in _data_errors([f"data.path=[{good}.bin]"])
+    os.remove(good + ".bin")
+    assert "good_text_document.bin cannot be opened" in _data_errors([f"data.path=[{good}]"])
+    trunc = _dataset(tmp_path / "trunc_text_document")
+    with open(trunc + ".idx", "r+b") as f:
+        f.truncate(os.path.getsize(trunc + ".idx") - 8)
+    assert "truncated or corrupt" in _data_errors([f"data.path=[{trunc}]"])
+    (tmp_path / "junk.idx").write_bytes(b"not an index at all, not at all")
+    (tmp_path / "junk.bin").write_bytes(b"")
+    assert "not a Megatron index file" in _data_errors([f"data.path=[{tmp_path / 'junk'}]"])
+    validate(load_config("tiny", [f"data.path=[{missing}]"]), check_files=False)  # e.g. checkpoint conversion
+
+
+def test_space_separated_blend_reaches_the_file_check_as_two_prefixes(tmp_path):
+    a, b = _dataset(tmp_path / "a_text_document"), _dataset(tmp_path / "b_text_document")
+    cfg = validate(load_config("tiny", [f"data.path=0.3 {a} 0.7 {b}"]))
+    assert cfg.data.path == load_config("tiny", [f"data.path=[0.3, {a}, 0.7, {b}]"]).data.path
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  path: 0.3 {a} 0.7 {b}\n")
+    assert load_config(str(path)).data.path == ["0.3", a, "0.7", b]
+    code_set = Config()  # set from code, not loaded: named with the list form to use
+    code_set.data.path = [f"0.3 {a} 0.7 {b}"]
+    with pytest.raises(ConfigError, match="space-separated blend: give it as a list"):
+        validate(code_set)
+
+
+def test_split_that_rounds_valid_to_no_document_is_caught(tmp_path):
+    small = _dataset(tmp_path / "small_text_document", docs=10)
+    message = _data_errors([f"data.path=[{small}]", "data.split=98,2,0"])
+    assert "data.split='98,2,0' leaves the valid split without documents" in message
+    assert f"{small}: 10" in message and "train.eval_interval=100 evaluates on it" in message
+    validate(load_config("tiny", [f"data.path=[{small}]", "data.split=80,20,0"]))
+    validate(load_config("tiny", [f"data.path=[{small}]", "data.split=98,2,0", "train.eval_interval=0"]))
+
+
+def test_vocab_size_below_the_tokenizers_is_caught(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"</s>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 5000)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    tok = ["data.tokenizer_type=HuggingFaceTokenizer", f"data.tokenizer_model={tmp_path / 'tokenizer.json'}"]
+    message = _data_errors(tok)  # the tiny preset has model.vocab_size=4096
+    assert "model.vocab_size=4096 is smaller than the 5000 tokens of data.tokenizer_model=" in message
+    assert "set model.vocab_size=5000" in message
+    validate(load_config("tiny", tok + ["model.vocab_size=5000"]))
+    (tmp_path / "broken.json").write_text("{")
+    message = _data_errors(["data.tokenizer_type=HuggingFaceTokenizer", f"data.tokenizer_model={tmp_path}/broken.json"])
+    assert "broken.json' cannot be loaded as data.tokenizer_type='HuggingFaceTokenizer'" in message

@@ -6,9 +6,11 @@
         --json-keys text --append-eod --workers 16
 
 writes data/web_text_document.bin/.idx, byte-identical to Megatron-LM's
-preprocess_data.py with GPTSentencePieceTokenizer. Bad input lines (malformed
-JSON, missing or non-string key, invalid UTF-8, truncated .gz) are skipped and
-counted with their first file:line; --strict makes any of them fatal.
+preprocess_data.py with GPTSentencePieceTokenizer. Bad input lines (malformed or
+too deeply nested JSON, missing or non-string key, invalid UTF-8 or a lone
+surrogate escape like "\\ud800", truncated .gz) are skipped and counted with
+their first file:line; --strict makes any of them fatal. Empty documents are
+kept (no sequence, as Megatron does) and reported with their first file:line.
 """
 from __future__ import annotations
 

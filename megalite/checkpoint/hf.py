@@ -168,7 +168,7 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
                               "state; import with engine.backend=native")
     p = cfg.parallel
     world = p.tp * p.pp * (p.dp or 1)
-    validate(cfg, world_size=world)  # ConfigError naming the bad value, before anything is written
+    validate(cfg, world_size=world, check_files=False)  # ConfigError naming the bad value, before anything is written
     _check(cfg.model, p.tp)
     topo = Topology.from_world(world, tp=p.tp, pp=p.pp, virtual_stages=p.virtual_stages, order=p.order)
     full = layout_full(arch.from_hf(_LazyHF(hf_dir), cfg.model), cfg)  # every tensor checked first

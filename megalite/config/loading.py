@@ -125,7 +125,31 @@ def _set_field(cfg: Config, section: str, key: str, value, source: str, parsed: 
     tp = hints[key]
     if not parsed:
         value = _parse_override_value(value, tp, f"{section}.{key}")
-    setattr(getattr(cfg, section), key, _coerce(value, tp, f"{section}.{key}"))
+    value = _coerce(value, tp, f"{section}.{key}")
+    if (section, key) == ("data", "path"):
+        value = split_blend_string(value)
+    setattr(getattr(cfg, section), key, value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def split_blend_string(items: list[str]) -> list[str]:
+    """Megatron's space-separated blend '0.3 A 0.7 B' (an item that starts with a weight) -> its parts.
+
+    Items without whitespace, or whose first word is not a number (a prefix
+    with a space in it, like 'my corpus/A'), are kept whole.
+    """
+    out: list[str] = []
+    for item in items:
+        words = item.split()
+        out.extend(words if len(words) > 1 and _is_number(words[0]) else [item])
+    return out
 
 
 def _parse_override_value(raw: str, tp, key: str):
@@ -154,7 +178,8 @@ def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Conf
     Sections and keys missing from the YAML keep their defaults. Override values:
     str fields take the text literally (quotes stripped); list fields split on
     commas, with or without brackets (`data.path=[a,b]`, `data.path=0.3,A,0.7,B`,
-    `data.path=[]`); `null` sets an optional field to None; everything else is
+    `data.path=[]`; data.path also takes Megatron's `'0.3 A 0.7 B'`, see
+    split_blend_string); `null` sets an optional field to None; everything else is
     parsed as YAML (`train.steps=100`, `optim.lr=3e-4`, `model.bias=true`) and
     checked against the field's type. All unknown names and type errors are
     reported together. The result is not validated: call `validate`.

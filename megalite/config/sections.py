@@ -70,6 +70,11 @@ class ParallelConfig:
     """Rank order of the grid, fastest-varying first (Megatron's default keeps tp ranks adjacent)."""
     schedule: str = "1f1b"
     """Pipeline schedule: '1f1b', 'interleaved' or 'afab' (all-forward-all-backward)."""
+    partition: str = "uniform"
+    """How blocks are cut into pipeline stages (model chunks): 'uniform' gives every chunk
+    num_layers / (pp * virtual_stages) transformer blocks (num_layers must divide evenly);
+    'balanced' cuts so chunks hold about equal parameter counts (megalite.pipeline.partition),
+    so any num_layers >= pp * virtual_stages works."""
     timeout_s: float = 600.0
     """Collective timeout; a dead rank ends the job after at most this long."""
 
@@ -80,15 +85,18 @@ class DataConfig:
 
     path: list[str] = field(default_factory=list)
     """Dataset prefixes, optionally weighted: ['0.3', 'A_text_document', '0.7', 'B_text_document'].
+    Megatron's single string '0.3 A_text_document 0.7 B_text_document' (weights and prefixes
+    separated by spaces) is read as the same list. Each prefix needs PREFIX.idx and PREFIX.bin.
     Empty: the tiny preset builds (and caches) the demo corpus."""
     split: str = "969,30,1"
-    """Train/valid/test proportions over documents."""
+    """Train/valid/test proportions over documents; valid needs a share when train.eval_interval > 0."""
     seq_len: int = 256
     """Tokens per sample fed to the model (each sample reads seq_len + 1)."""
     tokenizer_type: str = "SentencePieceTokenizer"
     """'SentencePieceTokenizer' or 'HuggingFaceTokenizer'."""
     tokenizer_model: str | None = None
-    """SentencePiece .model file or Hugging Face tokenizer.json (or its directory)."""
+    """SentencePiece .model file or Hugging Face tokenizer.json (or its directory); when set,
+    model.vocab_size must be at least its vocabulary size."""
     seed: int = 1234
     """Shuffling seed for the sample order."""
     cache_dir: str | None = None
@@ -237,8 +245,10 @@ def kv_heads(model: ModelConfig) -> int:
 def resolved_ffn_hidden_size(model: ModelConfig) -> int:
     """MLP inner width: ffn_hidden_size if set; else 4h for GELU, int(8h/3) rounded up to 256 for SwiGLU.
 
-    The SwiGLU rule keeps the parameter count of a 4h GELU MLP (three matrices
-    instead of two); rounding to Llama's multiple_of=256 gives its h=4096 -> 11008.
+    The one rule for the width: the model, validation, pipeline partitioning and
+    checkpoint conversion all call this. The SwiGLU rule keeps the parameter
+    count of a 4h GELU MLP (three matrices instead of two); rounding to Llama's
+    multiple_of=256 gives its h=4096 -> 11008.
     """
     if model.ffn_hidden_size is not None:
         return model.ffn_hidden_size

@@ -1,10 +1,12 @@
 """Validation: every rule checked, every broken one reported at once (key, value, rule),
-before any process group exists."""
+before any process group exists. Data rules that look at files live in data_checks."""
 from __future__ import annotations
 
 import os
 import typing
 
+from megalite.config.data_checks import (check_data_files, check_split_shares, check_tokenizer_vocab,
+                                         split_weights)
 from megalite.config.loading import _coerce, _did_you_mean, _section_types, _type_name
 from megalite.config.sections import (Config, ConfigError, head_dim, kv_heads,
                                       resolved_ffn_hidden_size)
@@ -16,6 +18,7 @@ CHOICES = {
     "model.position": ("rope", "learned"),
     "model.activation": ("swiglu", "gelu"),
     "parallel.schedule": ("1f1b", "interleaved", "afab"),
+    "parallel.partition": ("uniform", "balanced"),
     "data.tokenizer_type": ("SentencePieceTokenizer", "HuggingFaceTokenizer"),
     "optim.decay": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -102,9 +105,15 @@ def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
         err("parallel.schedule='interleaved' requires parallel.virtual_stages > 1 (chunks per pipeline rank)")
     if p.sequence_parallel and p.tp == 1:
         err("parallel.sequence_parallel=True requires parallel.tp > 1 (it splits activations over tp)")
-    if p.pp > 0 and p.virtual_stages > 0 and m.num_layers % (p.pp * p.virtual_stages):
+    chunks = p.pp * p.virtual_stages
+    if p.pp > 0 and p.virtual_stages > 0 and p.partition == "balanced" and m.num_layers < chunks:
+        err(f"model.num_layers={m.num_layers} must be >= parallel.pp * parallel.virtual_stages = "
+            f"{p.pp}*{p.virtual_stages} = {chunks} with parallel.partition='balanced' (every model chunk "
+            "needs a layer); lower parallel.pp or parallel.virtual_stages")
+    elif p.pp > 0 and p.virtual_stages > 0 and p.partition != "balanced" and m.num_layers % chunks:
         err(f"model.num_layers={m.num_layers} must be divisible by parallel.pp * parallel.virtual_stages = "
-            f"{p.pp}*{p.virtual_stages} = {p.pp * p.virtual_stages} (equal layers per model chunk)")
+            f"{p.pp}*{p.virtual_stages} = {chunks} (equal layers per model chunk with parallel.partition="
+            f"{p.partition!r}); or set parallel.partition='balanced' to cut by parameter count")
     if world_size is None or p.tp <= 0 or p.pp <= 0:
         return
     if world_size % (p.tp * p.pp):
@@ -149,11 +158,17 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
         err(f"engine.zero_stage={e.zero_stage} must be 0, 1, 2 or 3")
     elif e.zero_stage > 0 and e.backend != "deepspeed":
         err(f"engine.zero_stage={e.zero_stage} requires engine.backend='deepspeed' (got {e.backend!r})")
-    _check_engine(cfg, err)
+    _check_engine(cfg, dp if world_size or p.dp else None, err)
 
 
-def _check_engine(cfg: Config, err) -> None:
-    """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason)."""
+def _check_engine(cfg: Config, dp: int | None, err) -> None:
+    """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason).
+
+    `dp` is the data-parallel size when known (it sets the generated accumulation steps a raw JSON is
+    compared with); None skips the raw-JSON comparison, which the trainer's validate(world_size=...) does.
+    """
+    from math import log2
+
     e, p = cfg.engine, cfg.parallel
     if e.backend != "deepspeed":
         for key, default in (("overlap_comm", False), ("offload_optimizer", False), ("offload_params", False),
@@ -169,16 +184,46 @@ def _check_engine(cfg: Config, err) -> None:
     if e.offload_optimizer and e.zero_stage == 0:
         err("engine.offload_optimizer=True requires engine.zero_stage >= 1 (ZeRO-0 has no sharded optimizer "
             "to offload); nearest valid: engine.zero_stage=1")
+    if e.zero_stage == 0 and cfg.train.precision != "fp32":
+        err(f"engine.zero_stage=0 with train.precision={cfg.train.precision!r} is refused: DeepSpeed runs it through "
+            "its FP16_UnfusedOptimizer (half-precision weights, its own fp32 copies), whose state megalite can "
+            "neither checkpoint nor clip with the tp/pp-aware norm; nearest valid: engine.zero_stage=1 (same "
+            "mixed precision, optimizer state sharded), or train.precision='fp32'")
+    if e.overlap_comm and e.zero_stage < 2:
+        err(f"engine.overlap_comm=True with engine.zero_stage={e.zero_stage} is refused: DeepSpeed overlaps the "
+            "gradient reduction with backward only when gradients are partitioned (ZeRO-2/3), and asserts otherwise "
+            "under megalite's step-bounded accumulation; nearest valid: engine.overlap_comm=false, or "
+            "engine.zero_stage=2")
     if e.zero_stage >= 2 and p.pp > 1:
         err(f"engine.zero_stage={e.zero_stage} with parallel.pp={p.pp} is refused: ZeRO-{e.zero_stage} reduce-scatters "
             "gradients from hooks driven by DeepSpeed's own backward, which non-last pipeline stages (they run "
             "autograd.backward on their outputs with the received gradients) bypass"
             f"{', and it would re-gather every parameter once per micro-batch' if e.zero_stage == 3 else ''}; "
             "nearest valid: engine.zero_stage=1, or parallel.pp=1 (ZeRO-2/3 with tp x dp)")
+    scale = cfg.train.initial_loss_scale
+    if cfg.train.precision == "fp16" and scale > 0 and not log2(scale).is_integer():
+        err(f"train.initial_loss_scale={scale} must be a power of two for the deepspeed engine (it takes "
+            f"initial_scale_power); use {2 ** round(log2(scale)):g}")
     if e.ds_config is not None and not os.path.isfile(e.ds_config):
         err(f"engine.ds_config={e.ds_config!r} does not exist; give the path of a DeepSpeed JSON or null")
+    elif e.ds_config is not None and dp:
+        _check_raw_ds_config(cfg, dp, err)
     if e.offload_optimizer:
         _check_cpu_adam(err)
+
+
+def _check_raw_ds_config(cfg: Config, dp: int, err) -> None:
+    """engine.ds_config merged on the generated config: conflicts are reported before launch."""
+    from megalite.engine.ds_config import generate_ds_config, load_raw, merge_raw  # pure data, no DeepSpeed
+
+    try:
+        generated = generate_ds_config(cfg, dp)
+    except ValueError:
+        return  # a batch-size or loss-scale error, reported by its own check
+    try:
+        merge_raw(generated, load_raw(cfg.engine.ds_config), f"engine.ds_config={cfg.engine.ds_config!r}")
+    except ValueError as e:  # DeepSpeedConfigConflict, or a file that is not a JSON object
+        err(str(e))
 
 
 def _check_cpu_adam(err) -> None:
@@ -192,34 +237,40 @@ def _check_cpu_adam(err) -> None:
             "with DS_BUILD_CPU_ADAM=1")
 
 
-def _check_data(cfg: Config, err) -> None:
+def _check_data(cfg: Config, err, check_files: bool) -> None:
     d = cfg.data
-    parts = [s.strip() for s in str(d.split).split(",")]
-    try:
-        weights = [float(s) for s in parts]
-        if len(weights) > 3 or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError
-    except ValueError:
+    if split_weights(d.split) is None:
         err(f"data.split={d.split!r} must be up to three non-negative numbers with a positive sum, e.g. '969,30,1'")
+    else:
+        check_split_shares(cfg, err)
+    prefixes = None
     if d.path:
         try:
-            parse_data_path(list(d.path))
+            prefixes, _ = parse_data_path(list(d.path))
         except ValueError as e:
             err(f"data.path={list(d.path)!r} must alternate positive weights and prefixes, e.g. "
                 f"[0.3, A, 0.7, B], or list prefixes only ({e})")
+    if check_files:
+        if prefixes:
+            check_data_files(cfg, prefixes, err)
+        check_tokenizer_vocab(cfg, err)
     # With no data.path the demo corpus and its tokenizer are used, so the end-of-document id is known.
     if d.reset_attention_mask and d.path and not d.tokenizer_model:
         err("data.reset_attention_mask=true needs the end-of-document id of the tokenizer the data was "
             "preprocessed with: set data.tokenizer_model")
 
 
-def validate(cfg: Config, world_size: int | None = None) -> Config:
+def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> Config:
     """Raise ConfigError listing every broken rule (one per line, each naming key, value and rule).
 
     `world_size` (when known) also checks that tp*pp divides it and that dp and
     the batch sizes fit. Returns cfg unchanged, so `validate(load_config(...))` chains.
-    Pure: it never looks at the machine, so fp16 is refused only for device='cpu'
-    (device='auto' is resolved later, where the hardware is known).
+    With check_files (the default) it also opens the data named by the config, cheaply
+    (each data.path .idx header, the .bin opened not read, the data.tokenizer_model
+    tokenizer), so a missing dataset fails here, not after the model is built; pass
+    False where the data need not be present (converting a checkpoint). It never looks
+    at the hardware, so fp16 is refused only for device='cpu' (device='auto' is
+    resolved later, where the hardware is known).
     """
     errors: list[str] = []
     err = errors.append
@@ -232,7 +283,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check_model(cfg, err)
         _check_parallel(cfg, world_size, err)
         _check_train(cfg, world_size, err)
-        _check_data(cfg, err)
+        _check_data(cfg, err, check_files)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg

@@ -11,10 +11,11 @@ the preprocessing pool ships to workers; `parse_chunk` turns a chunk into
 documents. Bad input is counted per kind with the first file:line of each and
 skipped, never crashes a long run half way:
 
-    malformed_json    the line is not a JSON object
+    malformed_json    the line is not a JSON object (or nests too deeply for the parser)
     missing_key       a requested key is absent
     non_string        a requested key holds something other than a string
-    invalid_utf8      the line is not valid UTF-8
+    invalid_utf8      the line is not valid UTF-8, or a JSON \\u escape gives a lone surrogate
+                      (a text that no tokenizer can encode)
     blank_line        an empty line in a JSON-lines file
     truncated_gzip    a .gz file ends before its end-of-stream marker (file:line reached)
 
@@ -175,7 +176,7 @@ def _document_text(raw: bytes, text_format: bool, keys: Sequence[str]) -> tuple[
         return None, "blank_line"
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays/objects nested thousands deep
         return None, "malformed_json"
     if not isinstance(obj, dict):
         return None, "malformed_json"
@@ -186,7 +187,19 @@ def _document_text(raw: bytes, text_format: bool, keys: Sequence[str]) -> tuple[
         if not isinstance(obj[k], str):
             return None, "non_string"
         texts[k] = obj[k]
+    # Only a \uD800-\uDFFF escape can put a surrogate into a str decoded from valid UTF-8.
+    if (b"\\ud" in raw or b"\\uD" in raw) and not all(map(_encodable, texts.values())):
+        return None, "invalid_utf8"
     return texts, None
+
+
+def _encodable(text: str) -> bool:
+    """False for a text holding a lone surrogate (from JSON like "\\ud800"), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_chunk(path: str, first_line: int, blob: bytes, keys: Sequence[str],

@@ -148,7 +148,8 @@ class PreprocessSummary:
 
     def to_dict(self) -> dict:
         return {"outputs": dict(self.outputs), "documents": self.documents, "tokens": dict(self.tokens),
-                "empty_documents": self.empty_documents, "input_bytes": self.input_bytes,
+                "empty_documents": self.empty_documents, "first_empty_document": self.stats.first.get(EMPTY),
+                "input_bytes": self.input_bytes,
                 "seconds": self.seconds, "tokens_per_s": self.total_tokens / max(self.seconds, 1e-9),
                 "bad_input": {k: {"count": n, "first": self.stats.first[k]}
                               for k, n in self.stats.skipped().items()}}
@@ -162,8 +163,10 @@ class PreprocessSummary:
         return self.progress_line() + f" in {self.seconds:.2f} s"
 
     def report(self) -> str:
-        lines = [f"done in {self.seconds:.2f} s: " + self.progress_line(),
-                 f"empty documents (kept, no sequence): {self.empty_documents}"]
+        empty = f"empty documents (kept, no sequence): {self.empty_documents}"
+        if self.empty_documents:
+            empty += f" (first at {self.stats.first[EMPTY]})"
+        lines = [f"done in {self.seconds:.2f} s: " + self.progress_line(), empty]
         lines += [f"skipped {line}" for line in InputStats(self.stats.skipped(), self.stats.first).lines()]
         lines += [f"wrote {prefix}.bin/.idx" for prefix in self.outputs.values()]
         return "\n".join(lines)

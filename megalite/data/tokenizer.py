@@ -8,6 +8,7 @@ flavour reads a `tokenizer.json` with the `tokenizers` library only.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import random
@@ -156,22 +157,43 @@ def training_pieces(text: str, max_bytes: int) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def sample_documents(documents: Iterable, max_docs: int, seed: int, max_doc_chars: int) -> list[str]:
-    """Uniform sample of up to max_docs texts in one pass (reservoir sampling, algorithm R).
+DEFAULT_SAMPLE_BYTES = 1 << 30  # 1 GiB of sampled text: ample for a 32k-256k vocabulary
 
-    Memory holds only the reservoir; each kept text is cut to max_doc_chars
-    so a few giant documents cannot blow it up.
+
+def text_bytes(text: str) -> int:
+    """UTF-8 size of `text`; O(1) for ASCII (CPython knows a str is ASCII without scanning it)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def sample_documents(documents: Iterable, max_docs: int, seed: int, max_doc_chars: int,
+                     max_bytes: int = DEFAULT_SAMPLE_BYTES) -> list[str]:
+    """Uniform sample of texts in one pass, at most max_docs of them and max_bytes (UTF-8) in all.
+
+    Each document gets a random key; the sample is the documents taken in key
+    order (a uniformly random order of the whole stream) until the next one
+    would break either bound. A heap keeps just those (bottom-k sampling), so
+    memory holds at most max_bytes of text however large the corpus or its
+    documents; with room for everything, everything is kept. Each text is
+    first cut to max_doc_chars. The sample comes back in stream order.
     """
+    if max_docs < 1 or max_bytes < 1:
+        raise ValueError(f"max_docs={max_docs} and max_bytes={max_bytes} must both be >= 1")
     rng = random.Random(seed)
-    reservoir: list[str] = []
-    for seen, text in enumerate(documents):
-        if seen < max_docs:
-            reservoir.append(text[:max_doc_chars])
-        else:
-            j = rng.randint(0, seen)
-            if j < max_docs:
-                reservoir[j] = text[:max_doc_chars]
-    return reservoir
+    heap: list[tuple[float, int, str, int]] = []  # (-key, position, text, bytes): the largest key on top
+    threshold, held = 1.0, 0  # keys >= threshold can never be in the sample again
+    for position, text in enumerate(documents):
+        key = rng.random()
+        if key >= threshold:
+            continue
+        text = text[:max_doc_chars]
+        size = text_bytes(text)
+        heapq.heappush(heap, (-key, position, text, size))
+        held += size
+        while held > max_bytes or len(heap) > max_docs:
+            neg_key, _, _, dropped = heapq.heappop(heap)
+            held -= dropped
+            threshold = -neg_key
+    return [text for _, _, text, _ in sorted(heap, key=lambda item: item[1])]
 
 
 def train_sentencepiece(inputs: Sequence[str], output_prefix: str, vocab_size: int,
@@ -179,14 +201,18 @@ def train_sentencepiece(inputs: Sequence[str], output_prefix: str, vocab_size: i
                         byte_fallback: bool = False, character_coverage: float = 0.9995,
                         user_defined_symbols: Sequence[str] = (), max_sentences: int = 1_000_000,
                         seed: int = 1234, max_sentence_length: int = 4192, split_digits: bool = True,
-                        normalization: str = "identity", num_threads: int | None = None) -> str:
-    """Train a SentencePiece model on a reservoir sample of the corpus; returns PREFIX.model.
+                        normalization: str = "identity", num_threads: int | None = None,
+                        max_bytes: int = DEFAULT_SAMPLE_BYTES, stats=None, strict: bool = False) -> str:
+    """Train a SentencePiece model on a uniform sample of the corpus; returns PREFIX.model.
 
-    Ids are unk=0, bos=1 (`<s>`), eos=2 (`</s>`, the end-of-document token),
-    pad=3 (`<pad>`). Each sampled document is cut at line ends into pieces of
-    at most max_sentence_length bytes (see training_pieces). The defaults suit
-    LLM pretraining as Llama's tokenizer does: no normalization and whitespace
-    kept, so decode(encode(text)) == text; digits split one by one.
+    The sample holds at most max_sentences documents and max_bytes of text
+    (see sample_documents). Ids are unk=0, bos=1 (`<s>`), eos=2 (`</s>`, the
+    end-of-document token), pad=3 (`<pad>`). Each sampled document is cut at
+    line ends into pieces of at most max_sentence_length bytes (see
+    training_pieces). The defaults suit LLM pretraining as Llama's tokenizer
+    does: no normalization and whitespace kept, so decode(encode(text)) ==
+    text; digits split one by one. Bad input lines are skipped and counted in
+    `stats` (a megalite.data.corpus.InputStats), or raise with strict=True.
     """
     import sentencepiece as spm
 
@@ -194,8 +220,10 @@ def train_sentencepiece(inputs: Sequence[str], output_prefix: str, vocab_size: i
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model type {model_type!r} is not supported; use bpe or unigram")
-    docs = (text for doc in iter_documents(inputs, json_keys) for text in doc.texts.values())
-    sample = sample_documents(docs, max_sentences, seed, max_doc_chars=64 * max_sentence_length)
+    docs = (text for doc in iter_documents(inputs, json_keys, stats=stats, strict=strict)
+            for text in doc.texts.values())
+    sample = sample_documents(docs, max_sentences, seed, max_doc_chars=64 * max_sentence_length,
+                              max_bytes=max_bytes)
     sentences = [piece for text in sample for piece in training_pieces(text, max_sentence_length)]
     if not sentences:
         raise ValueError(f"no text found in {list(inputs)} under keys {list(json_keys)}; "

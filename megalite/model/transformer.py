@@ -11,12 +11,10 @@ blocks, as long as block indices are kept.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from megalite.config import ModelConfig
+from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
 from megalite.tensor_parallel import group_rank, group_size, init_model_weights, vocab_parallel_cross_entropy
@@ -26,18 +24,17 @@ _CHOICES = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "
 
 
 def _padded_vocab(cfg: ModelConfig, tp: int) -> int:
-    """vocab_size rounded up to a multiple of pad_vocab_to * tp (every tp shard equal and aligned)."""
-    multiple = cfg.pad_vocab_to * tp
-    return math.ceil(cfg.vocab_size / multiple) * multiple
+    """vocab_size rounded up to a multiple of pad_vocab_to * tp (megalite.config.padded_vocab_size)."""
+    return padded_vocab_size(cfg, tp)
 
 
 def _ffn_size(cfg: ModelConfig) -> int:
-    """cfg.ffn_hidden_size, else 4h (GELU) or int(8h/3) rounded up to a multiple of 64 (SwiGLU)."""
-    if cfg.ffn_hidden_size is not None:
-        return cfg.ffn_hidden_size
-    if cfg.activation == "gelu":
-        return 4 * cfg.hidden_size
-    return math.ceil(int(8 * cfg.hidden_size / 3) / 64) * 64
+    """MLP inner width by the config's one rule (megalite.config.resolved_ffn_hidden_size).
+
+    Kept under this name for the modules that import it (checkpoint conversion,
+    pipeline partitioning); never a rule of its own.
+    """
+    return resolved_ffn_hidden_size(cfg)
 
 
 def _check(cfg: ModelConfig, tp: int) -> None:

@@ -103,7 +103,7 @@ def test_import_resumes_in_trainer(tmp_path, counting_data):
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "imported")
     run = tmp_path / "run"
-    extra = {"train.resume": str(tmp_path / "imported"), "model.ffn_hidden_size": 128, "model.norm_eps": 1e-5}
+    extra = {"train.resume": str(tmp_path / "imported"), "model.ffn_hidden_size": 256, "model.norm_eps": 1e-5}
     cfg = load_config(str(tmp_path / "imported" / "config.yaml"),
                       tiny_overrides(counting_data, run, steps=1, **extra))
     trainer = Trainer(cfg, ProcessGroups.single())

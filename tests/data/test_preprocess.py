@@ -260,3 +260,33 @@ def test_iter_documents_text_lines_and_globs(tmp_path):
         ("two \u2028 still two", f"{tmp_path}/b.txt:3")]
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         list(iter_documents([str(tmp_path / "nothing-here*.jsonl")]))
+
+
+def _tricky_corpus(path):
+    """Valid JSON that used to crash: a lone surrogate escape and a deeply nested array."""
+    good = [json.dumps({"text": f"kalo mine {i}"}).encode() for i in range(4)]
+    lines = [good[0], b'{"text": "bad \\ud800 surrogate"}', good[1], json.dumps({"text": ""}).encode(),
+             b'{"text": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", good[2],
+             b'{"text": "emoji \\ud83d\\ude00 pair is fine"}', b'{"text": "\\udfff"}', good[3]]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lone_surrogate_and_deep_nesting_are_counted_and_skipped(setup, tmp_path, workers):
+    root, corpus, model, texts = setup
+    bad = _tricky_corpus(tmp_path / "tricky.jsonl")
+    summary = preprocess([bad], str(tmp_path / "o"), "SentencePieceTokenizer", model, append_eod=True,
+                         workers=workers, chunk_bytes=64)
+    assert summary.stats.skipped() == {"invalid_utf8": 2, "malformed_json": 1}
+    assert summary.stats.first["invalid_utf8"] == f"{bad}:2" and summary.stats.first["malformed_json"] == f"{bad}:5"
+    assert summary.documents == 6 and summary.empty_documents == 1
+    sp = spm.SentencePieceProcessor(model_file=model)
+    ds = IndexedDataset(summary.outputs["text"])
+    assert ds.document_tokens(4).tolist() == sp.encode_as_ids("emoji \U0001F600 pair is fine") + [2]
+    report = summary.report()
+    assert f"empty documents (kept, no sequence): 1 (first at {bad}:4)" in report
+    assert f"skipped invalid_utf8: 2 (first at {bad}:2)" in report
+    assert summary.to_dict()["first_empty_document"] == f"{bad}:4"
+    with pytest.raises(BadInputError, match=f"invalid_utf8.*{bad}:2"):
+        preprocess([bad], str(tmp_path / "s"), "SentencePieceTokenizer", model, strict=True)

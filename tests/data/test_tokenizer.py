@@ -131,3 +131,43 @@ def test_train_unigram_via_cli_with_sampling(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     assert tool.main(["--input", str(tmp_path / "none*.jsonl"), "--output-prefix", str(tmp_path / "x"),
                       "--vocab-size", "100"]) == 1
+
+
+def test_reservoir_is_bounded_by_bytes_and_stays_uniform():
+    docs = [f"{i:04d}" + "x" * 96 for i in range(1000)]  # 100 bytes each
+    huge = "h" * 5000
+    sample = sample_documents(iter(docs[:500] + [huge] + docs[500:]), 10_000, seed=1, max_doc_chars=10**6,
+                              max_bytes=2_000)
+    assert len(sample) == 20 and huge not in sample  # 20 * 100 bytes; the huge one never fits
+    assert sample == sorted(sample)  # stream order
+    multi = "é" * 30  # 60 bytes in UTF-8
+    assert sample_documents(iter([multi] * 10), 100, seed=0, max_doc_chars=100, max_bytes=130) == [multi] * 2
+    assert sample_documents(iter(docs[:5]), 100, seed=0, max_doc_chars=1000, max_bytes=10**6) == docs[:5]
+    # uniform: over many seeds every position of the stream is kept about equally often
+    counts = [0] * 10
+    for seed in range(400):
+        for text in sample_documents(iter(docs[:100]), 10**6, seed=seed, max_doc_chars=1000, max_bytes=1000):
+            counts[int(text[:4]) // 10] += 1
+    assert all(300 < c < 500 for c in counts), counts  # expected 400 per decile (10 of 100 kept, 400 seeds)
+
+
+def test_train_tokenizer_cli_skips_a_lone_surrogate_with_its_place(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    corpus = _corpus(tmp_path / "c.jsonl", n_docs=100)
+    lines = open(corpus, encoding="utf-8").read().splitlines(keepends=True)
+    lines.insert(1, '{"text": "bad \\ud800 surrogate"}\n')
+    lines.insert(3, '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    open(corpus, "w", encoding="utf-8").writelines(lines)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "train_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("train_tokenizer_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--input", corpus, "--output-prefix", str(tmp_path / "sp"), "--vocab-size", "200", "--max-mb", "0.01"]
+    assert tool.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"skipped invalid_utf8: 1 (first at {corpus}:2)" in err
+    assert f"skipped malformed_json: 1 (first at {corpus}:4)" in err
+    assert tool.main(args + ["--strict"]) == 1
+    assert "invalid_utf8" in capsys.readouterr().err

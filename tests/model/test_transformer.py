@@ -121,9 +121,21 @@ def test_tied_embeddings_share_one_tensor_and_counts_follow_the_rule():
 
 def test_size_helpers():
     assert _padded_vocab(TINY, 1) == 48 and _padded_vocab(TINY, 2) == 64 and _padded_vocab(TINY, 4) == 64
-    assert _ffn_size(replace(TINY, hidden_size=256)) == 704  # int(8*256/3) = 682 -> 704
+    assert _ffn_size(replace(TINY, hidden_size=256)) == 768  # int(8*256/3) = 682 -> 768 (multiple of 256)
+    assert _ffn_size(replace(TINY, hidden_size=4096)) == 11008  # Llama-7B's intermediate_size
     assert _ffn_size(replace(TINY, activation="gelu")) == 128
     assert _ffn_size(replace(TINY, ffn_hidden_size=96)) == 96
+
+
+@pytest.mark.parametrize("hidden", [32, 64, 256])
+def test_model_mlp_width_is_the_config_rule(hidden):
+    """The built model and validation (resolved_ffn_hidden_size) agree on the SwiGLU width."""
+    from megalite.config import resolved_ffn_hidden_size
+
+    cfg = replace(TINY, hidden_size=hidden, num_layers=1)
+    mlp = Transformer(cfg, seed=1).blocks[1].mlp
+    assert mlp.fc2.weight.shape[1] == resolved_ffn_hidden_size(cfg) == 256 * -(-int(8 * hidden / 3) // 256)
+    assert mlp.fc1.weight.shape[0] == 2 * resolved_ffn_hidden_size(cfg)
 
 
 @pytest.mark.parametrize("change,match", [

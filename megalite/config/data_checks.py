@@ -1,0 +1,137 @@
+"""Data rules of validation: the split against evaluation, and (cheaply) the files the config names.
+
+A missing or broken dataset, or a tokenizer bigger than the model's vocabulary,
+must fail in seconds with the key, the value and the fix, not after process
+groups, the model and the optimizer exist. The file checks read only the
+34-byte header of each PREFIX.idx, open PREFIX.bin without reading it, and
+load the tokenizer named by data.tokenizer_model; no token file is scanned.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+from megalite.config.loading import split_blend_string
+from megalite.config.sections import Config
+from megalite.data.indexed import DTYPES, HEADER_SIZE, MAGIC, VERSION, IndexFileError, bin_path, idx_path
+
+SPLITS = ("train", "valid", "test")
+
+
+def split_weights(split: str) -> list[float] | None:
+    """The three train/valid/test weights of data.split ('969,30,1', missing ones 0), None when malformed."""
+    try:
+        weights = [float(s) for s in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        return None
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or not all(map(math.isfinite, weights)) \
+            or sum(weights) <= 0:
+        return None
+    return weights + [0.0] * (3 - len(weights))
+
+
+def _splits_in_use(cfg: Config) -> dict[str, str]:
+    """Splits the run reads, each with why (the test split is built but never evaluated)."""
+    used = {"train": f"train.steps={cfg.train.steps} trains on it"}
+    if cfg.train.eval_interval > 0:
+        used["valid"] = f"train.eval_interval={cfg.train.eval_interval} evaluates on it"
+    return used
+
+
+def check_split_shares(cfg: Config, err) -> None:
+    """A split the run reads must have a positive share of data.split."""
+    weights = split_weights(cfg.data.split)
+    if weights is None:
+        return  # malformed: reported by the generic data.split rule
+    for name, why in _splits_in_use(cfg).items():
+        if weights[SPLITS.index(name)] == 0:
+            fix = "or set train.eval_interval=0" if name == "valid" else "it is the data trained on"
+            err(f"data.split={cfg.data.split!r} gives the {name} split a zero share, but {why}; give it a "
+                f"positive share, e.g. data.split='969,30,1' ({fix})")
+
+
+def index_document_count(prefix: str) -> int:
+    """Documents in PREFIX.idx from its header alone; IndexFileError names what is wrong.
+
+    Also opens PREFIX.bin (not read) and checks it holds whole tokens of the
+    index's dtype. Cost: one 34-byte read and two stats, whatever the size.
+    """
+    idx, binf = idx_path(prefix), bin_path(prefix)
+    try:
+        with open(idx, "rb") as f:
+            head, size = f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise IndexFileError(f"index file {idx} cannot be opened ({e.strerror})") from None
+    if len(head) < HEADER_SIZE or head[:len(MAGIC)] != MAGIC:
+        raise IndexFileError(f"{idx} is not a Megatron index file (too short or bad magic)")
+    version, code, n_seqs, n_docs = struct.unpack("<QBQQ", head[len(MAGIC):])
+    if version != VERSION or code not in DTYPES or n_docs < 1:
+        raise IndexFileError(f"{idx} has an unsupported header (version {version}, dtype code {code}, "
+                             f"{n_docs} document indices)")
+    need = HEADER_SIZE + n_seqs * 12 + n_docs * 8
+    if size != need:
+        raise IndexFileError(f"{idx} is {size} bytes but its header describes {need}; it is truncated or corrupt")
+    try:
+        with open(binf, "rb") as f:
+            bin_size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise IndexFileError(f"token file {binf} cannot be opened ({e.strerror})") from None
+    itemsize = DTYPES[code]().itemsize
+    if bin_size % itemsize:
+        raise IndexFileError(f"{binf} is {bin_size} bytes, not a whole number of {itemsize}-byte tokens; "
+                             "it is truncated or corrupt")
+    return int(n_docs) - 1
+
+
+def _prefix_fix(prefix: str) -> str:
+    if prefix.endswith((".bin", ".idx")) and os.path.exists(idx_path(prefix[:-4])):
+        return f"drop the extension: a prefix names both files, e.g. {prefix[:-4]!r}"
+    if split_blend_string([prefix]) != [prefix]:
+        return (f"it looks like Megatron's space-separated blend: give it as a list, "
+                f"{split_blend_string([prefix])} (load_config splits such a string itself)")
+    return ("create it with tools/preprocess_data.py (it writes OUTPUT_PREFIX_text_document.bin/.idx) "
+            "or fix the path")
+
+
+def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
+    """Every prefix's .idx/.bin open with a sane header, and each split the run reads gets documents."""
+    from megalite.data.gpt_dataset import split_document_ranges
+
+    counts = {}
+    for prefix in prefixes:
+        try:
+            counts[prefix] = index_document_count(prefix)
+        except IndexFileError as e:
+            err(f"data.path prefix {prefix!r}: {e}; {_prefix_fix(prefix)}")
+    weights = split_weights(cfg.data.split)
+    if len(counts) < len(prefixes) or weights is None:
+        return
+    for name, why in _splits_in_use(cfg).items():
+        if weights[SPLITS.index(name)] == 0:
+            continue  # reported by check_split_shares
+        ranges = [split_document_ranges(cfg.data.split, n)[name] for n in counts.values()]
+        if all(end <= start for start, end in ranges):
+            held = ", ".join(f"{p}: {n}" for p, n in counts.items())
+            err(f"data.split={cfg.data.split!r} leaves the {name} split without documents (documents per "
+                f"data.path prefix: {held}), but {why}; raise its share in data.split or use more documents"
+                f"{' (or set train.eval_interval=0)' if name == 'valid' else ''}")
+
+
+def check_tokenizer_vocab(cfg: Config, err) -> None:
+    """data.tokenizer_model loads, and its ids all fit in model.vocab_size."""
+    from megalite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+
+    d, m = cfg.data, cfg.model
+    if not d.tokenizer_model or d.tokenizer_type not in TOKENIZER_TYPES:
+        return
+    try:
+        vocab = build_tokenizer(d.tokenizer_type, d.tokenizer_model).vocab_size
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a broken tokenizer.json
+        err(f"data.tokenizer_model={d.tokenizer_model!r} cannot be loaded as data.tokenizer_type="
+            f"{d.tokenizer_type!r}: {e}")
+        return
+    if m.vocab_size < vocab:
+        err(f"model.vocab_size={m.vocab_size} is smaller than the {vocab} tokens of data.tokenizer_model="
+            f"{d.tokenizer_model!r}: ids up to {vocab - 1} would index past the embedding; set "
+            f"model.vocab_size={vocab} (or more)")
