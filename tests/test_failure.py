@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from megalite.topology import Topology
-from megalite.topology.failure import FailureGuard, InjectedFault, PeerFailure, classify, parse_fault
+from megalite.topology.failure import (FailureGuard, InjectedFault, PeerFailure, Terminated, classify,
+                                       inject_setup_fault, parse_fault, placement)
 from training_helpers import step_metrics, tiny_overrides
 
 RANK3 = r"rank 3 \(pipeline stage 0, coordinates tp=1 pp=0 dp=1\)"
@@ -47,6 +48,16 @@ def test_raise_on_one_rank_ends_the_job_and_rank0_names_it(counting_data, tmp_pa
     assert "megalite: job failed at step 3" in out, out[-4000:]
     assert re.search(RANK3 + r" failed on \S+ at step 3: error: InjectedFault", out), out[-4000:]
     assert sorted(os.listdir(tmp_path / "failures")) == [f"rank_0000{r}.json" for r in range(4)]
+
+
+def test_raise_during_setup_ends_the_job_and_rank0_names_it(counting_data, tmp_path):
+    """The guard is entered before the Trainer is built: a rank failing there is named too."""
+    started = time.monotonic()
+    out, took = _finish(_launch(counting_data, tmp_path, steps=6, fault="rank=3,step=setup,mode=raise"), started)
+    assert took < TIMEOUT_S + MARGIN_S, out[-4000:]
+    assert "megalite: job failed during setup" in out, out[-4000:]
+    assert re.search(RANK3 + r" failed on \S+ during setup: error: InjectedFault", out), out[-4000:]
+    assert (tmp_path / "failures" / "rank_00003.json").exists()
 
 
 def _pid_of_rank(tag: str, rank: int) -> int | None:
@@ -101,7 +112,9 @@ def test_hang_times_out_everywhere_with_stacks_labelled_by_coordinates(counting_
 def test_parse_fault_accepts_the_spec_and_names_bad_input():
     assert parse_fault("rank=3,step=2,mode=kill") == {"rank": 3, "step": 2, "mode": "kill"}
     assert parse_fault("step=1,rank=0") == {"rank": 0, "step": 1, "mode": "raise"}
-    for bad in ("rank=3", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,color=red"):
+    assert parse_fault("rank=2,step=setup") == {"rank": 2, "step": "setup", "mode": "raise"}
+    for bad in ("rank=3", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,color=red",
+                "rank=1,step=init"):
         with pytest.raises(ValueError, match="MEGALITE_FAULT_INJECT"):
             parse_fault(bad)
 
@@ -140,3 +153,46 @@ def test_guard_rejects_a_non_positive_timeout(tmp_path):
     groups = SimpleNamespace(rank=0, topology=topo, coords=topo.coords(0))
     with pytest.raises(ValueError, match="parallel.timeout_s"):
         FailureGuard(tmp_path, groups, timeout_s=0, step=lambda: 0)
+
+
+def test_setup_fault_fires_only_on_its_rank_and_only_for_step_setup():
+    env = {"MEGALITE_FAULT_INJECT": "rank=2,step=setup,mode=raise"}
+    inject_setup_fault(1, env)
+    inject_setup_fault(2, {"MEGALITE_FAULT_INJECT": "rank=2,step=3,mode=raise"})
+    with pytest.raises(InjectedFault, match="during setup"):
+        inject_setup_fault(2, env)
+
+
+def test_a_guard_started_before_the_groups_reports_setup_then_steps(tmp_path, monkeypatch):
+    """A guard built from a placement (no process groups yet) records 'setup' until attach()."""
+    monkeypatch.setattr("os._exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    topo = Topology.from_world(4, tp=2)
+    guard = FailureGuard(tmp_path, placement(topo, 3), timeout_s=10)
+    with pytest.raises(SystemExit):
+        guard.fail(InjectedFault("boom"))
+    rec = guard._read_records()[3]
+    assert (rec["phase"], rec["coords"], rec["stage"]) == ("setup", {"tp": 1, "pp": 0, "dp": 1}, 0)
+    report = _guard(tmp_path).report({3: rec})
+    assert "job failed during setup" in report
+    assert re.search(RANK3 + r" failed on \S+ during setup: error: InjectedFault: boom", report), report
+    silent = _guard(tmp_path).report({r: {**_rec(r, "peer", step=0), "phase": "setup"} for r in range(3)})
+    assert re.search(RANK3 + r" failed: it died without a record .* during setup", silent), silent
+    guard.attach(lambda: 5)
+    assert guard._record("error", ValueError("x"))["phase"] == "training"
+    assert "at step 5" in _guard(tmp_path).report(guard._read_records())
+
+
+def test_sigterm_during_setup_is_an_exception_until_attach(tmp_path):
+    """torchrun SIGTERMs the other ranks when one dies in setup; they must live to report."""
+    before = signal.getsignal(signal.SIGTERM)
+    guard = FailureGuard(tmp_path, placement(Topology.from_world(4, tp=2), 1), timeout_s=10)
+    guard.start()
+    try:
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        assert classify(Terminated("x")) == "peer"  # a symptom: the launcher's reaction to another rank
+        guard.attach(lambda: 1)
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        guard.stop()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -43,6 +43,29 @@ def test_discover_reads_open_mpi_variables_and_mpi4py_broadcasts_the_rendezvous(
     assert envs[0]["broadcast"] == envs[1]["broadcast"]  # every rank gets rank 0's host and port
 
 
+# An MPI whose variables discover() does not read (MVAPICH, PALS, ...): hide Open MPI's own
+# rank variables, leaving only its PMIx ones, and the ranks must come from mpi4py.
+DISCOVER_HIDDEN = """
+import json, os, sys
+for name in [n for n in os.environ if n.startswith("OMPI_COMM_WORLD_")]:
+    del os.environ[name]
+from megalite.topology import discover
+env = discover()
+with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+    json.dump(env.__dict__, f)
+"""
+
+
+def test_an_mpi_launch_without_known_variables_is_found_through_mpi4py(tmp_path):
+    pytest.importorskip("mpi4py")
+    proc = _mpirun(3, "-c", DISCOVER_HIDDEN, str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    envs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert [(e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], e["launcher"]) for e in envs] == \
+        [(r, 3, r, 3, "mpi4py") for r in range(3)]
+    assert all(e["master_addr"] == "127.0.0.1" for e in envs)  # one node: localhost
+
+
 def test_mpirun_four_ranks_match_torchrun(counting_data, tmp_path):
     proc = _mpirun(4, *train_cmd(counting_data, tmp_path / "mpirun"), MASTER_PORT=free_port())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

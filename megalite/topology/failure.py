@@ -19,8 +19,14 @@ a collective that can never complete. Three things prevent that here:
   another rank has recorded a failure (a rank stuck outside any collective would
   otherwise never notice).
 
+The guard is entered before the Trainer is built, so that a rank failing during
+setup is reported too: it starts with the run directory and the rank's place in
+the topology (`placement`, pure arithmetic on the config) and learns the step
+counter once the Trainer exists (`attach`); until then records say "setup".
+
 Test hook: MEGALITE_FAULT_INJECT="rank=3,step=3,mode=raise|exit|kill|hang"
-makes that rank fail at the start of that step (see `install_fault_injection`).
+makes that rank fail at the start of that step (see `install_fault_injection`);
+step=setup makes it fail while the Trainer is built (`inject_setup_fault`).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 FAULT_ENV = "MEGALITE_FAULT_INJECT"
 FAULT_MODES = ("raise", "exit", "kill", "hang")
@@ -57,10 +63,20 @@ class PeerFailure(RuntimeError):
     """Another rank recorded a failure while this one made no progress."""
 
 
+class Terminated(RuntimeError):
+    """SIGTERM during setup: launchers (torchrun, srun) stop every rank once one has died."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by signal {signum} during setup (the launcher stops every rank once one fails)")
+
+
 def classify(exc: BaseException) -> str:
     """'peer' (a peer vanished), 'timeout' (a collective waited too long), 'stalled' or 'error'."""
     if isinstance(exc, PeerFailure):
         return "stalled"
+    if isinstance(exc, Terminated):
+        return "peer"
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (RuntimeError, ConnectionError, OSError)) and not isinstance(exc, InjectedFault):
         if _TIMEOUT_ERROR.search(text):
@@ -68,6 +84,19 @@ def classify(exc: BaseException) -> str:
         if _PEER_ERROR.search(text):
             return "peer"
     return "error"
+
+
+class Placement(NamedTuple):
+    """What the guard needs of ProcessGroups (which has the same fields) before they exist."""
+
+    rank: int
+    topology: object
+    coords: object
+
+
+def placement(topology, rank: int) -> Placement:
+    """This rank's place in `topology`: known from the config alone, before any group is built."""
+    return Placement(rank, topology, topology.coords(rank))
 
 
 def describe(rank: int, coords) -> str:
@@ -78,21 +107,25 @@ def describe(rank: int, coords) -> str:
 class FailureGuard:
     """Turns any failure of this rank into a record, a report (rank 0) and a fast non-zero exit.
 
-        guard = FailureGuard(run_dir, groups, timeout_s, step=lambda: trainer.step)
-        with guard:             # starts the watchdog; an exception inside calls guard.fail
-            trainer.fit()
+        with FailureGuard(run_dir, placement(topology, rank), timeout_s) as guard:
+            trainer = Trainer(...)                # a failure here is reported as "during setup"
+            guard.attach(lambda: trainer.step)
+            trainer.fit()                         # ... and here with its step
 
-    `groups` is the run's ProcessGroups (rank, topology, coordinates). Every rank
-    must enter the guard together: entering clears the records of an earlier
-    attempt in the same run directory and waits at a barrier.
+    `groups` is the run's ProcessGroups or a `placement` (rank, topology,
+    coordinates); `step` may be given at once instead of through `attach`. Every
+    rank must enter the guard together: entering clears the records of an
+    earlier attempt in the same run directory and waits at a barrier.
     """
 
-    def __init__(self, run_dir, groups, timeout_s: float, step: Callable[[], int], poll_s: float = 1.0):
+    def __init__(self, run_dir, groups, timeout_s: float, step: Callable[[], int] | None = None,
+                 poll_s: float = 1.0):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} must be positive (parallel.timeout_s in the config)")
         self.run_dir, self.groups, self.timeout_s = Path(run_dir), groups, float(timeout_s)
         self.rank, self.world_size = groups.rank, groups.topology.world_size
-        self.coords, self.step, self.poll_s = groups.coords, step, poll_s
+        self.coords, self.poll_s = groups.coords, poll_s
+        self.phase, self.step = ("setup", lambda: 0) if step is None else ("training", step)
         self.failures_dir, self.stacks_dir = self.run_dir / "failures", self.run_dir / "stacks"
         # Dump stacks a little before gloo/NCCL raise, while the hang is still in place.
         self.stall_s = max(self.timeout_s * 0.9 - 2 * poll_s, poll_s)
@@ -100,8 +133,14 @@ class FailureGuard:
         self.grace_s = max(2.0, min(5.0, self.timeout_s / 4))
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
+        self._sigterm = None  # the SIGTERM handler replaced during setup
 
     # ------------------------------------------------------------- lifecycle
+    def attach(self, step: Callable[[], int]) -> None:
+        """Setup is over: from now on failures and stalls are reported with `step()`."""
+        self.step, self.phase = step, "training"
+        self._restore_sigterm()
+
     def __enter__(self) -> "FailureGuard":
         self.start()
         return self
@@ -123,14 +162,24 @@ class FailureGuard:
                 old.unlink(missing_ok=True)
         if dist.is_initialized():
             dist.barrier()  # nobody may read records before the stale ones are gone
+        if self.phase == "setup" and threading.current_thread() is threading.main_thread():
+            # torchrun SIGTERMs every rank once one has died; without a handler (the Trainer's
+            # own exists only in fit) rank 0 would die before it reports.
+            self._sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         self._thread = threading.Thread(target=self._watch, name="megalite-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop the watchdog (training finished normally)."""
         self._stop.set()
+        self._restore_sigterm()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.poll_s + 1)
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
     # --------------------------------------------------------------- failure
     def fail(self, exc: BaseException) -> None:
@@ -143,7 +192,7 @@ class FailureGuard:
         try:
             kind = classify(exc)
             record = self._record(kind, exc)
-            print(f"megalite: {describe(self.rank, self.coords)} at step {record['step']}: {kind}: "
+            print(f"megalite: {describe(self.rank, self.coords)} {_when(record)}: {kind}: "
                   f"{record['error']}", file=sys.stderr, flush=True)
             if kind == "error":  # the cause: show where it came from
                 traceback.print_exception(exc, file=sys.stderr)
@@ -157,7 +206,8 @@ class FailureGuard:
 
     def _record(self, kind: str, exc: BaseException) -> dict:
         record = {"rank": self.rank, "coords": self.coords._asdict(), "stage": self.coords.pp,
-                  "step": self.step(), "kind": kind, "error": f"{type(exc).__name__}: {exc}".strip()[:2000],
+                  "step": self.step(), "phase": self.phase, "kind": kind,
+                  "error": f"{type(exc).__name__}: {exc}".strip()[:2000],
                   "traceback": "".join(traceback.format_exception(exc))[-8000:],
                   "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         try:
@@ -197,18 +247,20 @@ class FailureGuard:
         culprits = kinds[kind]
         if kind in ("timeout", "peer"):  # all saw only symptoms: blame the earliest to notice
             culprits = [min(culprits, key=lambda r: records[r]["time"])]
-        step = max((rec["step"] for rec in records.values()), default=self.step())
-        lines = [f"megalite: job failed at step {step} ({len(records)} of {self.world_size} ranks left a record "
+        # The job got as far as its most advanced rank; setup records only when nobody trained.
+        latest = max(records.values(), key=lambda rec: (rec.get("phase") != "setup", rec["step"]),
+                     default={"step": self.step(), "phase": self.phase})
+        lines = [f"megalite: job failed {_when(latest)} ({len(records)} of {self.world_size} ranks left a record "
                  f"in {self.failures_dir})"]
         for r in culprits[:8]:
             where = describe(r, topo.coords(r))
             if kind == "missing":
+                during = "during setup" if latest.get("phase") == "setup" else f"during step {latest['step']}"
                 lines.append(f"megalite: {where} failed: it died without a record (killed, e.g. by the OOM "
-                             f"killer or SIGKILL, or crashed hard) during step {step}")
+                             f"killer or SIGKILL, or crashed hard) {during}")
             else:
                 rec = records[r]
-                lines.append(f"megalite: {where} failed on {rec['host']} at step {rec['step']}: "
-                             f"{kind}: {rec['error']}")
+                lines.append(f"megalite: {where} failed on {rec['host']} {_when(rec)}: {kind}: {rec['error']}")
         if len(culprits) > 8:
             lines.append(f"megalite: ... and {len(culprits) - 8} more ranks: {culprits[8:]}")
         if self.stacks_dir.exists():
@@ -225,7 +277,8 @@ class FailureGuard:
                 continue
             stalled = now - last_change
             if stalled >= self.stall_s and not dumped:
-                self.dump_stacks(f"no step finished for {stalled:.1f} s (step {step} in progress)")
+                doing = "setup" if self.phase == "setup" else f"step {step}"
+                self.dump_stacks(f"no step finished for {stalled:.1f} s ({doing} in progress)")
                 dumped = True
             if stalled >= self.poll_s * 3 and any(r != self.rank for r in self._read_records()):
                 self.fail(PeerFailure(f"no progress for {stalled:.1f} s at step {step} and another rank "
@@ -247,6 +300,11 @@ class FailureGuard:
         return path
 
 
+def _when(record: dict) -> str:
+    """'during setup' or 'at step 7'."""
+    return "during setup" if record.get("phase") == "setup" else f"at step {record['step']}"
+
+
 def _abort_process_groups() -> None:
     """Abort NCCL communicators so peers' kernels fail instead of spinning; gloo needs nothing
     (its sockets close when the process exits, which peers see at once)."""
@@ -262,41 +320,61 @@ def _abort_process_groups() -> None:
 
 
 def parse_fault(spec: str) -> dict:
-    """'rank=3,step=3,mode=raise' -> {'rank': 3, 'step': 3, 'mode': 'raise'}."""
+    """'rank=3,step=3,mode=raise' -> {'rank': 3, 'step': 3, 'mode': 'raise'}; step=setup stays 'setup'."""
     try:
         fields = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
-        out = {"rank": int(fields.pop("rank")), "step": int(fields.pop("step")), "mode": fields.pop("mode", "raise")}
+        step = fields.pop("step").strip()
+        out = {"rank": int(fields.pop("rank")), "step": step if step == "setup" else int(step),
+               "mode": fields.pop("mode", "raise")}
     except (KeyError, ValueError):
-        raise ValueError(f"{FAULT_ENV}={spec!r} must look like 'rank=3,step=3,mode=raise'") from None
+        raise ValueError(f"{FAULT_ENV}={spec!r} must look like 'rank=3,step=3,mode=raise' "
+                         "(step=setup: while the Trainer is built)") from None
     if fields or out["mode"] not in FAULT_MODES:
         raise ValueError(f"{FAULT_ENV}={spec!r}: unknown keys {sorted(fields)} or mode not in {FAULT_MODES}")
     return out
 
 
-def install_fault_injection(trainer, environ=None) -> None:
-    """Test hook: with MEGALITE_FAULT_INJECT set, make one rank fail at the start of one step.
-
-    raise: an exception (a record is written); exit: os._exit(1) at once (no record);
-    kill: SIGKILL to itself; hang: sleep forever (exercises timeouts and stack dumps).
-    """
+def _fault_for(rank: int, environ) -> tuple[dict, str] | None:
+    """(the parsed fault, its spec) when MEGALITE_FAULT_INJECT targets `rank`, else None."""
     spec = (os.environ if environ is None else environ).get(FAULT_ENV)
     if not spec:
-        return
+        return None
     fault = parse_fault(spec)
-    if fault["rank"] != trainer.rank:
+    return (fault, spec) if fault["rank"] == rank else None
+
+
+def _strike(mode: str, message: str) -> None:
+    """raise: an exception (a record is written); exit: os._exit(1) at once (no record);
+    kill: SIGKILL to itself; hang: sleep forever (exercises timeouts and stack dumps)."""
+    if mode == "raise":
+        raise InjectedFault(message)
+    if mode == "exit":
+        os._exit(1)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:
+        time.sleep(1)
+
+
+def inject_setup_fault(rank: int, environ=None) -> None:
+    """Test hook: with MEGALITE_FAULT_INJECT='rank=R,step=setup,...' rank R fails here (call it
+    inside the guard, where the Trainer is built)."""
+    hit = _fault_for(rank, environ)
+    if hit and hit[0]["step"] == "setup":
+        _strike(hit[0]["mode"], f"injected fault during setup ({FAULT_ENV}={hit[1]})")
+
+
+def install_fault_injection(trainer, environ=None) -> None:
+    """Test hook: with MEGALITE_FAULT_INJECT set, make one rank fail at the start of one step
+    (modes as in `_strike`)."""
+    hit = _fault_for(trainer.rank, environ)
+    if not hit or hit[0]["step"] == "setup":
         return
-    real_step = trainer.train_step
+    (fault, spec), real_step = hit, trainer.train_step
 
     def train_step(train_iter):
         if trainer.step == fault["step"]:  # train_step runs after the step counter moved on
-            if fault["mode"] == "raise":
-                raise InjectedFault(f"injected fault at step {trainer.step} ({FAULT_ENV}={spec})")
-            if fault["mode"] == "exit":
-                os._exit(1)
-            if fault["mode"] == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            while True:
-                time.sleep(1)
+            _strike(fault["mode"], f"injected fault at step {trainer.step} ({FAULT_ENV}={spec})")
         return real_step(train_iter)
 
     trainer.train_step = train_step

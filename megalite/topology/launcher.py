@@ -7,9 +7,10 @@ cluster) and `init_distributed` turns the result into a process group.
 
 Precedence: explicit torch-style variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) win over a scheduler's. When the
-scheduler started every rank itself (its task count equals WORLD_SIZE and no
-torchrun/deepspeed launcher sits in between) the two must agree; a mismatch is
-an error naming both, because it means a stale or hand-set variable.
+scheduler started every rank itself (no torchrun/deepspeed launcher sits in
+between) the two must agree; a mismatch is an error naming both, because it
+means a stale or hand-set variable. With no variables we know, an MPI launch
+(any MPI, e.g. MVAPICH) is still found through mpi4py, if it is installed.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ _MPI_VARS = {
                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
     "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 }
+_TORCH_NAMES = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
+                "local_world_size": "LOCAL_WORLD_SIZE"}
 
 
 class LaunchError(RuntimeError):
@@ -47,7 +50,8 @@ class LaunchEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
     launcher: str = "single"
-    """'torchrun', 'deepspeed', 'env' (hand-set RANK/WORLD_SIZE), 'slurm', 'openmpi', 'mpich' or 'single'."""
+    """'torchrun', 'deepspeed', 'env' (hand-set RANK/WORLD_SIZE), 'slurm', 'openmpi', 'mpich', 'mpi4py'
+    or 'single'."""
 
     def __post_init__(self):
         if not (0 <= self.rank < self.world_size and 0 <= self.local_rank < self.local_world_size):
@@ -121,13 +125,25 @@ def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[min(node_id, len(counts) - 1)]
 
 
-def _slurm(environ: Mapping[str, str]) -> dict:
-    world = _int(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS") or 1
-    local_size = _int(environ, "SLURM_NTASKS_PER_NODE")
+def _first(environ: Mapping[str, str], *names: str) -> tuple[int | None, str]:
+    """(value, name) of the first of `names` that is set; (None, the first name) when none is."""
+    for name in names:
+        value = _int(environ, name)
+        if value is not None:
+            return value, name
+    return None, names[0]
+
+
+def _slurm(environ: Mapping[str, str]) -> tuple[dict, dict]:
+    """(values, the variable each value came from) of an srun task."""
+    world, world_name = _first(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+    local_size, local_name = _first(environ, "SLURM_NTASKS_PER_NODE")
     if local_size is None:
-        per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+        local_name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if environ.get(n)),
+                          "SLURM_TASKS_PER_NODE")
+        per_node = environ.get(local_name)
         local_size = _tasks_on_node(per_node, _int(environ, "SLURM_NODEID") or 0) if per_node else 1
-    out = {"rank": _int(environ, "SLURM_PROCID"), "world_size": world,
+    out = {"rank": _int(environ, "SLURM_PROCID"), "world_size": world or 1,
            "local_rank": _int(environ, "SLURM_LOCALID") or 0, "local_world_size": local_size}
     nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
                 or environ.get("SLURM_NODELIST"))
@@ -138,29 +154,33 @@ def _slurm(environ: Mapping[str, str]) -> dict:
         # Every task derives the same port from the job id; distinct jobs sharing a
         # node most likely get distinct ports.
         out["master_port"] = 15000 + zlib.crc32(job_id.encode()) % 20000
-    return out
+    names = {"rank": "SLURM_PROCID", "world_size": world_name, "local_rank": "SLURM_LOCALID",
+             "local_world_size": local_name}
+    return out, names
 
 
-def _scheduler(environ: Mapping[str, str]) -> tuple[str, dict] | None:
-    """The scheduler's own view of this task, if any started us.
+def _scheduler(environ: Mapping[str, str]) -> tuple[str, dict, dict] | None:
+    """(name, values, the variable behind each value) of the scheduler that started this task, if any.
 
     MPI variables come first: an mpirun inside a Slurm allocation starts its
     daemons through srun, so our SLURM_PROCID may be a node index, while the
     MPI rank is always ours.
     """
-    for name, (rank, world, local_rank, local_world) in _MPI_VARS.items():
+    for name, var_names in _MPI_VARS.items():
+        rank, world, local_rank, local_world = var_names
         if rank in environ:
-            return name, {"rank": _int(environ, rank), "world_size": _int(environ, world) or 1,
-                          "local_rank": _int(environ, local_rank) or 0,
-                          "local_world_size": _int(environ, local_world) or 1}
+            values = {"rank": _int(environ, rank), "world_size": _int(environ, world) or 1,
+                      "local_rank": _int(environ, local_rank) or 0,
+                      "local_world_size": _int(environ, local_world) or 1}
+            return name, values, dict(zip(_TORCH_NAMES, var_names))
     if "SLURM_PROCID" in environ:
-        return "slurm", _slurm(environ)
+        return ("slurm", *_slurm(environ))
     return None
 
 
 def _explicit(environ: Mapping[str, str]) -> tuple[str, dict]:
     """torch-style variables set by torchrun, the deepspeed launcher or by hand."""
-    if "TORCHELASTIC_RUN_ID" in environ:
+    if "GROUP_RANK" in environ or any(k.startswith("TORCHELASTIC_") for k in environ):
         name = "torchrun"
     elif "CROSS_RANK" in environ or "LOCAL_SIZE" in environ:
         name = "deepspeed"
@@ -174,33 +194,37 @@ def _explicit(environ: Mapping[str, str]) -> tuple[str, dict]:
     return name, {k: v for k, v in values.items() if v is not None}
 
 
-def _nested(explicit_name: str, explicit: dict, sched: dict) -> bool:
-    """True when the scheduler started a launcher (one per node) that then started us."""
+def _launcher_between(explicit_name: str, explicit: dict, sched: dict) -> bool:
+    """True when the scheduler started a launcher (one per task) that then started us.
+
+    torchrun and the deepspeed launcher leave their marks (TORCHELASTIC_*, GROUP_RANK;
+    CROSS_RANK, LOCAL_SIZE). A launcher of one's own is recognised by a full set of
+    RANK, WORLD_SIZE and LOCAL_RANK describing more ranks than the scheduler started.
+    Anything else that differs from the scheduler is a stale variable: an error.
+    """
     if explicit_name in ("torchrun", "deepspeed"):
         return True
-    return "world_size" in explicit and explicit["world_size"] != sched["world_size"]
+    own = {"rank", "world_size", "local_rank"} <= explicit.keys()
+    return own and explicit["world_size"] > sched["world_size"]
 
 
-_TORCH_NAMES = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK",
-                "local_world_size": "LOCAL_WORLD_SIZE"}
-_SLURM_NAMES = {"rank": "SLURM_PROCID", "world_size": "SLURM_STEP_NUM_TASKS/SLURM_NTASKS",
-                "local_rank": "SLURM_LOCALID", "local_world_size": "SLURM_NTASKS_PER_NODE/SLURM_TASKS_PER_NODE"}
-
-
-def _check_agreement(explicit: dict, sched_name: str, sched: dict) -> None:
+def _check_agreement(explicit: dict, sched_name: str, sched: dict, sched_names: dict) -> None:
     """A scheduler that started every rank itself must agree with hand-set variables."""
-    sched_names = _SLURM_NAMES if sched_name == "slurm" else dict(zip(_TORCH_NAMES, _MPI_VARS[sched_name]))
     for key, env_name in _TORCH_NAMES.items():
         if key in explicit and explicit[key] != sched[key]:
+            hint = (" (a launcher of your own between the scheduler and megalite must set RANK, WORLD_SIZE "
+                    "and LOCAL_RANK)" if key == "world_size" else "")
             raise LaunchError(f"{env_name}={explicit[key]} contradicts {sched_names[key]}={sched[key]} set by "
-                              f"{sched_name}; unset {env_name} (the scheduler's value is then used) or fix the launch")
+                              f"{sched_name}: a stale or hand-set {env_name}; unset {env_name} (the scheduler's "
+                              f"value is then used) or fix the launch{hint}")
 
 
 def discover(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Rank, world size, local rank and rendezvous address of this process.
 
     Reads torchrun/deepspeed variables, then SLURM_*, OMPI_COMM_WORLD_*, PMI_*;
-    with none of them this is rank 0 of 1. A multi-node MPI launch without
+    with none of them, an MPI launch is asked through mpi4py (see `_mpi4py_world`),
+    and otherwise this is rank 0 of 1. A multi-node MPI launch without
     MASTER_ADDR asks mpi4py (if installed) for rank 0's hostname and a free port.
     """
     environ = os.environ if environ is None else environ
@@ -208,13 +232,13 @@ def discover(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     values: dict = {"launcher": "single"}
     scheduler = _scheduler(environ)
     if scheduler:
-        sched_name, sched = scheduler
-        if _nested(explicit_name, explicit, sched):
-            # The scheduler's counts describe the per-node launchers; only its
+        sched_name, sched, sched_names = scheduler
+        if _launcher_between(explicit_name, explicit, sched):
+            # The scheduler's counts describe the per-task launchers; only its
             # first host is still a sensible rendezvous fallback.
             values.update({k: sched[k] for k in ("master_addr", "master_port") if k in sched})
         else:
-            _check_agreement(explicit, sched_name, sched)
+            _check_agreement(explicit, sched_name, sched, sched_names)
             values.update(sched, launcher=sched_name)
     if "rank" in explicit or "world_size" in explicit:
         values["launcher"] = explicit_name
@@ -222,9 +246,49 @@ def discover(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             # Hand-set RANK/WORLD_SIZE without local variables: assume one node.
             values["local_world_size"] = explicit.get("world_size", 1)
             values["local_rank"] = explicit.get("rank", 0)
+    elif not scheduler:
+        values.update(_mpi4py_world(environ) or {})
     values.update(explicit)
     _fill_rendezvous(values)
     return LaunchEnv(**values)
+
+
+# Per-process rank variables of MPI launchers we do not read directly (MVAPICH, PMIx,
+# Cray PALS, LSF jsrun, ...): only with one of them is mpi4py asked, because
+# initialising MPI in a plain `python` run is slow and interferes with fork.
+_MPI_HINT = re.compile(r"^(PMIX|PMI|MV2|MPIRUN|PALS|JSM_NAMESPACE|OMPI|MPI)_\w*RANK")
+
+
+def _load_mpi():
+    """mpi4py's MPI module (initialises MPI), or None when mpi4py is not installed."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI
+
+
+def _mpi4py_world(environ: Mapping[str, str]) -> dict | None:
+    """The last resort: rank, size, local rank and local size from MPI itself.
+
+    Asked only when a variable hints at an MPI launch; None when mpi4py is missing
+    or MPI reports a single process. The local rank comes from splitting the world
+    by shared memory (the ranks on this node).
+    """
+    if not any(_MPI_HINT.match(name) for name in environ):
+        return None
+    mpi = _load_mpi()
+    if mpi is None:
+        return None
+    world = mpi.COMM_WORLD
+    if world.Get_size() == 1:
+        return None
+    node = world.Split_type(mpi.COMM_TYPE_SHARED, key=world.Get_rank())
+    try:
+        return {"rank": world.Get_rank(), "world_size": world.Get_size(), "local_rank": node.Get_rank(),
+                "local_world_size": node.Get_size(), "launcher": "mpi4py"}
+    finally:
+        node.Free()
 
 
 def _fill_rendezvous(values: dict) -> None:
@@ -232,7 +296,7 @@ def _fill_rendezvous(values: dict) -> None:
     world = values.get("world_size", 1)
     if world == 1 or "master_addr" in values or values.get("local_world_size", 1) >= world:
         return
-    if values["launcher"] in _MPI_VARS:
+    if values["launcher"] in (*_MPI_VARS, "mpi4py"):
         addr, port = _mpi_rendezvous()
         values["master_addr"] = addr
         values.setdefault("master_port", port)
@@ -257,12 +321,32 @@ def _mpi_rendezvous() -> tuple[str, int]:
     return comm.bcast(info, root=0)
 
 
+def device_index(env: LaunchEnv, device_count: int, environ: Mapping[str, str] | None = None) -> int:
+    """The CUDA device this rank uses: its local rank, or 0 when it sees exactly one GPU.
+
+    A launcher that hands each rank its own GPU (`srun --gpus-per-task=1`, or a
+    per-rank CUDA_VISIBLE_DEVICES) makes that GPU cuda:0 in every rank; otherwise
+    every rank of the node sees all its GPUs and takes the local_rank-th one. Seeing
+    fewer GPUs than there are ranks on the node is an error on every rank (not only
+    on those past the end), so the whole job stops with the same message.
+    """
+    if env.local_rank < device_count and device_count >= env.local_world_size:
+        return env.local_rank
+    if device_count == 1:
+        return 0
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES", "<unset>")
+    raise LaunchError(f"local_rank={env.local_rank} of {env.local_world_size} ranks on this node, but this rank "
+                      f"sees {device_count} GPU(s) (CUDA_VISIBLE_DEVICES={visible}); give every rank one GPU "
+                      f"of its own (e.g. srun --gpus-per-task=1) or let it see the whole node, and launch at "
+                      f"most as many ranks per node as there are GPUs")
+
+
 def init_distributed(env: LaunchEnv, backend: str | None = None, timeout_s: float = 600) -> bool:
     """Initialise torch.distributed for `env` when world_size > 1; returns whether it did.
 
     The backend defaults to nccl when CUDA is present, else gloo; with nccl the
-    GPU `local_rank` is selected first. The torch-style variables are exported so that
-    libraries that read them (DeepSpeed) see the same launch.
+    rank's GPU (`device_index`) is selected first. The torch-style variables are
+    exported so that libraries that read them (DeepSpeed) see the same launch.
     """
     import torch
     import torch.distributed as dist
@@ -272,11 +356,7 @@ def init_distributed(env: LaunchEnv, backend: str | None = None, timeout_s: floa
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":  # NCCL needs each rank on its own GPU before the first collective
-        count = torch.cuda.device_count()
-        if env.local_rank >= count:
-            raise LaunchError(f"local_rank={env.local_rank} but this node shows {count} GPU(s); launch at most "
-                              f"{count} ranks per node or fix CUDA_VISIBLE_DEVICES")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(device_index(env, torch.cuda.device_count()))
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))

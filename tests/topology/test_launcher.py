@@ -86,6 +86,35 @@ def test_torchrun_inside_srun_is_not_a_conflict():
     assert env == LaunchEnv(9, 16, 1, 8, "10.0.0.1", 6000, "torchrun")
 
 
+def test_deepspeed_launcher_inside_srun_is_not_a_conflict():
+    env = discover(_slurm(procid=1, ntasks=2, localid=0, RANK="9", WORLD_SIZE="16", LOCAL_RANK="1",
+                          LOCAL_SIZE="8", CROSS_RANK="1", CROSS_SIZE="2", **MASTER))
+    assert env == LaunchEnv(9, 16, 1, 8, "10.0.0.1", 6000, "deepspeed")
+
+
+def test_a_launcher_of_ones_own_inside_srun_sets_rank_world_and_local_rank():
+    env = discover(_slurm(procid=1, ntasks=2, localid=0, RANK="9", WORLD_SIZE="16", LOCAL_RANK="1",
+                          LOCAL_WORLD_SIZE="8", **MASTER))
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (9, 16, 1, 8)
+
+
+@pytest.mark.parametrize("environ, names", [
+    # srun started 4 tasks; a stale RANK/WORLD_SIZE=8 must not turn them into half of an 8-rank job.
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4",
+      "RANK": "3", "WORLD_SIZE": "8"}, ["WORLD_SIZE=8", "SLURM_NTASKS=4"]),
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "8", "WORLD_SIZE": "8"},
+     ["WORLD_SIZE=8", "SLURM_STEP_NUM_TASKS=4"]),
+    # mpirun started 4 ranks; a stale WORLD_SIZE=2 used to make every one of them rank 0.
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "WORLD_SIZE": "2"}, ["WORLD_SIZE=2", "OMPI_COMM_WORLD_SIZE=4"]),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "WORLD_SIZE": "4", "RANK": "1"}, ["WORLD_SIZE=4", "PMI_SIZE=2"]),
+])
+def test_a_stale_world_size_that_contradicts_the_scheduler_names_both(environ, names):
+    with pytest.raises(LaunchError, match="unset WORLD_SIZE") as info:
+        discover(environ)
+    assert all(n in str(info.value) for n in names), str(info.value)
+
+
 def test_open_mpi():
     env = discover({"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
                     "OMPI_COMM_WORLD_LOCAL_SIZE": "4", **MASTER})
@@ -114,6 +143,90 @@ def test_multi_node_mpi_without_master_asks_mpi(monkeypatch):
 def test_multi_node_mpi_without_master_or_mpi4py_says_what_to_do():
     with pytest.raises(LaunchError, match="MASTER_ADDR.*mpi4py"):
         discover({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
+# ------------------------------------------------- mpi4py as the last resort
+class FakeComm:
+    def __init__(self, rank, size, node_rank=None, node_size=None):
+        self.rank, self.size, self.node = rank, size, (node_rank, node_size)
+        self.freed = False
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, split_type, key):
+        assert split_type == FakeMPI.COMM_TYPE_SHARED and key == self.rank
+        return FakeComm(*self.node)
+
+    def Free(self):
+        self.freed = True
+
+
+class FakeMPI:
+    COMM_TYPE_SHARED = "shared"
+
+    def __init__(self, comm):
+        self.COMM_WORLD = comm
+
+
+MVAPICH = {"MV2_COMM_WORLD_RANK": "5", "MV2_COMM_WORLD_SIZE": "8"}
+
+
+def test_an_mpi_launch_we_do_not_know_is_read_through_mpi4py(monkeypatch):
+    monkeypatch.setattr(launcher, "_load_mpi", lambda: FakeMPI(FakeComm(5, 8, 1, 4)))
+    env = discover({**MVAPICH, **MASTER})
+    assert env == LaunchEnv(5, 8, 1, 4, "10.0.0.1", 6000, "mpi4py")
+    monkeypatch.setattr(launcher, "_mpi_rendezvous", lambda: ("node0", 41000))
+    assert discover(MVAPICH).master_addr == "node0"  # several nodes: rank 0's host, broadcast
+
+
+def test_mpi4py_on_one_node_uses_localhost(monkeypatch):
+    monkeypatch.setattr(launcher, "_load_mpi", lambda: FakeMPI(FakeComm(1, 2, 1, 2)))
+    assert discover({"PMIX_RANK": "1"}) == LaunchEnv(1, 2, 1, 2, "127.0.0.1", 29500, "mpi4py")
+
+
+@pytest.mark.parametrize("environ", [{}, {"HOME": "/root", "I_MPI_ROOT": "/opt/intel"},
+                                     {"RANK": "0", "WORLD_SIZE": "1", "PMIX_RANK": "0"}])
+def test_mpi4py_is_not_asked_without_a_hint_or_when_variables_suffice(monkeypatch, environ):
+    def refuse():
+        raise AssertionError("MPI must not be initialised here")
+    monkeypatch.setattr(launcher, "_load_mpi", refuse)
+    assert discover(environ).world_size == 1
+
+
+def test_mpi4py_reporting_one_process_or_missing_is_a_single_process(monkeypatch):
+    monkeypatch.setattr(launcher, "_load_mpi", lambda: FakeMPI(FakeComm(0, 1)))
+    assert discover(MVAPICH).launcher == "single"
+    monkeypatch.setattr(launcher, "_load_mpi", lambda: None)
+    assert discover(MVAPICH).launcher == "single"
+
+
+# --------------------------------------------------------------- the device
+def _local(local_rank, local_world_size):
+    return LaunchEnv(rank=local_rank, world_size=8, local_rank=local_rank, local_world_size=local_world_size)
+
+
+@pytest.mark.parametrize("local_rank, local_world, count, want", [
+    (3, 4, 4, 3),   # every rank sees the node's GPUs: the local_rank-th
+    (3, 4, 8, 3),
+    (0, 1, 8, 0),
+    (3, 4, 1, 0),   # srun --gpus-per-task=1 / per-rank CUDA_VISIBLE_DEVICES: the one visible GPU
+    (7, 8, 1, 0),
+])
+def test_device_index(local_rank, local_world, count, want):
+    assert launcher.device_index(_local(local_rank, local_world), count, environ={}) == want
+
+
+@pytest.mark.parametrize("local_rank, count", [(3, 2), (0, 2), (1, 0)])
+def test_device_index_names_rank_count_and_visible_devices_when_it_cannot_choose(local_rank, count):
+    with pytest.raises(LaunchError) as info:
+        launcher.device_index(_local(local_rank, 4), count, environ={"CUDA_VISIBLE_DEVICES": "2,3"})
+    message = str(info.value)
+    for part in (f"local_rank={local_rank}", f"sees {count} GPU", "CUDA_VISIBLE_DEVICES=2,3", "--gpus-per-task=1"):
+        assert part in message, message
 
 
 @pytest.mark.parametrize("environ, match", [
