@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.checkpoint.io import read_manifest
-from megalite.config import Config, ConfigError, load_config, save_config, validate
+from megalite.config import Config, ConfigError, load_config, save_config, to_yaml, validate
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
 from megalite.kernels.attention import document_ids
@@ -32,7 +32,8 @@ from megalite.pipeline import PipelineRunner, build_stage_model
 from megalite.rng import rng_state, seed_everything, set_rng_state
 from megalite.tensor_parallel.comm import take_comm_bytes
 from megalite.topology import ProcessGroups, Topology, discover, init_distributed
-from megalite.topology.failure import FailureGuard, install_fault_injection
+from megalite.topology.failure import FailureGuard, inject_setup_fault, install_fault_injection, placement
+from megalite.topology.launcher import device_index
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,10 +80,16 @@ def train_main(config: str, overrides: list[str]) -> int:
         return 2
     init_distributed(env, timeout_s=cfg.parallel.timeout_s)
     try:
-        trainer = Trainer(cfg, build_groups(cfg, env.world_size), local_rank=env.local_rank)
-        install_fault_injection(trainer)  # test-only hook, inert unless MEGALITE_FAULT_INJECT is set
+        # Fixed before setup, so that a rank failing while the Trainer is built leaves its record there.
+        cfg = replace(cfg, train=replace(cfg.train, run_dir=str(resolve_run_dir(cfg))))
+        where = placement(build_topology(cfg, env.world_size), env.rank)
         # A failing rank records where it was and exits; the others follow within the timeout.
-        with FailureGuard(trainer.run_dir, trainer.groups, cfg.parallel.timeout_s, lambda: trainer.step):
+        with FailureGuard(cfg.train.run_dir, where, cfg.parallel.timeout_s) as guard:
+            inject_setup_fault(env.rank)  # test-only hooks, inert unless MEGALITE_FAULT_INJECT is set
+            cuda = device_index(env, torch.cuda.device_count()) if torch.cuda.is_available() else 0
+            trainer = Trainer(cfg, build_groups(cfg, env.world_size), cuda_device=cuda)
+            install_fault_injection(trainer)
+            guard.attach(lambda: trainer.step)
             trainer.fit()
     finally:
         if dist.is_initialized():
@@ -90,18 +97,22 @@ def train_main(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def build_groups(cfg: Config, world_size: int) -> ProcessGroups:
+def build_topology(cfg: Config, world_size: int) -> Topology:
     p = cfg.parallel
-    topo = Topology.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp,
+    return Topology.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp,
                                virtual_stages=p.virtual_stages, order=p.order)
+
+
+def build_groups(cfg: Config, world_size: int) -> ProcessGroups:
+    topo = build_topology(cfg, world_size)
     return ProcessGroups.build(topo) if dist.is_initialized() else ProcessGroups.single()
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
+def pick_device(name: str, cuda_device: int) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    torch.cuda.set_device(cuda_device)
+    return torch.device("cuda", cuda_device)
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -134,15 +145,43 @@ def document_eod(data) -> int | None:
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod
 
 
+def data_order_settings(cfg: Config) -> dict:
+    """The settings that decide which training sample comes at which step (recorded in every checkpoint).
+
+    train.steps is not among them: the sample order is prefix-stable, so a run may be extended."""
+    d, t = cfg.data, cfg.train
+    return {"data.path": [str(p) for p in d.path], "data.split": str(d.split), "data.seq_len": int(d.seq_len),
+            "data.seed": int(d.seed), "train.global_batch_size": int(t.global_batch_size), "train.seed": int(t.seed)}
+
+
+def check_data_order(saved: dict | None, current: dict, path) -> None:
+    """Refuse to resume with another data order: the run would repeat some samples and skip others.
+    Checkpoints written before these settings were recorded (or imported ones) carry none: not checked."""
+    if not saved:
+        return
+    changed = [key for key in saved if key in current and saved[key] != current[key]]
+    if changed:
+        lines = "; ".join(f"{key} was {saved[key]!r} and is now {current[key]!r}" for key in changed)
+        keep = " ".join(f"{key}={_override(saved[key])}" for key in changed)
+        raise CheckpointError(f"{path} cannot be resumed: {lines}. These settings decide which training sample "
+                              f"comes next, so the run would repeat some samples and skip others. Keep the saved "
+                              f"values ({keep}) to resume, or start a new run in a new train.run_dir (or "
+                              f"checkpoint.dir)")
+
+
+def _override(value) -> str:
+    return "[" + ",".join(value) + "]" if isinstance(value, list) else str(value)
+
+
 class Trainer:
     """Owns the model, the engine, the data iterators, the logger and checkpointing."""
 
-    def __init__(self, cfg: Config, groups: ProcessGroups, local_rank: int = 0):
+    def __init__(self, cfg: Config, groups: ProcessGroups, cuda_device: int = 0):
         self.groups = groups
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         self.cfg = cfg = resolve_data(cfg, self.log)
-        self.device = pick_device(cfg.train.device, local_rank)
+        self.device = pick_device(cfg.train.device, cuda_device)
         self.run_dir = resolve_run_dir(cfg)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         if self.rank == 0:
@@ -179,7 +218,7 @@ class Trainer:
         t = self.cfg.train
         return build_dataloader(self.datasets[split], t.global_batch_size, t.micro_batch_size,
                                 self.groups.dp_rank, self.groups.dp_size, consumed_samples,
-                                self.cfg.data.num_workers)
+                                self.cfg.data.num_workers, seed=t.seed)
 
     # ----------------------------------------------------------------- loop
     def fit(self, stop_after: int | None = None) -> dict:
@@ -290,7 +329,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "shards": self.engine.shard_metadata(),
                 "engine": self.engine.state_dict(),
                 "rng": {**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
-                "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size},
+                "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size,
+                             "data_order": data_order_settings(self.cfg)},
                 "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
                            "virtual_stages": p.topology.virtual_stages, "order": p.topology.order}}
 
@@ -298,7 +338,8 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         path = save_checkpoint(self.ckpt_dir, self.step, self.rank, self._state(), world_size=world,
                                barrier=dist.barrier if dist.is_initialized() else None,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               extra_files={"config.yaml": to_yaml(self.cfg)})
         self.log(f"step {self.step}: checkpoint saved to {path}")
 
     def maybe_resume(self) -> None:
@@ -311,6 +352,7 @@ class Trainer:
         self._check_world_size(read_manifest(path)["world_size"], path)
         state = load_checkpoint(path, self.rank)
         self._check_layout(state["layout"], path)
+        check_data_order(state["progress"].get("data_order"), data_order_settings(self.cfg), path)
         self.model.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
         set_rng_state(state["rng"])

@@ -5,10 +5,14 @@
         --seq-len 2048 --global-batch-size 512 --batch 1200 --train-samples 512000 \\
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model
 
-The order of samples depends on the number of samples the run asked for, so pass
-the run's --train-samples (steps * global batch size) and its --seed and
---data-split to see exactly what it trained on. Index arrays come from (or go
-to) the same cache the run uses.
+    python tools/inspect_data.py --run-dir runs/my_run --batch 1200
+
+With --run-dir (or --config RUN/config.yaml, or a checkpoint step directory's
+config.yaml) the data path, split, seq len, global batch size, seed, cache and
+tokenizer come from the run's resolved config; flags given as well override
+them. The sample order is prefix-stable (it does not depend on how many
+samples the run asked for), so global batch K is what the trainer read at
+step K + 1. Index arrays come from (or go to) the same cache the run uses.
 """
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ def inspect_batch(data_path, seq_len: int, global_batch_size: int, batch: int, s
     """The document pieces of every sample of global batch `batch`, in batch order.
 
     Builds the datasets as the trainer does (same split, seed, cache), asking
-    `split` for `train_samples` samples (default: just enough for this batch).
+    `split` for `train_samples` samples (default: just enough for this batch;
+    the order is prefix-stable, so any larger count gives the same answer).
     """
     from megalite.config import DataConfig
     from megalite.data.loader import build_datasets
@@ -95,6 +100,23 @@ def inspect_batch(data_path, seq_len: int, global_batch_size: int, batch: int, s
     return pieces
 
 
+def run_settings(run_dir: str | None = None, config: str | None = None) -> dict:
+    """inspect_batch's keyword arguments (data and tokenizer) from a run directory's or a config's YAML."""
+    from megalite.config import load_config
+
+    path = config if config else os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; give --run-dir the run directory (it holds config.yaml) "
+                                "or --config the run's config.yaml")
+    cfg = load_config(path)
+    d = cfg.data
+    if not d.path:
+        raise ValueError(f"{path} has no data.path; pass --data-path")
+    return {"data_path": list(d.path), "seq_len": d.seq_len, "global_batch_size": cfg.train.global_batch_size,
+            "seed": d.seed, "data_split": d.split, "cache_dir": d.cache_dir,
+            "tokenizer_type": d.tokenizer_type, "tokenizer_model": d.tokenizer_model}
+
+
 def format_pieces(pieces: list[Piece]) -> str:
     """One line per document piece: sample, dataset, document, offset, tokens, first words."""
     lines = [f"{'sample':>9} {'pos':>4}  {'dataset':<28} {'document':>9} {'offset':>7} {'tokens':>6}  first words"]
@@ -107,15 +129,18 @@ def format_pieces(pieces: list[Piece]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-path", nargs="+", required=True, help="PREFIX, or weighted: 0.3 A 0.7 B")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--global-batch-size", type=int, required=True)
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--run-dir", default=None, help="a run directory: its config.yaml gives the settings")
+    source.add_argument("--config", default=None, help="a run's config.yaml (e.g. one saved in a checkpoint)")
+    ap.add_argument("--data-path", nargs="+", default=None, help="PREFIX, or weighted: 0.3 A 0.7 B")
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--global-batch-size", type=int, default=None)
     ap.add_argument("--batch", type=int, required=True, help="global batch (optimizer step - 1) to show")
     ap.add_argument("--split", default="train", choices=("train", "valid", "test"))
-    ap.add_argument("--data-split", default="969,30,1", help="train,valid,test document proportions")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--data-split", default=None, help="train,valid,test document proportions (default 969,30,1)")
+    ap.add_argument("--seed", type=int, default=None, help="the data seed (data.seed; default 1234)")
     ap.add_argument("--train-samples", type=int, default=None,
-                    help="samples the run asked this split for (steps * global batch); default: just enough")
+                    help="samples to build the index for; default: just enough (the order does not depend on it)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--tokenizer-type", default=None, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
     ap.add_argument("--tokenizer-model", default=None)
@@ -123,12 +148,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+DEFAULTS = {"seed": 1234, "data_split": "969,30,1", "cache_dir": None, "tokenizer_type": None,
+            "tokenizer_model": None}
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The run's settings (--run-dir/--config, else defaults), overridden by the flags given."""
+    base = run_settings(args.run_dir, args.config) if args.run_dir or args.config else dict(DEFAULTS)
+    for key in ("data_path", "seq_len", "global_batch_size", "seed", "data_split", "cache_dir",
+                "tokenizer_type", "tokenizer_model"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    missing = [f"--{k.replace('_', '-')}" for k in ("data_path", "seq_len", "global_batch_size") if not base.get(k)]
+    if missing:
+        raise SystemExit(f"inspect_data: give {', '.join(missing)}, or --run-dir RUN to read them from "
+                         "RUN/config.yaml")
+    return base
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    parse_data_path(args.data_path)  # fail early on a malformed path
-    pieces = inspect_batch(args.data_path, args.seq_len, args.global_batch_size, args.batch, args.split,
-                           args.seed, args.train_samples, args.data_split, args.cache_dir,
-                           load_decoder(args.tokenizer_type, args.tokenizer_model), args.words)
+    s = settings(args)
+    parse_data_path(s["data_path"])  # fail early on a malformed path
+    pieces = inspect_batch(s["data_path"], s["seq_len"], s["global_batch_size"], args.batch, args.split,
+                           s["seed"], args.train_samples, s["data_split"], s["cache_dir"],
+                           load_decoder(s["tokenizer_type"], s["tokenizer_model"]), args.words)
     print(format_pieces(pieces))
     return 0
 

@@ -9,6 +9,7 @@ Layout under a checkpoint root:
         rank_00000.safetensors   this rank's tensors (flattened by checkpoint.state)
         rank_00000.json          this rank's skeleton: everything that is not a tensor
         rank_00001.safetensors ...
+        config.yaml              the run's resolved config (extra files, written by rank 0)
       step_00000200.tmp/         a save in progress (or killed): ignored, cleaned by the next save
 
 A save becomes visible in three atomic moves, each made durable with fsync
@@ -96,8 +97,24 @@ def _write_rank(tmp: Path, rank: int, state: dict) -> None:
     _write_durable(tmp / f"rank_{rank:05d}.digest", json.dumps(digest))
 
 
+def _write_extra(tmp: Path, extra_files: dict[str, str]) -> None:
+    """Rank 0's extra text files (e.g. config.yaml), fsynced, with a digest the manifest lists them by."""
+    digest = {}
+    for name, text in extra_files.items():
+        if Path(name).name != name or name == MANIFEST or name.startswith("rank_"):
+            raise ValueError(f"extra checkpoint file {name!r} must be a plain file name other than "
+                             f"{MANIFEST} and rank_*")
+        _write_durable(tmp / name, text)
+        digest[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    _write_durable(tmp / "extra.digest", json.dumps(digest))
+
+
 def _write_manifest(tmp: Path, step: int, world_size: int) -> None:
     files = {}
+    extra = tmp / "extra.digest"
+    if extra.is_file():
+        files.update(json.loads(extra.read_text()))
+        extra.unlink()
     for r in range(world_size):
         digest = tmp / f"rank_{r:05d}.digest"
         if not digest.is_file():
@@ -163,8 +180,14 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1,
-                    barrier: Callable[[], object] | None = None, keep_last: int = 2) -> Path:
+                    barrier: Callable[[], object] | None = None, keep_last: int = 2,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write this rank's `state` into root/step_{step:08d} and, on rank 0, publish it.
+
+    `extra_files` (name -> text; rank 0's are used) go into the step directory
+    too, listed in the manifest and published with the rest (the trainer puts
+    the run's config.yaml there, so a checkpoint copied or kept outside its run
+    directory still says how it was made).
 
     Every rank calls this with its own state. `barrier` (e.g.
     torch.distributed.barrier) is required when world_size > 1; it is called
@@ -186,6 +209,8 @@ def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1
     _sync(barrier)  # nobody writes into tmp before rank 0 has removed a stale one
     tmp.mkdir(parents=True, exist_ok=True)
     _write_rank(tmp, rank, state)
+    if rank == 0 and extra_files:
+        _write_extra(tmp, extra_files)
     _sync(barrier)
     if rank == 0:
         _publish(root, tmp, final, step, world_size)

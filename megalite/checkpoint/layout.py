@@ -24,14 +24,16 @@ from megalite.checkpoint.io import CheckpointError
 
 
 def run_config(step_dir: Path, config: str | None):
-    """The run's Config: `config` if given, else config.yaml of the run (or checkpoint root) directory."""
+    """The run's Config: `config` if given, else the config.yaml saved inside the step directory, else
+    (checkpoints older than that) the one of its run directory or checkpoint root."""
     from megalite.config import load_config
 
     if config is None:
-        found = [p / "config.yaml" for p in (step_dir.parent.parent, step_dir.parent) if (p / "config.yaml").is_file()]
+        places = (step_dir, step_dir.parent.parent, step_dir.parent)
+        found = [p / "config.yaml" for p in places if (p / "config.yaml").is_file()]
         if not found:
-            raise CheckpointError(f"no config.yaml next to {step_dir} (looked in its run directory and checkpoint "
-                                  "root); pass the run's config with --config")
+            raise CheckpointError(f"no config.yaml in or next to {step_dir} (looked in the step directory, its "
+                                  "run directory and checkpoint root); pass the run's config with --config")
         config = str(found[0])
     return load_config(config)
 

@@ -5,15 +5,21 @@ once per epoch and laid end to end: the *document stream*. Sample j, in stream
 order, is tokens [j*seq_len, j*seq_len + seq_len + 1) of that stream, so
 neighbouring samples share one token (the last label of one is the first input
 of the next). `ds[i]` is sample `shuffle_index[i]`: the sample order is
-shuffled too. As many epochs are laid down as `num_samples` needs.
+shuffled too, within each epoch (an epoch's samples are those whose last token
+lies in it). As many whole epochs are laid down as `num_samples` needs.
+
+The order is prefix-stable: every epoch's two shuffles are seeded by
+(seed, epoch) alone, so the first N samples do not depend on how many more
+were asked for. A run extended on resume (a larger train.steps) continues
+with the samples the shorter run would never have reached, in the same order.
 
 Three index arrays describe all of it, built vectorized with numpy and cached
 on disk as .npy files named by a hash of everything they depend on:
 
     document_index  [epochs * docs]  document id at each position of the stream
-    sample_index    [samples, 2]     (stream position, token offset in that document)
-                                     where sample j starts
-    shuffle_index   [samples]        stream-order sample behind ds[i]
+    sample_index    [epoch_samples, 2]  (stream position, token offset in that document)
+                                        where sample j starts, for every sample of the epochs
+    shuffle_index   [samples]        stream-order sample behind ds[i] (num_samples of them)
 
 Empty documents (no tokens) are left out of the stream: they contribute nothing.
 """
@@ -32,7 +38,7 @@ from megalite.data.indexed import IndexedDataset, idx_path
 
 SPLIT_NAMES = ("train", "valid", "test")
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
-CACHE_VERSION = 1  # bump when the meaning of cached arrays changes
+CACHE_VERSION = 2  # bump when the meaning of cached arrays changes
 
 
 # ---------------------------------------------------------------- split
@@ -71,12 +77,27 @@ def _small_int(limit: int):
     return np.int32 if limit < 2**31 - 1 else np.int64
 
 
+def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    """The generator of one epoch's document (stream 0) or sample (stream 1) shuffle: (seed, epoch) alone."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % 2**63, epoch, stream]))
+
+
+def samples_through(epochs: int, tokens_per_epoch: int, seq_len: int) -> int:
+    """Samples whose last token lies in the first `epochs` epochs of the stream."""
+    return max(0, (epochs * tokens_per_epoch - 1) // seq_len)
+
+
 def build_gpt_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, seq_len: int,
                       num_samples: int | None, seed: int) -> dict[str, np.ndarray]:
     """The three index arrays (see the module docstring) for documents `doc_ids` of lengths `doc_lengths`.
 
-    `num_samples=None` cuts one epoch. Vectorized: cost is a few passes over
-    epochs*documents and samples, no Python loop over either.
+    `num_samples=None` cuts one epoch. Prefix-stable: each epoch's document
+    shuffle and its samples' shuffle are seeded by (seed, epoch) only, and an
+    epoch's samples (those whose last token lies in it) are shuffled among
+    themselves, so the first N samples are the same whatever total (>= N) is
+    asked for, and a longer run sees the shorter run's samples first. Whole
+    epochs are laid down (sample_index covers them); shuffle_index stops at
+    num_samples. Vectorized: a loop over epochs, none over documents or samples.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be > 0")
@@ -85,7 +106,7 @@ def build_gpt_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, seq_len: int
     ids, lengths = np.asarray(doc_ids)[keep], lengths[keep]
     tokens_per_epoch = int(lengths.sum())
     if num_samples is None:
-        num_samples = max((tokens_per_epoch - 1) // seq_len, 0)
+        num_samples = samples_through(1, tokens_per_epoch, seq_len)
     if num_samples < 0:
         raise ValueError(f"num_samples={num_samples} must be >= 0")
     if num_samples > 0 and tokens_per_epoch == 0:
@@ -93,20 +114,36 @@ def build_gpt_indices(doc_ids: np.ndarray, doc_lengths: np.ndarray, seq_len: int
                          "give the split more documents (data.split) or use a larger dataset")
     # Smallest number of epochs whose stream holds num_samples samples of seq_len + 1 tokens.
     epochs = max(1, -(-(num_samples * seq_len + 1) // max(tokens_per_epoch, 1)))
-    seeds = np.random.SeedSequence(seed).spawn(2)
-    doc_rng, sample_rng = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
-    n = len(ids)
-    positions = np.tile(np.arange(n, dtype=_small_int(n)), (epochs, 1))
-    order = doc_rng.permuted(positions, axis=1).reshape(-1)  # an independent shuffle per epoch
+    order = _document_order(len(ids), epochs, seed)
     document_index = ids.astype(_small_int(int(ids.max(initial=0)) + 1))[order]
     stream_ends = np.cumsum(lengths[order])  # end token of each stream position
-    starts = np.arange(num_samples, dtype=np.int64) * seq_len
+    total = samples_through(epochs, tokens_per_epoch, seq_len)
+    starts = np.arange(total, dtype=np.int64) * seq_len
     where = np.searchsorted(stream_ends, starts, side="right")  # first document ending after the start
-    sample_index = np.empty((num_samples, 2), dtype=np.int64)
+    sample_index = np.empty((total, 2), dtype=np.int64)
     sample_index[:, 0] = where
     sample_index[:, 1] = starts - np.where(where > 0, stream_ends[where - 1], 0)
-    shuffle_index = sample_rng.permutation(num_samples).astype(_small_int(num_samples))
+    shuffle_index = _sample_order(epochs, tokens_per_epoch, seq_len, num_samples, seed)
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
+
+
+def _document_order(n: int, epochs: int, seed: int) -> np.ndarray:
+    """Stream position -> document position: every epoch an independent shuffle of range(n)."""
+    order = np.empty(epochs * n, dtype=_small_int(n))
+    for epoch in range(epochs):
+        order[epoch * n:(epoch + 1) * n] = _epoch_rng(seed, epoch, 0).permutation(n)
+    return order
+
+
+def _sample_order(epochs: int, tokens_per_epoch: int, seq_len: int, num_samples: int, seed: int) -> np.ndarray:
+    """The first num_samples entries of: each epoch's samples, shuffled among themselves, epoch after epoch."""
+    total = samples_through(epochs, tokens_per_epoch, seq_len)
+    out = np.empty(total, dtype=_small_int(total))
+    for epoch in range(epochs):
+        first = samples_through(epoch, tokens_per_epoch, seq_len)
+        last = samples_through(epoch + 1, tokens_per_epoch, seq_len)
+        out[first:last] = first + _epoch_rng(seed, epoch, 1).permutation(last - first)
+    return out[:num_samples]
 
 
 # ---------------------------------------------------------------- cache
@@ -275,9 +312,9 @@ class GPTDataset:
         return np.concatenate([self._read(*p) for p in pieces]).astype(np.int64)
 
     def packed_sample(self, j: int) -> dict:
-        """Sample j in stream order (before the sample shuffle)."""
-        if not 0 <= j < len(self):
-            raise IndexError(f"sample {j} is out of range for {len(self)} samples")
+        """Sample j in stream order (before the sample shuffle); j < len(sample_index)."""
+        if not 0 <= j < len(self.sample_index):
+            raise IndexError(f"stream sample {j} is out of range for {len(self.sample_index)} samples")
         return {"tokens": self._tokens(self._pieces(j))}
 
     def __getitem__(self, i: int) -> dict:

@@ -51,10 +51,14 @@ def collate_tokens(samples: list[dict]) -> dict:
 
 
 def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0) -> DataLoader:
+                     dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0,
+                     seed: int = 0) -> DataLoader:
     """DataLoader of this dp rank's micro-batches, {"tokens": LongTensor [micro, seq_len + 1]}.
 
     The trainer uses tokens[:, :-1] as inputs and tokens[:, 1:] as labels.
+    The loader owns a torch.Generator seeded with `seed`: creating an iterator
+    draws a worker base seed, and drawing it from the global torch RNG would
+    shift dropout's random stream (a resumed run would then diverge).
     """
     if dataset is None:
         raise ValueError("this split has no dataset: data.split gives it no documents or it was asked for "
@@ -62,4 +66,5 @@ def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_
     sampler = DistributedBatchSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                       consumed_samples)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_tokens,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      generator=torch.Generator().manual_seed(int(seed)))

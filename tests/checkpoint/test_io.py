@@ -253,3 +253,17 @@ def test_sigkill_mid_save_leaves_a_loadable_latest(tmp_path):
         assert latest_checkpoint(tmp_path).name == f"step_{state['step']:08d}"
     save_checkpoint(tmp_path, 999999, 0, {"step": 999999})  # the next save cleans what the kills left
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_extra_files_are_published_with_the_checkpoint_and_listed(tmp_path):
+    state = {"w": torch.arange(4.0)}
+    path = save_checkpoint(tmp_path, 3, 0, state, extra_files={"config.yaml": "model:\n  hidden_size: 8\n"})
+    assert (path / "config.yaml").read_text() == "model:\n  hidden_size: 8\n"
+    assert not list(path.glob("*.digest"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"rank_00000.safetensors", "rank_00000.json", "config.yaml"}
+    (path / "config.yaml").write_text("model: {}\n")  # truncated: refused by name
+    with pytest.raises(CheckpointError, match="config.yaml"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="plain file name"):
+        save_checkpoint(tmp_path, 4, 0, state, extra_files={"../x.yaml": ""})

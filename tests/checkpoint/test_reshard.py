@@ -104,7 +104,7 @@ def test_round_trip_returns_identical_state_and_pads_with_zeros(reference, tmp_p
     for key in ("schedule", "scaler", "precision"):
         assert after["engine"][key] == before["engine"][key], key
     assert after["engine"]["optimizer"]["param_groups"] == before["engine"]["optimizer"]["param_groups"]
-    assert after["progress"] == {"step": K, "consumed_samples": K * 8}
+    assert (after["progress"]["step"], after["progress"]["consumed_samples"]) == (K, K * 8)
 
 
 def _rewritten(src: Path, root: Path, edit) -> Path:

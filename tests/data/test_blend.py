@@ -48,6 +48,35 @@ def test_every_prefix_of_the_blend_is_within_one_sample_of_its_share(raw, size):
     np.testing.assert_array_equal(again["dataset_index"], index)
 
 
+FALLBACK = [10, 4, 49, 33, 1, 40]  # weights for which no tree is guaranteed: the sequential quota method
+
+
+@settings(max_examples=25, deadline=None)
+@given(raw=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=6), size=st.integers(0, 500),
+       more=st.integers(0, 500))
+def test_the_blend_of_n_samples_is_the_first_n_of_a_longer_blend(raw, size, more):
+    short, long = blend_indices(raw, size), blend_indices(raw, size + more)
+    for name in bl.BLEND_NAMES:
+        np.testing.assert_array_equal(long[name][:size], short[name])
+
+
+@pytest.mark.parametrize("raw", [[0.3, 0.7], [1, 2, 3], [12, 32, 52, 1, 57, 1, 52], [1] * 12, FALLBACK])
+def test_prefix_stable_and_within_one_on_long_blends(raw):
+    w = np.asarray(raw, dtype=float) / sum(raw)
+    assert (bl.blend_tree(list(w)) is None) == (raw is FALLBACK)
+    long = blend_indices(raw, 40_000)
+    short = blend_indices(raw, 20_000)
+    for name in bl.BLEND_NAMES:
+        np.testing.assert_array_equal(long[name][:20_000], short[name])
+    assert _worst_drift(w, long["dataset_index"]) < 1
+
+
+def test_blend_indices_are_vectorized_not_a_loop_over_samples(monkeypatch):
+    monkeypatch.setattr(bl, "_quota_sequence", lambda *a: pytest.fail("the per-sample loop ran"))
+    out = blend_indices([0.2, 0.3, 0.5], 3_000_000)
+    assert np.bincount(out["dataset_index"]).tolist() == [600_000, 900_000, 1_500_000]
+
+
 def _worst_drift(weights, index):
     counts = np.cumsum(np.eye(len(weights))[index], axis=0)
     return np.abs(counts - np.asarray(weights)[None] * np.arange(1, len(index) + 1)[:, None]).max()
@@ -87,6 +116,16 @@ def test_blended_samples_come_from_their_datasets(two_datasets):
         pieces = blend.sample_documents(k)
         assert {p for p, *_ in pieces} == {(a, b)[d]}
         assert sum(n for *_, n in pieces) == 7
+
+
+def test_blended_dataset_of_n_is_the_first_n_of_2n(two_datasets):
+    a, b, cache = two_datasets
+    blends = []
+    for size in (30, 60):
+        parts = [GPTDataset(p, 6, n, 1, cache_dir=cache) for p, n in zip((a, b), constituent_sizes([1, 2], size))]
+        blends.append(BlendedDataset(parts, [1, 2], size))
+    for k in range(30):
+        assert blends[0].sample_documents(k) == blends[1].sample_documents(k)
 
 
 def test_blend_cache_and_short_constituent(two_datasets, monkeypatch):

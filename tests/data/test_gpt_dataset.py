@@ -48,16 +48,45 @@ def test_samples_tile_the_shuffled_document_stream(tmp_path_factory, lengths, se
     epochs = ds.document_index.reshape(-1, len(nonempty))
     assert all(sorted(row) == nonempty for row in epochs.tolist())
     assert epochs.shape[0] == -(-(num_samples * seq_len + 1) // sum(lengths))  # no more epochs than needed
-    # ds[i] is the shuffled sample; its provenance reads back the same tokens.
-    assert sorted(ds.shuffle_index.tolist()) == list(range(num_samples))
+    # ds[i] is the shuffled sample (no sample twice, shuffled within its epoch); its provenance reads back.
+    order = ds.shuffle_index.tolist()
+    assert len(set(order)) == num_samples and max(order) < len(ds.sample_index)
+    through = [gd.samples_through(e, sum(lengths), seq_len) for e in range(epochs.shape[0] + 1)]
+    assert len(ds.sample_index) == through[-1]
+    for i, j in enumerate(order):  # sample i is drawn from the epoch it belongs to
+        assert sum(t <= i for t in through[1:]) == sum(t <= j for t in through[1:])
     for i in range(num_samples):
         tokens = ds[i]["tokens"]
-        np.testing.assert_array_equal(tokens, samples[int(ds.shuffle_index[i])])
+        np.testing.assert_array_equal(tokens, ds.packed_sample(int(ds.shuffle_index[i]))["tokens"])
         pieces = ds.sample_documents(i)
         assert sum(n for _, _, n in pieces) == seq_len + 1
         assert all(n > 0 and off + n <= lengths[doc] for doc, off, n in pieces)
         np.testing.assert_array_equal(tokens, np.concatenate([doc * 1000 + off + np.arange(n)
                                                               for doc, off, n in pieces]))
+
+
+@FAST
+@given(lengths=st.lists(st.integers(0, 30), min_size=1, max_size=20), seq_len=st.integers(1, 16),
+       num_samples=st.integers(0, 60), more=st.integers(0, 200), seed=st.integers(0, 2**31))
+def test_the_first_samples_do_not_depend_on_the_total(tmp_path_factory, lengths, seq_len, num_samples, more, seed):
+    """Extending a run (more samples) must not reorder the samples a shorter run consumed."""
+    lengths[0] = max(lengths[0], 1)
+    short = build_gpt_indices(np.arange(len(lengths)), lengths, seq_len, num_samples, seed)
+    long = build_gpt_indices(np.arange(len(lengths)), lengths, seq_len, num_samples + more, seed)
+    assert len(short["shuffle_index"]) == num_samples
+    np.testing.assert_array_equal(long["shuffle_index"][:num_samples], short["shuffle_index"])
+    for name in ("document_index", "sample_index"):  # the shorter stream is a prefix of the longer one
+        np.testing.assert_array_equal(long[name][:len(short[name])], short[name])
+
+
+def test_dataset_for_n_samples_is_the_first_n_of_one_for_2n(tmp_path):
+    prefix = write_dataset(tmp_path / "a", [5, 0, 9, 3, 12, 7, 1, 30])
+    short = GPTDataset(prefix, 4, 40, 3, cache_dir=str(tmp_path / "c"))
+    long = GPTDataset(prefix, 4, 80, 3, cache_dir=str(tmp_path / "c"))
+    assert short.cache_key != long.cache_key and len(long) == 80
+    for i in range(40):
+        np.testing.assert_array_equal(short[i]["tokens"], long[i]["tokens"])
+        assert short.sample_documents(i) == long.sample_documents(i)
 
 
 def test_one_epoch_by_default_and_token_coverage(tmp_path):

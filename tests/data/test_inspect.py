@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megalite.config import DataConfig
-from megalite.data.indexed import IndexedDatasetWriter
+from megalite.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megalite.data.loader import build_datasets
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "inspect_data.py")
@@ -81,3 +81,35 @@ def test_inspect_cli_decodes_with_a_tokenizer(corpus, tmp_path, capsys):
 def test_inspect_refuses_too_few_samples(corpus):
     with pytest.raises(ValueError, match="too few"):
         load_tool().inspect_batch([corpus[0]], 4, 8, 3, train_samples=16)
+
+
+def test_run_dir_answer_is_what_the_trainer_consumed(counting_data, tmp_path, capsys):
+    """A short real run records the tokens of every step; inspect --run-dir names the same samples."""
+    from megalite.config import load_config
+    from megalite.topology import ProcessGroups
+    from megalite.train import Trainer
+    from training_helpers import tiny_overrides, write_counting_corpus
+
+    other = write_counting_corpus(str(tmp_path / "other_text_document"), docs=200, seed=5)
+    run_dir = tmp_path / "run"
+    cfg = load_config("tiny", tiny_overrides(counting_data, run_dir, steps=4, **{
+        "data.path": f"[0.4,{counting_data},0.6,{other}]", "data.num_workers": 0, "data.seed": 11,
+        "data.cache_dir": str(tmp_path / "cache")}))
+    trainer = Trainer(cfg, ProcessGroups.single())
+    consumed, real_loss = [], trainer._micro_loss
+    trainer._micro_loss = lambda batch: consumed.append(batch["tokens"].numpy().copy()) or real_loss(batch)
+    trainer.fit()
+    per_step = np.concatenate(consumed).reshape(4, 8, -1)  # [steps, global batch, seq_len + 1]
+    tool = load_tool()
+    for k in range(4):
+        s = tool.run_settings(str(run_dir))
+        del s["tokenizer_type"], s["tokenizer_model"]
+        pieces = tool.inspect_batch(batch=k, **s)
+        read = {prefix: IndexedDataset(prefix) for prefix in s["data_path"][1::2]}
+        samples = [np.concatenate([read[p.prefix].document_tokens(p.document)[p.offset:p.offset + p.num_tokens]
+                                   for p in pieces if p.position == pos]) for pos in range(8)]
+        np.testing.assert_array_equal(np.stack(samples), per_step[k])
+    capsys.readouterr()  # the training log
+    assert tool.main(["--run-dir", str(run_dir), "--batch", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(pieces) and lines[1].split()[0] == str(3 * 8)
