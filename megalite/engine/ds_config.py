@@ -7,7 +7,10 @@ a raw DeepSpeed JSON in `engine.ds_config`, which is merged on top. A key the
 raw JSON sets to a value different from the generated one is a conflict and
 is reported (both values, and the megalite field that produced ours) instead
 of one side silently winning: fix it on the megalite side, or drop it from
-the JSON. Keys megalite does not generate are simply added.
+the JSON. Keys megalite does not generate are simply added, except those it
+owns while generating nothing (OWNED: offload sections, whose megalite switch
+also checks the CPU Adam build, and `scheduler`, which megalite's own schedule
+would overwrite every step): setting them is a conflict too.
 
 This module does not import DeepSpeed (it is pure data and testable anywhere).
 
@@ -115,6 +118,34 @@ SOURCES = {
 }
 
 
+# keys megalite owns even where it generates nothing (the feature is off, or megalite does it itself): a raw
+# JSON setting them would bypass a megalite check or be silently overridden, so it is a conflict too
+OWNED = {
+    "zero_optimization.offload_optimizer": (
+        "engine.offload_optimizer=true (megalite then checks that DeepSpeed's CPU Adam op can be built)"),
+    "zero_optimization.offload_param": "engine.offload_params=true (with engine.zero_stage=3)",
+    "scheduler": ("optim.lr, optim.warmup_steps, optim.decay, optim.decay_steps and optim.min_lr (megalite writes its own "
+                  "schedule's rate into the optimizer before every step, which would overwrite DeepSpeed's)"),
+}
+
+
+def _owned_conflicts(ours: dict, raw: dict) -> list[str]:
+    """The OWNED keys that `raw` sets while megalite's generated config leaves them out."""
+    out = []
+    for dotted, fix in OWNED.items():
+        *parents, leaf = dotted.split(".")
+        here, there = ours, raw
+        for key in parents:
+            here, there = here.get(key, {}), there.get(key, {})
+            if not isinstance(there, dict):
+                break
+        else:
+            if isinstance(here, dict) and leaf in there and leaf not in here:
+                out.append(f"{dotted}: the raw DeepSpeed JSON sets {json.dumps(there[leaf])}, but megalite owns "
+                           f"this key and generates none with the current config; set {fix} instead")
+    return out
+
+
 def _source(key: str) -> str:
     while key:
         if key in SOURCES:
@@ -152,7 +183,7 @@ def merge_raw(generated: dict, raw: dict, label: str = "engine.ds_config") -> di
     """`raw` deep-merged on top of `generated`; DeepSpeedConfigConflict lists every differing key."""
     if not isinstance(raw, dict):
         raise DeepSpeedConfigConflict(f"{label} must hold a JSON object, got {type(raw).__name__}")
-    conflicts: list[str] = []
+    conflicts = _owned_conflicts(generated, raw)
     merged = _merge(generated, raw, "", conflicts)
     if conflicts:
         raise DeepSpeedConfigConflict(

@@ -100,3 +100,76 @@ def test_bad_engine_combinations_name_the_fix(tmp_path):
 def test_valid_zero_configs_pass():
     for stage in range(4):
         validate(ds_cfg(f"engine.zero_stage={stage}", "parallel.tp=2"), world_size=4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero0_with_half_precision_is_refused_before_launch(precision):
+    """DeepSpeed runs ZeRO-0 + bf16/fp16 through FP16_UnfusedOptimizer, which used to fail only after the
+    process groups existed (checkpointing and clipping need a plain torch optimizer)."""
+    msg = errors(ds_cfg("engine.zero_stage=0", f"train.precision={precision}", "train.device=cuda"), 2)
+    assert f"engine.zero_stage=0 with train.precision='{precision}' is refused" in msg
+    assert "FP16_UnfusedOptimizer" in msg and "nearest valid: engine.zero_stage=1" in msg
+    validate(ds_cfg("engine.zero_stage=1", "train.precision=bf16"), world_size=2)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_overlap_comm_without_partitioned_gradients_is_refused(stage):
+    """DeepSpeed asserts on overlap_comm below ZeRO-2 when megalite bounds accumulation with step()."""
+    msg = errors(ds_cfg(f"engine.zero_stage={stage}", "engine.overlap_comm=true"), 2)
+    assert f"engine.overlap_comm=True with engine.zero_stage={stage} is refused" in msg
+    assert "nearest valid: engine.overlap_comm=false, or engine.zero_stage=2" in msg
+    for ok in (2, 3):
+        validate(ds_cfg(f"engine.zero_stage={ok}", "engine.overlap_comm=true"), world_size=2)
+
+
+def test_deepspeed_fp16_needs_a_power_of_two_initial_scale_at_config_time():
+    msg = errors(ds_cfg("train.precision=fp16", "train.device=cuda", "train.initial_loss_scale=1000"))
+    assert "train.initial_loss_scale=1000.0 must be a power of two for the deepspeed engine" in msg and "1024" in msg
+
+
+@pytest.mark.parametrize("raw, key, fix", [
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer",
+     "engine.offload_optimizer=true"),
+    ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param",
+     "engine.offload_params=true"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1}}}, "scheduler", "optim.lr, optim.warmup_steps"),
+])
+def test_raw_json_setting_keys_megalite_owns_is_a_conflict(raw, key, fix, tmp_path):
+    """A raw offload section would skip the CPU Adam check; a raw scheduler would be overwritten every step."""
+    ours = generate_ds_config(ds_cfg("engine.zero_stage=2"), 2)
+    with pytest.raises(DeepSpeedConfigConflict) as info:
+        merge_raw(ours, raw, "raw.json")
+    assert f"{key}: the raw DeepSpeed JSON sets" in str(info.value) and f"set {fix}" in str(info.value)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    cfg = ds_cfg("engine.zero_stage=2", f"engine.ds_config={path}")
+    assert f"{key}: the raw DeepSpeed JSON sets" in errors(cfg, 2)  # before launch, once the world size is known
+    validate(cfg)  # world size unknown: the merge waits for the trainer's validate(world_size=...)
+
+
+def test_raw_offload_section_equal_to_the_generated_one_is_accepted():
+    cfg = ds_cfg("engine.zero_stage=3")
+    cfg.engine.offload_optimizer = cfg.engine.offload_params = True
+    ours = generate_ds_config(cfg, 2)
+    merged = merge_raw(ours, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}, "offload_param": {
+        "device": "cpu"}}})
+    assert merged["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_cpu_adam_is_checked_by_building_it_not_by_an_install_time_table(monkeypatch):
+    """DeepSpeed 0.19 installed with DS_BUILD_OPS=0 has no `compatible_ops` table; the op is JIT-built."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    from megalite.engine.deepspeed import cpu_adam_problem
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for the JIT build")
+    assert cpu_adam_problem() is None
+    validate(ds_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
+    monkeypatch.setattr(CPUAdamBuilder, "is_compatible", lambda self, verbose=False: False)
+    msg = errors(ds_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
+    assert "CPUAdamBuilder reports this machine as incompatible" in msg
+    assert "nearest valid: engine.offload_optimizer=false" in msg

@@ -1,0 +1,111 @@
+"""DeepSpeed runs as real processes: kill -9 and resume under torchrun, and the hostfile launcher recipes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from distributed import free_port  # noqa: E402
+from test_deepspeed import _train, zero  # noqa: E402
+from training_helpers import step_metrics as losses  # noqa: E402
+from training_helpers import tiny_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+KILL_STEPS = 10
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def _torchrun(prefix, run_dir, extra) -> subprocess.Popen:
+    """2 ranks under torchrun, in a session of their own so that one killpg takes the launcher and both ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "megalite", "train", "tiny",
+           *tiny_overrides(prefix, run_dir, steps=KILL_STEPS, **{"train.device": "cpu", **extra})]
+    return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout=240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("training made no progress")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_after_kill_9_is_exact(stage, counting_data, tmp_path, spawn):
+    """SIGKILL the launcher and both ranks at once mid-run (a node crash), resume with train.resume=auto:
+    every step's loss equals the uninterrupted run's exactly."""
+    extra = zero(stage, **{"checkpoint.interval": 1, "train.resume": "auto"})
+    straight = spawn(_train, 2, counting_data, str(tmp_path / "straight"), extra, steps=KILL_STEPS)[0]
+    run_dir = tmp_path / "killed"
+    killed = _torchrun(counting_data, run_dir, extra)
+    _wait_for_steps(run_dir, 4, killed)
+    time.sleep(np.random.default_rng().uniform(0, 0.3))  # somewhere inside a step or a save
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert len(losses(run_dir)) < KILL_STEPS, "the run finished before the kill; nothing was tested"
+    resumed = _torchrun(counting_data, run_dir, extra)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    assert losses(run_dir) == dict(enumerate((loss for loss, _ in straight), start=1))
+
+
+def _deepspeed_sh(prefix, run_dir, hostfile, **env):
+    overrides = tiny_overrides(prefix, run_dir, steps=2, **{
+        "optim.warmup_steps": 1, "train.device": "cpu", "checkpoint.interval": 0,
+        "engine.backend": "deepspeed", "engine.zero_stage": 1})
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "deepspeed.sh"), "-", "tiny", *overrides],
+                            env=_env(HOSTFILE=str(hostfile), **env), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_hostfile_with_one_host_runs_locally_without_ssh(counting_data, tmp_path):
+    """`HOSTFILE=... launch/deepspeed.sh - ...` with `localhost slots=2`: deepspeed's ssh check is skipped
+    (one host is launched locally), and the slots give 2 ranks."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one node\nlocalhost slots=2\n")
+    proc = _deepspeed_sh(counting_data, tmp_path / "run", hostfile, MASTER_PORT=str(free_port()),
+                         MASTER_ADDR="127.0.0.1")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert f"--hostfile {hostfile}" in out and "--no_ssh_check" in out and "dist_world_size=2" in out
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_hostfile_two_nodes_without_ssh_one_command_per_node(counting_data, tmp_path):
+    """Two 'nodes' (localhost and 127.0.0.1, one slot each) started separately with NODE_RANK=0/1 (--no_ssh)
+    form one 2-rank run with the single-host run's losses."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    nodes = [_deepspeed_sh(counting_data, tmp_path / "run", hostfile, MASTER_PORT=port, MASTER_ADDR="127.0.0.1",
+                           NODE_RANK=str(r)) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    for rank, (p, out) in enumerate(zip(nodes, outs)):
+        assert p.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+        assert f"--no_ssh --node_rank {rank}" in out
+    one_host = tmp_path / "one_host"
+    one_host.write_text("localhost slots=2\n")
+    single = _deepspeed_sh(counting_data, tmp_path / "single", one_host, MASTER_PORT=str(free_port()),
+                           MASTER_ADDR="127.0.0.1")
+    assert single.wait(timeout=300) == 0
+    assert losses(tmp_path / "run") == losses(tmp_path / "single")
