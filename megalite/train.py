@@ -206,7 +206,8 @@ class Trainer:
                   activation_checkpointing=cfg.train.activation_checkpointing, seed=cfg.train.seed)
         if g.pp_size == 1:
             return Transformer(cfg.model, **kw)
-        return build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, **kw)
+        return build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages,
+                                 partition=cfg.parallel.partition, **kw)
 
     def _samples_needed(self) -> dict:
         t = self.cfg.train
@@ -332,7 +333,8 @@ class Trainer:
                 "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size,
                              "data_order": data_order_settings(self.cfg)},
                 "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
-                           "virtual_stages": p.topology.virtual_stages, "order": p.topology.order}}
+                           "virtual_stages": p.topology.virtual_stages, "order": p.topology.order,
+                           "partition": self.cfg.parallel.partition}}
 
     def save(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -380,6 +382,11 @@ class Trainer:
                                   f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
                                   f"{p.topology.virtual_stages}; resume with that layout, or convert it first: "
                                   f"{self._reshard_hint(path)}")
+        partition = layout.get("partition", "uniform")  # which blocks each stage holds
+        if partition != self.cfg.parallel.partition:
+            raise CheckpointError(f"{path} was written with parallel.partition={partition} but this run uses "
+                                  f"parallel.partition={self.cfg.parallel.partition}; resume with "
+                                  f"parallel.partition={partition}")
         order = layout.get("order", p.topology.order)  # recorded since the order was configurable
         if order != p.topology.order:
             raise CheckpointError(f"{path} was written with parallel.order={order} but this run uses "

@@ -63,7 +63,7 @@ def meta_stage_model(cfg, pp: int, pp_rank: int) -> nn.Module:
 
     with torch.device("meta"):  # shapes, names and parameter order only: no memory, no init cost
         return Transformer(cfg.model) if pp == 1 else build_stage_model(
-            cfg.model, pp, pp_rank, cfg.parallel.virtual_stages)
+            cfg.model, pp, pp_rank, cfg.parallel.virtual_stages, partition=cfg.parallel.partition)
 
 
 def fresh_engine_state(cfg, model: nn.Module) -> dict:

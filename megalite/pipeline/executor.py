@@ -8,14 +8,13 @@ memory bound can be checked against what really happened.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from megalite.pipeline.schedules import Action
+from megalite.pipeline.schedules import Action, Step
 
 
 @dataclass
@@ -50,17 +49,20 @@ class RunStats:
 
 
 class Executor:
-    """Runs action lists for rank `stage` of `pp` with `v` chunks per rank.
+    """Runs one rank's steps (`schedules.schedule_steps`) for rank `stage` of `pp` with `v` chunks per rank.
 
-    `p2p` is a `P2P` (or anything with send/recv/flush, and optionally post);
-    it may be None when pp == 1 and v == 1, where no action communicates.
-    `lookahead` receives are posted ahead of the action that waits on them,
-    so their transfer overlaps the compute before it.
+    `p2p` is a `P2P` (anything with `launch(sends, receives, stage)` returning
+    a handle with `take(action)` and `finish()`); None when pp == 1, where
+    chunks hand their tensors over inside the rank. Each step's group is
+    launched without waiting, in the order the steps give (the order the
+    deadlock check proves); a compute waits only for the receive it needs, so
+    a receive posted early (the steady state of interleaved) overlaps the
+    compute before it. Sends are waited at the end of the run (their buffers
+    live until then).
     """
 
-    def __init__(self, hooks: StageHooks, p2p, stage: int, pp: int, v: int = 1, lookahead: int = 2):
+    def __init__(self, hooks: StageHooks, p2p, stage: int, pp: int, v: int = 1):
         self.hooks, self.p2p, self.stage, self.pp, self.v = hooks, p2p, stage, pp, v
-        self.lookahead = lookahead
 
     def _vstage(self, a: Action) -> int:
         return a.chunk * self.pp + self.stage
@@ -68,20 +70,26 @@ class Executor:
     def _is_last(self, a: Action) -> bool:
         return self._vstage(a) == self.pp * self.v - 1
 
-    def run(self, actions: list[Action], forward_only: bool = False) -> RunStats:
-        """Execute `actions` in order; returns losses and the stash peak. Sends are flushed at the end."""
-        stats = RunStats()
+    def run(self, steps: list[Step], forward_only: bool = False) -> RunStats:
+        """Execute `steps` in order; returns losses and the stash peak. All groups are waited at the end."""
+        if steps and not isinstance(steps[0], Step):
+            raise TypeError("Executor.run takes steps, not actions: use schedules.schedule_steps(kind, p, stage, m, v)")
+        stats, self._links = RunStats(), _Links(self.p2p, self.stage, self.pp)
         inputs: dict[tuple, torch.Tensor] = {}   # (mb, chunk) -> received activation (needs its grad)
         stash: dict[tuple, torch.Tensor] = {}    # (mb, chunk) -> output (or loss) awaiting backward
-        grads: dict[tuple, torch.Tensor] = {}    # (mb, chunk) -> received output grad / input grad to send
+        grads: dict[tuple, torch.Tensor] = {}    # (mb, chunk) -> output grad received / input grad to send
         outgoing: dict[tuple, torch.Tensor] = {}  # (mb, chunk) -> activation to send forward
-        receives = [i for i, a in enumerate(actions) if a.op.startswith("RECV")]
-        for i, a in enumerate(actions):
-            self._prefetch(actions, receives, i)
+        for step in steps:
+            sends = [(c, (outgoing if c.op == "SEND_F" else grads).pop((c.mb, c.chunk)))
+                     for c in step.comm if c.op.startswith("SEND")]
+            self._links.launch(sends, [c for c in step.comm if c.op.startswith("RECV")])
+            a = step.compute
+            if a is None:
+                continue
             key = (a.mb, a.chunk)
-            if a.op == "RECV_F":
-                inputs[key] = self.p2p.recv(a, self.stage).requires_grad_(not forward_only)
-            elif a.op == "F":
+            if a.op == "F":
+                if self._vstage(a) > 0:
+                    inputs[key] = self._links.take(Action("RECV_F", *key)).requires_grad_(not forward_only)
                 out = self._forward(a, inputs.get(key), stats, forward_only)
                 if not self._is_last(a):
                     outgoing[key] = out
@@ -90,33 +98,17 @@ class Executor:
                     stats.peak_stashed = max(stats.peak_stashed, len(stash))
                 else:
                     inputs.pop(key, None)
-            elif a.op == "SEND_F":
-                self.p2p.send(outgoing.pop(key), a, self.stage)
-            elif a.op == "RECV_B":
-                grads[key] = self.p2p.recv(a, self.stage)
-            elif a.op == "B":
-                self._backward(a, stash.pop(key), grads.pop(key, None))
+            else:
+                grad = None if self._is_last(a) else self._links.take(Action("RECV_B", *key))
+                self._backward(a, stash.pop(key), grad)
                 x = inputs.pop(key, None)
                 if x is not None:
                     grads[key] = x.grad
-            elif a.op == "SEND_B":
-                self.p2p.send(grads.pop(key), a, self.stage)
-            else:
-                raise ValueError(f"unknown pipeline action {a}")
-        if self.p2p is not None:
-            self.p2p.flush()
-        left = {k for d in (inputs, stash, grads, outgoing) for k in d}
+        self._links.flush()
+        left = {k for d in (inputs, stash, grads, outgoing) for k in d} | self._links.unclaimed()
         if left:
             raise RuntimeError(f"schedule left (mb, chunk) {sorted(left)} unfinished on stage {self.stage}")
         return stats
-
-    def _prefetch(self, actions: list[Action], receives: list[int], i: int) -> None:
-        """Post the next `lookahead` receives at or after position i (a posted receive never blocks)."""
-        post = getattr(self.p2p, "post", None)
-        if post is None or not self.lookahead:
-            return
-        for j in receives[bisect_left(receives, i):][: self.lookahead]:
-            post(actions[j], self.stage)
 
     def _forward(self, a: Action, x, stats: RunStats, forward_only: bool) -> torch.Tensor:
         if self._vstage(a) == 0:
@@ -134,6 +126,41 @@ class Executor:
         if self._is_last(a):
             self.hooks.backward_loss(out)
         else:
-            if grad is None:
-                raise RuntimeError(f"{a} on stage {self.stage} has no output gradient; the schedule lacks a RECV_B")
             torch.autograd.backward(out, grad_tensors=grad.to(out.dtype))
+
+
+class _Links:
+    """The launched groups of one run; pp == 1: hand-overs inside the rank."""
+
+    def __init__(self, p2p, stage: int, pp: int):
+        self.p2p, self.stage, self.pp = p2p, stage, pp
+        self.launched: list = []                            # every group's handle, finished at flush
+        self.holder: dict[Action, object] = {}              # RECV action -> the handle of its group
+        self.local: dict[Action, torch.Tensor] = {}         # pp == 1: RECV action -> tensor
+
+    def launch(self, sends: list[tuple[Action, torch.Tensor]], receives: list[Action]) -> None:
+        if self.pp == 1:  # chunk c's output is chunk c+1's input (and back): no process to talk to
+            for c, tensor in sends:
+                op, chunk = ("RECV_F", c.chunk + 1) if c.op == "SEND_F" else ("RECV_B", c.chunk - 1)
+                self.local[Action(op, c.mb, chunk)] = tensor.detach().clone()
+            return
+        if sends or receives:
+            handle = self.p2p.launch(sends, receives, self.stage)
+            self.launched.append(handle)
+            self.holder.update({a: handle for a in receives})
+
+    def take(self, a: Action) -> torch.Tensor:
+        """The tensor receive `a` brought (waits for it; groups were launched in the proven order)."""
+        if a in self.local:
+            return self.local.pop(a)
+        if a not in self.holder:
+            raise RuntimeError(f"{a} on stage {self.stage} was never received; the schedule lacks it")
+        return self.holder.pop(a).take(a)
+
+    def flush(self) -> None:
+        for handle in self.launched:
+            handle.finish()
+        self.launched = []
+
+    def unclaimed(self) -> set:
+        return {(a.mb, a.chunk) for a in (*self.holder, *self.local)}

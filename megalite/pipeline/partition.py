@@ -30,7 +30,7 @@ from megalite.tensor_parallel import (VocabParallelEmbedding, group_rank, group_
                                       normal_init, vocab_parallel_cross_entropy)
 from megalite.tensor_parallel.random import TPRngTracker
 
-METHODS = ("uniform", "parameters")
+PARTITIONS = ("uniform", "balanced")  # parallel.partition
 
 
 def partition_uniform(num_layers: int, stages: int) -> list[range]:
@@ -91,14 +91,18 @@ def block_parameter_counts(cfg: ModelConfig, tp_group=None, sequence_parallel: b
     return [count(emb)] + [count(layer)] * cfg.num_layers + [count(head)]
 
 
-def partition_blocks(cfg: ModelConfig, stages: int, method: str = "uniform", tp_group=None,
+def partition_blocks(cfg: ModelConfig, stages: int, partition: str = "uniform", tp_group=None,
                      sequence_parallel: bool = False) -> list[range]:
-    """Block-id ranges of the `stages` virtual stages, by layer count or balanced by parameters."""
-    if method == "uniform":
+    """Block-id ranges of the `stages` virtual stages: 'uniform' by layer count, 'balanced' by parameter
+    count (embedding and head, with a tied copy, counted in the first and last stage they always join)."""
+    if partition == "uniform":
         return partition_uniform(cfg.num_layers, stages)
-    if method == "parameters":
+    if partition == "balanced":
+        if cfg.num_layers < stages:  # the bound parallel.partition validation states for both
+            raise ValueError(f"{cfg.num_layers} layers cannot fill {stages} pipeline stages (pp * virtual_stages); "
+                             "lower pp or virtual_stages")
         return partition_balanced(block_parameter_counts(cfg, tp_group, sequence_parallel), stages)
-    raise ValueError(f"partition method {method!r} is unknown; use one of {METHODS}")
+    raise ValueError(f"parallel.partition={partition!r} is unknown; use one of {PARTITIONS}")
 
 
 def rank_chunks(ranges: list[range], pp: int, rank: int) -> list[range]:
@@ -192,9 +196,12 @@ class StageModel(nn.Module):
 
 def build_stage_model(cfg: ModelConfig, pp: int, pp_rank: int, virtual_stages: int = 1, tp_group=None,
                       sequence_parallel: bool = False, activation_checkpointing: bool = False,
-                      seed: int = 1234, method: str = "uniform") -> StageModel:
-    """Pipeline rank `pp_rank`'s StageModel: its v chunks of the pp*v-way partition of the blocks."""
-    ranges = partition_blocks(cfg, pp * virtual_stages, method, tp_group, sequence_parallel)
+                      seed: int = 1234, partition: str = "uniform") -> StageModel:
+    """Pipeline rank `pp_rank`'s StageModel: its v chunks of the pp*v-way partition of the blocks.
+
+    Parameter names are global block ids whatever the partition, so a checkpoint's names do not
+    depend on it; which rank holds which names does (resume and reshard need the same partition)."""
+    ranges = partition_blocks(cfg, pp * virtual_stages, partition, tp_group, sequence_parallel)
     return StageModel(cfg, rank_chunks(ranges, pp, pp_rank), pp, tp_group, sequence_parallel,
                       activation_checkpointing, seed)
 

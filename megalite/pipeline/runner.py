@@ -16,7 +16,7 @@ from megalite.kernels.attention import document_ids
 from megalite.pipeline.executor import Executor, StageHooks
 from megalite.pipeline.p2p import P2P
 from megalite.pipeline.partition import StageModel, tie_embedding_grads
-from megalite.pipeline.schedules import build_schedule
+from megalite.pipeline.schedules import schedule_steps
 
 
 def schedule_kind(name: str, virtual_stages: int) -> str:
@@ -42,8 +42,8 @@ class PipelineRunner:
         self.pp, self.stage, self.v, self.m = groups.pp_size, groups.pp_rank, topo.virtual_stages, micro_batches
         self.kind, self.device, self.context = schedule_kind(schedule, self.v), torch.device(device), context
         # fail now, not at the first step: the schedule checks (pp, m, v) and names the fix
-        self.train_actions = build_schedule(self.kind, self.pp, self.stage, self.m, self.v)
-        self.eval_actions = build_schedule(self.kind, self.pp, self.stage, self.m, self.v, forward_only=True)
+        self.train_steps = schedule_steps(self.kind, self.pp, self.stage, self.m, self.v)
+        self.eval_steps = schedule_steps(self.kind, self.pp, self.stage, self.m, self.v, forward_only=True)
         s = seq_len // groups.tp_size if model.sequence_parallel else seq_len
         if model.sequence_parallel and seq_len % groups.tp_size:
             raise ValueError(f"data.seq_len={seq_len} must be divisible by tp={groups.tp_size} "
@@ -52,6 +52,9 @@ class PipelineRunner:
         self.last_rank = topo.rank(tp=c.tp, pp=self.pp - 1, dp=c.dp)
         self.p2p = P2P(groups.prev_rank, groups.next_rank, (s, micro_batch, model.cfg.hidden_size),
                        torch.float32, self.device, self.pp, groups.pp_group)
+        # batched p2p must not be the first call on a NCCL group unless every rank joins it: one
+        # collective over the pipeline group first sets its communicator up on all of them
+        dist.all_reduce(torch.zeros(1, device=self.device), group=groups.pp_group)
 
     def _hooks(self, batches: list[dict], scale: float) -> StageHooks:
         tokens = [b["tokens"] for b in batches]  # [b, s + 1] each; every stage reads the same batches
@@ -73,7 +76,7 @@ class PipelineRunner:
         if len(batches) != self.m:
             raise ValueError(f"the pipeline was set up for {self.m} micro-batches, got {len(batches)}")
         executor = Executor(self._hooks(batches, scale), self.p2p, self.stage, self.pp, self.v)
-        stats = executor.run(self.eval_actions if forward_only else self.train_actions, forward_only)
+        stats = executor.run(self.eval_steps if forward_only else self.train_steps, forward_only)
         self.last_peak_stashed = stats.peak_stashed
         total = torch.zeros((), device=self.device)
         for value in stats.losses.values():  # only the last stage has any

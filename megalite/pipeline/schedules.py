@@ -14,11 +14,15 @@ rank r is virtual stage c*p + r (Megatron's assignment), so activations go
 r -> r+1 inside a chunk and wrap from rank p-1 chunk c to rank 0 chunk c+1.
 Peers are implied: *_F goes forward (prev -> next), *_B backward.
 
-Communication semantics the schedules are built and checked for: a send is
-posted without waiting (isend), a receive blocks until its message arrives,
-and messages between two ranks are matched in the order they were sent.
-`simulate` runs all ranks' lists under exactly those rules and raises on a
-deadlock or a mismatched pair, so a schedule is verified without processes.
+How communication runs: `comm_steps` cuts a rank's list into steps, each
+one batched group of sends and receives (the sends the previous compute owes
+and the receives the next one needs, Megatron's send_forward_recv_backward
+and kin) followed by that compute. The executor issues exactly these groups,
+and `megalite.pipeline.deadlock.check_groups` proves them deadlock-free under
+NCCL's rules (p2p between two ranks runs in issue order; a group finishes only
+when every op in it has met its peer's), so the proof and the run cannot
+drift apart. `simulate` checks the looser rules of buffered sends (a send
+never blocks, receives match in order): causal order and pairing.
 
 Every schedule is one compute order: forwards in a fixed order, backwards in
 a fixed order, `warmup` forwards first, then one-forward-one-backward, then
@@ -134,7 +138,75 @@ def all_schedules(kind: str, p: int, m: int, v: int = 1, forward_only: bool = Fa
     return [build_schedule(kind, p, r, m, v, forward_only) for r in range(p)]
 
 
-def _message(a: Action, p: int, stage: int, v: int) -> tuple[int, int, tuple]:
+class Step(NamedTuple):
+    """One batched communication group, then the compute it feeds (None: the sends after the last one)."""
+
+    comm: tuple[Action, ...]
+    compute: Action | None
+
+
+def comm_steps(actions: list[Action], fuse_from: int | None = None) -> list[Step]:
+    """Group the communication between consecutive F/B actions into one batch each.
+
+    The group before compute k holds the sends compute k-1 owes, then the
+    receives compute k needs; a trailing group the last compute's sends.
+    Sends come first so that a rank-local hand-over (pp=1 with chunks) is
+    sent before it is received.
+
+    fuse_from=w (interleaved): every F-then-B pair after the first w forwards
+    (the steady state) gets no group in between, as in Megatron's interleaved
+    schedule: the B's receive joins the group before the F, the F's send the
+    group after the B. Without that, per-compute groups deadlock under NCCL
+    rules once m > p (see megalite.pipeline.deadlock).
+    """
+    steps = [[list(comm), a] for comm, a in _plain_steps(actions)]
+    forwards, i = 0, 0
+    while i + 1 < len(steps):
+        a, b = steps[i][1], steps[i + 1][1]
+        forwards += a.op == "F"
+        if fuse_from is not None and forwards > fuse_from and a.op == "F" and b is not None and b.op == "B":
+            between, steps[i + 1][0] = steps[i + 1][0], []
+            steps[i][0] += [c for c in between if c.op.startswith("RECV")]
+            sends = [c for c in between if c.op.startswith("SEND")]
+            if i + 2 < len(steps):
+                steps[i + 2][0][:0] = sends
+            elif sends:
+                steps.append([sends, None])
+            i += 2
+        else:
+            i += 1
+    return [Step(tuple(comm), a) for comm, a in steps]
+
+
+def _plain_steps(actions: list[Action]) -> list[Step]:
+    """One group between every two consecutive computes (sends owed, then receives needed)."""
+    steps, pending = [], []
+    for a in actions:
+        if a.op in ("F", "B"):
+            sends = [c for c in pending if c.op.startswith("SEND")]
+            steps.append(Step(tuple(sends + [c for c in pending if c.op.startswith("RECV")]), a))
+            pending = []
+        elif a.op in OPS:
+            pending.append(a)
+        else:
+            raise ValueError(f"unknown pipeline action {a}")
+    if pending:
+        steps.append(Step(tuple(pending), None))
+    return steps
+
+
+def schedule_steps(kind: str, p: int, stage: int, m: int, v: int = 1, forward_only: bool = False) -> list[Step]:
+    """Rank `stage`'s schedule as the executor runs it: batched groups, each followed by one compute.
+
+    The one place groups are decided; `megalite.pipeline.deadlock` proves
+    exactly these deadlock-free under NCCL rules.
+    """
+    actions = build_schedule(kind, p, stage, m, v, forward_only)
+    steady = kind == "interleaved" and not forward_only
+    return comm_steps(actions, warmup_forwards(kind, p, stage, m, v) if steady else None)
+
+
+def message(a: Action, p: int, stage: int, v: int) -> tuple[int, int, tuple]:
     """(src rank, dst rank, payload id) of a send or receive; the id names what travels."""
     vstage = a.chunk * p + stage
     if a.op in ("SEND_F", "RECV_F"):
@@ -160,10 +232,10 @@ def simulate(schedules: list[list[Action]], v: int = 1) -> list[tuple[int, Actio
             while pos[r] < len(schedules[r]):
                 a = schedules[r][pos[r]]
                 if a.op in ("SEND_F", "SEND_B"):
-                    src, dst, msg = _message(a, p, r, v)
+                    src, dst, msg = message(a, p, r, v)
                     channels.setdefault((src, dst), deque()).append(msg)
                 elif a.op in ("RECV_F", "RECV_B"):
-                    src, dst, msg = _message(a, p, r, v)
+                    src, dst, msg = message(a, p, r, v)
                     queue = channels.get((src, dst))
                     if not queue:
                         break  # blocked: wait for the sender

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import load_config
+from megalite.pipeline.partition import partition_blocks
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, build_groups
 from training_helpers import step_metrics, tiny_overrides
@@ -49,8 +50,9 @@ def _train(prefix, run_dir, steps, extra, planned=STEPS):
     return metrics(run_dir) if trainer.rank == 0 else final.get("valid_loss")
 
 
-def _grads(prefix, run_dir, extra):
-    """Every parameter's gradient after one global batch, as (tp_rank, tp_size, partition_dim, grad)."""
+def _grads(prefix, run_dir, extra, with_chunks=False):
+    """Every parameter's gradient after one global batch, as (tp_rank, tp_size, partition_dim, grad)
+    (with_chunks: and the block-id ranges of this rank's stage)."""
     cfg = load_config("tiny", overrides(prefix, run_dir, 1, **extra))
     groups = build_groups(cfg, _world()) if dist.is_initialized() else ProcessGroups.single()
     trainer = Trainer(cfg, groups)
@@ -62,8 +64,9 @@ def _grads(prefix, run_dir, extra):
         for b in batches:
             trainer.engine.backward(trainer._micro_loss(b) / trainer.accum)
     trainer.engine.reduce_gradients()
-    return {n: (groups.tp_rank, groups.tp_size, getattr(p, "partition_dim", None), p.grad)
-            for n, p in trainer.model.named_parameters()}
+    grads = {n: (groups.tp_rank, groups.tp_size, getattr(p, "partition_dim", None), p.grad)
+             for n, p in trainer.model.named_parameters()}
+    return (grads, trainer.model.chunks) if with_chunks else grads
 
 
 def shard_of(full: torch.Tensor, tp_rank: int, tp_size: int, dim) -> torch.Tensor:
@@ -89,6 +92,8 @@ LAYOUTS = [  # (ranks, overrides, steps)
     (4, {"parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True}, 20),
     (8, {"parallel.pp": 4, "parallel.tp": 2}, 20),
     (8, {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp": 2, "parallel.virtual_stages": 2}, 20),
+    (8, {"parallel.pp": 4, "parallel.dp": 2}, 20),
+    (2, {"parallel.pp": 2, "parallel.partition": "balanced"}, 20),
 ]
 
 
@@ -125,6 +130,29 @@ def test_loss_curve_matches_single_process(layout, counting_data, reference, tmp
         assert norm == pytest.approx(ref[step][1], rel=RTOL), f"step {step}"
     if steps >= 10:
         assert got[steps][0] < got[1][0] - 0.5  # it learns, not just agrees
+
+
+def _balanced_grads(prefix, run_dir, extra):
+    """_grads, plus the block ids each chunk of this rank's stage model holds."""
+    return _grads(prefix, run_dir, extra, with_chunks=True)
+
+
+def test_balanced_partition_with_uneven_layers_matches_single_process(counting_data, tmp_path, spawn):
+    """5 layers over pp=4: the Trainer cuts by parameter count (parallel.partition) and still agrees."""
+    extra = {"model.num_layers": 5, "parallel.partition": "balanced"}
+    ref = {n: g[3] for n, g in _grads(counting_data, tmp_path / "ref", extra).items()}
+    per_rank = spawn(_balanced_grads, 4, counting_data, str(tmp_path / "pp"), {**extra, "parallel.pp": 4})
+    cfg = load_config("tiny", overrides(counting_data, tmp_path, 1, **extra))
+    want = partition_blocks(cfg.model, 4, "balanced")
+    assert want != partition_blocks(cfg.model, 4, "uniform")
+    assert [chunks for _, chunks in per_rank] == [[r] for r in want]
+    seen = set()
+    for grads, _ in per_rank:
+        for name, (_, _, _, grad) in grads.items():
+            name = {"blocks.6.weight": "blocks.0.word.weight"}.get(name, name)  # the tied copy (head: block 6)
+            torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            seen.add(name)
+    assert seen == set(ref)
 
 
 def _stop_and_resume(prefix, run_dir, extra):

@@ -13,8 +13,8 @@ import torch
 
 from megalite.config import ModelConfig
 from megalite.model import Transformer
-from megalite.pipeline import (Executor, StageHooks, build_schedule, build_stage_model, max_in_flight,
-                               partition_balanced, partition_uniform)
+from megalite.pipeline import (Executor, StageHooks, build_stage_model, max_in_flight, partition_balanced,
+                               partition_uniform, schedule_steps)
 from megalite.pipeline.partition import block_parameter_counts
 
 
@@ -61,29 +61,62 @@ def test_stage_models_hold_the_unsplit_weights_under_global_names(pp, v, tie):
     assert len(counts) == cfg.num_layers + 2 and counts[1] == counts[2]
 
 
+@pytest.mark.parametrize("pp,v", [(4, 1), (2, 2)])
+def test_balanced_partition_reaches_the_stage_models(pp, v):
+    cfg = tiny(num_layers=5, tie_embeddings=True)  # 5 layers over 4 chunks: uniform would load chunk 0
+    want = partition_balanced(block_parameter_counts(cfg), pp * v)
+    assert want != partition_uniform(5, pp * v)
+    held = [build_stage_model(cfg, pp, r, v, partition="balanced").chunks for r in range(pp)]
+    assert [held[s % pp][s // pp] for s in range(pp * v)] == want
+    assert 0 in want[0] and cfg.num_layers + 1 in want[-1]  # embedding first, head (and loss) last
+    with pytest.raises(ValueError, match="parallel.partition='even' is unknown"):
+        build_stage_model(cfg, pp, 0, v, partition="even")
+
+
 class Link:
-    """In-memory P2P between threads: one FIFO queue per (src, dst) pair."""
+    """In-memory P2P between threads: one FIFO queue per (src, dst) pair; a group's receives are taken
+    when it is waited (sends are buffered, so this checks data flow, not NCCL ordering)."""
 
     def __init__(self, queues, rank, pp):
         self.queues, self.rank, self.pp = queues, rank, pp
+        self.groups = []  # what the executor launched, in order
+        self.pending = []
 
-    def send(self, tensor, a, stage):
-        dst = (self.rank + 1) % self.pp if a.op == "SEND_F" else (self.rank - 1) % self.pp
-        self.queues[(self.rank, dst)].put(tensor.detach().clone())
+    def launch(self, sends, receives, stage):
+        self.groups.append(tuple(a for a, _ in sends) + tuple(receives))
+        self.pending.append(Pending(self, receives))
+        for a, tensor in sends:
+            dst = (self.rank + 1) % self.pp if a.op == "SEND_F" else (self.rank - 1) % self.pp
+            self.queues[(self.rank, dst)].put(tensor.detach().clone())
+        return self.pending[-1]
 
-    def recv(self, a, stage):
+    def recv(self, a):
         src = (self.rank - 1) % self.pp if a.op == "RECV_F" else (self.rank + 1) % self.pp
         return self.queues[(src, self.rank)].get(timeout=30)
 
-    def flush(self):
-        pass
+
+class Pending:
+    def __init__(self, link, receives):
+        self.link, self.receives, self.got = link, list(receives), {}
+
+    def take(self, a):
+        # per-pair FIFO: receives come off the queues in posting order (this and every earlier group's),
+        # whatever the executor asks for first
+        for group in self.link.pending[: self.link.pending.index(self) + 1]:
+            while group.receives:
+                first = group.receives.pop(0)
+                group.got[first] = self.link.recv(first)
+        return self.got.pop(a)
+
+    def finish(self):
+        assert not self.receives and not self.got
 
 
-def run_threads(cfg, kind, pp, v, tokens, seed=3):
+def run_threads(cfg, kind, pp, v, tokens, seed=3, partition="uniform"):
     """Every rank a thread; returns (grads by global name, loss, peak stash per rank)."""
     m = len(tokens)
     queues = {(a, b): queue.Queue() for a in range(pp) for b in range(pp)}
-    stages = [build_stage_model(cfg, pp, r, v, seed=seed) for r in range(pp)]
+    stages = [build_stage_model(cfg, pp, r, v, seed=seed, partition=partition) for r in range(pp)]
     results, errors = {}, []
 
     def work(rank):
@@ -91,8 +124,10 @@ def run_threads(cfg, kind, pp, v, tokens, seed=3):
             st = stages[rank]
             hooks = StageHooks(forward=st.forward, first_input=lambda mb: tokens[mb][:, :-1],
                                loss=lambda mb, out: st.loss_from_logits(out, tokens[mb][:, 1:]).mean() / m)
-            stats = Executor(hooks, Link(queues, rank, pp), rank, pp, v).run(build_schedule(kind, pp, rank, m, v))
-            results[rank] = stats
+            link, steps = Link(queues, rank, pp), schedule_steps(kind, pp, rank, m, v)
+            results[rank] = Executor(hooks, link, rank, pp, v).run(steps)
+            # exactly the groups the NCCL deadlock check proves, in that order
+            assert link.groups == [s.comm for s in steps if s.comm], f"rank {rank}"
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 
@@ -110,16 +145,19 @@ def run_threads(cfg, kind, pp, v, tokens, seed=3):
     return grads, loss, [results[r].peak_stashed for r in range(pp)]
 
 
-@pytest.mark.parametrize("kind,pp,v,m,tie", [("1f1b", 2, 1, 4, False), ("1f1b", 4, 1, 6, True),
-                                             ("interleaved", 2, 2, 4, True), ("afab", 2, 2, 3, False)])
-def test_threaded_pipeline_matches_the_unsplit_model(kind, pp, v, m, tie):
-    cfg = tiny(tie_embeddings=tie)
+@pytest.mark.parametrize("kind,pp,v,m,tie,partition,layers", [
+    ("1f1b", 2, 1, 4, False, "uniform", 4), ("1f1b", 4, 1, 6, True, "uniform", 4),
+    ("interleaved", 2, 2, 4, True, "uniform", 4), ("afab", 2, 2, 3, False, "uniform", 4),
+    ("1f1b", 2, 1, 4, True, "balanced", 4), ("1f1b", 4, 1, 6, True, "balanced", 5),
+    ("interleaved", 2, 2, 4, False, "balanced", 5)])
+def test_threaded_pipeline_matches_the_unsplit_model(kind, pp, v, m, tie, partition, layers):
+    cfg = tiny(tie_embeddings=tie, num_layers=layers)
     gen = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, cfg.vocab_size, (2, 9), generator=gen) for _ in range(m)]
     full = Transformer(cfg, seed=3)
     ref_loss = sum(full.loss(t[:, :-1], t[:, 1:]).mean() / m for t in tokens)
     ref_loss.backward()
-    grads, loss, peaks = run_threads(cfg, kind, pp, v, tokens)
+    grads, loss, peaks = run_threads(cfg, kind, pp, v, tokens, partition=partition)
     assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for name, p in full.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

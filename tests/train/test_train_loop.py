@@ -134,3 +134,20 @@ def test_resume_with_another_rank_count_is_refused_with_the_reshard_command(coun
     for message in messages:
         assert "written by 1 ranks but this run has 2" in message, message
         assert "convert_checkpoint.py reshard" in message and "--dp 2" in message, message
+
+
+def _train_pp2(prefix, run_dir, steps, partition) -> str:
+    extra = {"parallel.pp": 2, "model.num_layers": 4, "parallel.partition": partition}
+    cfg = load_config("tiny", tiny_overrides(prefix, run_dir, steps=steps, **extra))
+    try:
+        Trainer(cfg, build_groups(cfg, dist.get_world_size())).fit()
+    except CheckpointError as e:
+        return str(e)
+    return "trained"
+
+
+def test_resume_with_another_partition_is_refused(counting_data, tmp_path, spawn):
+    """Which blocks a stage holds depends on parallel.partition: a rank must not load another's."""
+    assert spawn(_train_pp2, 2, counting_data, str(tmp_path), 1, "uniform") == ["trained"] * 2
+    for message in spawn(_train_pp2, 2, counting_data, str(tmp_path), 2, "balanced"):
+        assert "parallel.partition=uniform but this run uses parallel.partition=balanced" in message, message
