@@ -30,7 +30,7 @@ def tiny_overrides(prefix, run_dir, steps=8, **extra) -> list[str]:
           "model.num_kv_heads": 2, "model.max_seq_len": 32, "data.seq_len": 32, "data.path": f"[{prefix}]",
           "data.split": "90,10,0", "train.micro_batch_size": 2, "train.global_batch_size": 8,
           "train.steps": steps, "train.eval_interval": 0, "train.eval_steps": 2, "train.run_dir": str(run_dir),
-          "optim.lr": 3e-3, "optim.warmup_steps": 2, "logging.interval": 1, "logging.tensorboard": False,
+          "optim.lr": 3e-3, "optim.warmup_steps": min(2, steps), "logging.interval": 1, "logging.tensorboard": False,
           "logging.progress_bar": False, "checkpoint.interval": 2, "checkpoint.keep_last": 10}
     kv.update(extra)
     return [f"{k}={v}" for k, v in kv.items()]

@@ -160,4 +160,4 @@ def rank_state(full: dict, meta: dict, engine: dict, cfg, tp_rank: int, world: i
             "rng": {**rng_state(), "tp_tracker": TPRngTracker(cfg.train.seed, tp_rank).get_state()},
             "progress": {"step": 0, "consumed_samples": 0},
             "layout": {"tp": tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages,
-                       "order": p.order}}
+                       "order": p.order, "partition": p.partition}}

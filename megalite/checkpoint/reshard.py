@@ -104,7 +104,7 @@ def _open_rank(d: Path, manifest: dict, rank: int) -> dict:
 
 def _check_layout(layout, world: int, where: Path) -> tuple[int, int, int]:
     """(tp, pp, virtual_stages) of a source checkpoint, refusing layout metadata it cannot read."""
-    known = {"tp", "pp", "world_size", "virtual_stages", "order"}  # order: absent in older checkpoints
+    known = {"tp", "pp", "world_size", "virtual_stages", "order", "partition"}  # the last two: absent in older ones
     if not isinstance(layout, dict) or not {"tp", "pp", "world_size"} <= set(layout) or set(layout) - known:
         raise CheckpointError(f"{where}: unknown layout metadata {layout!r}; expected keys {sorted(known)} "
                               "as the Trainer writes them")
@@ -301,7 +301,8 @@ def _stage_states(src: _Source, cfg, stage: int, world: int) -> list[dict]:
     groups = [{**g, **src.groups.get(g.get("name"), {}), "params": g["params"]}  # source hyperparameters
               for g in fresh["optimizer"]["param_groups"]]
     carried = {k: src.engine[k] for k in ("schedule", "scaler", "precision") if k in src.engine}
-    layout = {"tp": p.tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages, "order": p.order}
+    layout = {"tp": p.tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages, "order": p.order,
+              "partition": p.partition}
     return [{"model": weights[t], "shards": plan.meta,
              "engine": {**fresh, **carried, "optimizer": {"state": moments[t], "param_groups": groups}},
              "rng": lay.fresh_rng(cfg.train.seed + src.step, t),  # per-rank streams do not map across layouts

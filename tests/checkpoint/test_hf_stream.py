@@ -116,7 +116,8 @@ def test_zero3_tp2_dp2_export_streams_the_consolidated_model(counting_data, tmp_
         assert torch.equal(reader.read(name), tensor), name
     meter = LiveBytes(monkeypatch)
     export_hf(ckpt, tmp_path / "hf", max_shard_bytes=20_000)
-    assert meter.peak <= 20_000 + meter.largest
+    # one output file (at most 20 KB, or one tensor when a tensor is larger) plus the tensor being read
+    assert meter.peak <= max(20_000, meter.largest) + meter.largest, (meter.peak, meter.largest)
     from safetensors.torch import load_file
 
     got = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}

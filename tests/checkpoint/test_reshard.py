@@ -168,7 +168,7 @@ def test_cli_reshard(reference, tmp_path, capsys):
     out = tmp_path / "cli"
     assert tool.main(["reshard", str(run / "checkpoints"), str(out), "--tp", "2", "--pp", "1"]) == 0
     assert load_checkpoint(out, 1)["layout"] == {"tp": 2, "pp": 1, "world_size": 2, "virtual_stages": 1,
-                                                  "order": "tp-dp-pp"}
+                                                  "order": "tp-dp-pp", "partition": "uniform"}
     assert load_checkpoint(out, 1)["progress"]["step"] == N  # the root's `latest`
     assert tool.main(["reshard", str(run / "checkpoints"), str(out), "--tp", "2", "--pp", "1"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from training_helpers import step_metrics as losses  # noqa: E402
 from training_helpers import tiny_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KILL_STEPS = 10
+KILL_STEPS = 40  # enough steps left after the 4th that the kill lands mid-run even on a loaded machine
 
 
 def _env(**extra) -> dict:
