@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -46,6 +45,7 @@ import torch.multiprocessing as mp
 from megalite.pipeline import P2P, Executor, StageHooks, max_in_flight, schedule_steps
 from megalite.pipeline.deadlock import simulate_makespan
 from megalite.pipeline.runner import schedule_kind
+from megalite.topology.launcher import free_port
 
 SHAPE = (4, 1, 8)  # [s, b, h] of every boundary tensor: tiny, so communication is cheap
 
@@ -122,17 +122,11 @@ def _worker(rank: int, p: int, port: int, cases: list, tf: float, tb: float, rep
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(p: int, cases: list, tf: float, tb: float, repeats: int) -> list[dict]:
     """Spawn p gloo processes and measure every (kind, m, v) case on them."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(p, _free_port(), cases, tf, tb, repeats, results), nprocs=p,
+    mp.start_processes(_worker, args=(p, free_port("127.0.0.1"), cases, tf, tb, repeats, results), nprocs=p,
                        join=True, start_method="spawn")
     return [results.get() for _ in cases]
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 
@@ -174,18 +173,14 @@ def _measure_rank(rank: int, world: int, port: int, stages, out) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_dp(world: int, stages=(1, 2, 3)) -> dict:
     """Rank 0's census for each stage, from `world` CPU ranks (dp = world)."""
     import torch.multiprocessing as mp
 
+    from megalite.topology.launcher import free_port
+
     ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _free_port()
+    q, port = ctx.Queue(), free_port("127.0.0.1")
     procs = [ctx.Process(target=_measure_rank, args=(r, world, port, stages, q)) for r in range(world)]
     for p in procs:
         p.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from megalite.config.sections import Config, ConfigError
+from megalite.data.blend import is_number
 
 
 def _section_types() -> dict[str, type]:
@@ -131,14 +132,6 @@ def _set_field(cfg: Config, section: str, key: str, value, source: str, parsed: 
     setattr(getattr(cfg, section), key, value)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def split_blend_string(items: list[str]) -> list[str]:
     """Megatron's space-separated blend '0.3 A 0.7 B' (an item that starts with a weight) -> its parts.
 
@@ -148,7 +141,7 @@ def split_blend_string(items: list[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         words = item.split()
-        out.extend(words if len(words) > 1 and _is_number(words[0]) else [item])
+        out.extend(words if len(words) > 1 and is_number(words[0]) else [item])
     return out
 
 

@@ -40,11 +40,11 @@ def parse_data_path(path) -> tuple[list[str], list[float]]:
     if not items:
         raise ValueError("data path is empty; give one prefix ['PREFIX'] or weighted prefixes "
                          "['0.3', 'PREFIX_A', '0.7', 'PREFIX_B']")
-    if not _is_number(items[0]):
+    if not is_number(items[0]):
         prefixes, weights = items, [1.0] * len(items)
     else:
         prefixes, raw = items[1::2], items[0::2]
-        if len(items) % 2 or any(not _is_number(w) for w in raw) or any(_is_number(p) for p in prefixes):
+        if len(items) % 2 or any(not is_number(w) for w in raw) or any(is_number(p) for p in prefixes):
             raise ValueError(f"data path {items!r} must alternate weights and prefixes, "
                              "e.g. ['0.3', 'PREFIX_A', '0.7', 'PREFIX_B']")
         weights = [float(w) for w in raw]
@@ -54,7 +54,7 @@ def parse_data_path(path) -> tuple[list[str], list[float]]:
     return prefixes, [w / total for w in weights]
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
         return True

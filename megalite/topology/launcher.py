@@ -305,6 +305,13 @@ def _fill_rendezvous(values: dict) -> None:
                       "export MASTER_ADDR (rank 0's host) and MASTER_PORT on every node")
 
 
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` ('' = every interface) now; the rendezvous binds it a moment later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _mpi_rendezvous() -> tuple[str, int]:
     """Rank 0's hostname and a free port on it, broadcast over MPI (needs mpi4py)."""
     try:
@@ -315,9 +322,7 @@ def _mpi_rendezvous() -> tuple[str, int]:
     comm = MPI.COMM_WORLD
     info = None
     if comm.Get_rank() == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            info = (socket.gethostname(), s.getsockname()[1])
+        info = (socket.gethostname(), free_port())
     return comm.bcast(info, root=0)
 
 
