@@ -307,7 +307,7 @@ class Trainer:
                 "mfu": flops * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
                 "consumed_samples": self.step * t.global_batch_size,
-                **{f"comm_{kind}_bytes": n for kind, n in take_comm_bytes().items()}}
+                **{f"comm_{key}_bytes": n for key, n in take_comm_bytes().items()}}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict:

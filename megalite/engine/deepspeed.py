@@ -50,6 +50,7 @@ from megalite.engine.base import Engine, StepResult
 from megalite.checkpoint.sharding import shard_metadata
 from megalite.engine.ds_config import build_ds_config
 from megalite.optim import LRSchedule, param_groups
+from megalite.tensor_parallel import comm
 
 
 def cpu_adam_problem() -> str | None:
@@ -82,6 +83,7 @@ def cpu_adam_problem() -> str | None:
 def _sp_allreduce_hook(group):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()  # the incoming tensor may be shared with other graph nodes
+        comm.record("all_reduce", grad)
         dist.all_reduce(grad, group=group)
         return grad
     return hook

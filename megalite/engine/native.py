@@ -33,6 +33,7 @@ from megalite.config import OptimConfig, TrainConfig
 from megalite.engine.base import Engine, StepResult
 from megalite.engine.loss_scaler import build_scaler
 from megalite.optim import LRSchedule, build_optimizer
+from megalite.tensor_parallel import comm
 
 DEFAULT_BUCKET_ELEMS = 25_000_000
 
@@ -59,8 +60,10 @@ def _buckets(grads: list[torch.Tensor], bucket_elems: int) -> Iterator[list[torc
 
 
 def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
-                   average: bool = True) -> None:
+                   average: bool = True, label: str = "dp") -> None:
     """Average (average=False: sum) `grads` in place over `group`: one all_reduce per flattened bucket.
+
+    `label` names the group in the communication counters (comm.GROUPS).
 
     Bucketing trades a copy for far fewer collectives: hundreds of small
     parameter tensors would otherwise each pay the collective's latency.
@@ -70,6 +73,7 @@ def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT
         return
     for bucket in _buckets(grads, bucket_elems):
         flat = torch.cat([g.reshape(-1) for g in bucket])
+        comm.record("all_reduce", flat, label)
         dist.all_reduce(flat, group=group)
         if average:
             flat.div_(size)  # gloo has no AVG op; summing then dividing works on every backend
@@ -153,7 +157,7 @@ class NativeEngine(Engine):
         run the same blocks); one without a gradient is left out.
         """
         grads = [p.grad for p in self.sp_params if p.grad is not None]
-        allreduce_mean(grads, self.tp_group, self.bucket_elems, average=False)
+        allreduce_mean(grads, self.tp_group, self.bucket_elems, average=False, label="tp")
 
     def clip_gradients(self) -> float:
         """Global grad norm before clipping; scales gradients down to clip_grad when it is exceeded."""

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.pipeline.schedules import Action
+from megalite.tensor_parallel import comm
 
 
 class P2P:
@@ -51,6 +52,7 @@ class P2P:
                              f"for {self.shape}; every micro-batch must have the same [s, b, h]")
         dst = self.next_rank if a.op == "SEND_F" else self.prev_rank
         buf = tensor.detach().to(self.dtype).contiguous()
+        comm.record("send", buf, "pp")
         return dist.P2POp(dist.isend, buf, dst, self.group, self._tag(a, stage))
 
     def launch(self, sends: list[tuple[Action, torch.Tensor]], receives: list[Action], stage: int) -> "Batch":

@@ -28,6 +28,7 @@ from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
 from megalite.model.transformer import _check, _ffn_size, _padded_vocab
 from megalite.tensor_parallel import (VocabParallelEmbedding, group_rank, group_size, init_model_weights,
                                       normal_init, vocab_parallel_cross_entropy)
+from megalite.tensor_parallel import comm
 from megalite.tensor_parallel.random import TPRngTracker
 
 PARTITIONS = ("uniform", "balanced")  # parallel.partition
@@ -218,4 +219,5 @@ def tie_embedding_grads(model: StageModel, embedding_group) -> None:
         return
     if w.grad is None:
         w.grad = torch.zeros_like(w)
+    comm.record("all_reduce", w.grad, "embedding")
     dist.all_reduce(w.grad, group=embedding_group)

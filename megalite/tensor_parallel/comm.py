@@ -1,8 +1,19 @@
-"""Communication accounting: bytes handed to each kind of tensor-parallel collective.
+"""Communication accounting: bytes handed to each kind of collective, per process group, per step.
 
-Every collective in `mappings` calls `record(kind, tensor)` when its group
-has more than one rank; `take_comm_bytes()` returns the totals since the last
-call and resets them, so the trainer reports one step's traffic per row.
+Every collective megalite issues itself calls `record(kind, tensor, group)`
+when its group has more than one rank; `take_comm_bytes()` returns the totals
+since the last call and resets them, so the trainer reports one step's
+traffic per row (metrics `comm_<group>_<kind>_bytes`). The groups:
+
+    tp          tensor-parallel activations (mappings), the vocab-parallel loss's
+                [s, b] all-reduces, sequence-parallel norm-gradient sums
+    dp          the native engine's gradient all-reduce (DeepSpeed's ZeRO
+                traffic happens inside DeepSpeed and is not counted)
+    pp          pipeline point-to-point sends (activations forward, gradients backward)
+    embedding   the tied-embedding gradient sum between the first and last stage
+
+tp counters are always reported (zero without tp); the others appear once
+this process has recorded them.
 
 What "bytes" means here: the PAYLOAD of the collective on this rank, i.e.
 the size (numel * element size) of the full, unsharded tensor it operates on:
@@ -10,8 +21,9 @@ the size (numel * element size) of the full, unsharded tensor it operates on:
     all_reduce       the tensor being summed                   e.g. [s, b, h]
     all_gather       the gathered OUTPUT (all ranks' chunks)   e.g. [s, b, h] from [s/tp, b, h]
     reduce_scatter   the INPUT before scattering               e.g. [s, b, h] to [s/tp, b, h]
+    send             the tensor sent                           e.g. [s, b, h] to the next stage
 
-So for one transformer layer without sequence parallelism the count is
+So for one transformer layer without sequence parallelism the tp count is
 4 * s*b*h*elem_size of all_reduce (two forward, two backward); with
 sequence parallelism it is 4 * s*b*h*elem_size of all_gather plus the same
 of reduce_scatter. Payload is not what crosses the wire: `wire_bytes`
@@ -25,34 +37,41 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
+GROUPS = ("tp", "dp", "pp", "embedding")
+ALWAYS = ("tp_all_reduce", "tp_all_gather", "tp_reduce_scatter")  # reported even when zero
 
-_bytes: dict[str, int] = dict.fromkeys(KINDS, 0)
+_bytes: dict[str, int] = dict.fromkeys(ALWAYS, 0)
 
 
-def record(kind: str, tensor: torch.Tensor) -> None:
-    """Add `tensor`'s payload (numel * element size) to the counter of `kind`."""
-    if kind not in _bytes:
+def record(kind: str, tensor: torch.Tensor, group: str = "tp") -> None:
+    """Add `tensor`'s payload (numel * element size) to the counter of `group`'s `kind`."""
+    if kind not in KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; use one of {KINDS}")
-    _bytes[kind] += tensor.numel() * tensor.element_size()
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; use one of {GROUPS}")
+    key = f"{group}_{kind}"
+    _bytes[key] = _bytes.get(key, 0) + tensor.numel() * tensor.element_size()
 
 
 def take_comm_bytes() -> dict[str, int]:
-    """Payload bytes per collective kind since the previous call (every kind present), then reset."""
+    """Payload bytes per '<group>_<kind>' since the previous call, then reset (keys stay, at zero)."""
     out = dict(_bytes)
-    for kind in _bytes:
-        _bytes[kind] = 0
+    for key in _bytes:
+        _bytes[key] = 0
     return out
 
 
 def wire_bytes(kind: str, payload: int, world: int) -> float:
     """Bytes a ring implementation sends per rank for `payload` bytes of `kind` over `world` ranks.
 
-    all_reduce: 2 (n-1)/n * payload; all_gather and reduce_scatter: (n-1)/n * payload.
+    all_reduce: 2 (n-1)/n * payload; all_gather and reduce_scatter: (n-1)/n * payload; send: payload.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; use one of {KINDS}")
     if world < 1:
         raise ValueError(f"world={world} must be >= 1")
+    if kind == "send":
+        return float(payload)
     share = (world - 1) / world * payload
     return 2 * share if kind == "all_reduce" else share

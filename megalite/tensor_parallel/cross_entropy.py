@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megalite.tensor_parallel import comm
 from megalite.tensor_parallel.mappings import group_rank, group_size
 
 
 def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group_size(group) > 1:
+        comm.record("all_reduce", x)
         dist.all_reduce(x, op=op, group=group)
     return x
 

@@ -3,6 +3,8 @@
 Payload bytes (see megalite/tensor_parallel/comm.py): per layer, without
 sequence parallelism, 4 all-reduces of s*b*h fp32 values (2 forward, 2
 backward); with it, 4 all-gathers and 4 reduce-scatters of the same size.
+Data-parallel gradients, pipeline sends and the tied embedding are counted
+under their own group, each equal to its analytic amount in a real run.
 """
 import pytest
 import torch
@@ -39,11 +41,12 @@ def _measure(sp: bool) -> dict:
 @pytest.mark.parametrize("sp", [False, True])
 def test_measured_tp_bytes_equal_the_analytic_amount(spawn, sp):
     sbh = S * B * H * ELEM
-    per_layer = ({"all_reduce": 0, "all_gather": 4 * sbh, "reduce_scatter": 4 * sbh} if sp
-                 else {"all_reduce": 4 * sbh, "all_gather": 0, "reduce_scatter": 0})
-    # the model adds the embedding (forward reduce) and the head (backward reduce) to L layers;
-    # the vocab-parallel loss's [s, b] all-reduces are not routed through mappings (not counted)
+    per_layer = ({"tp_all_reduce": 0, "tp_all_gather": 4 * sbh, "tp_reduce_scatter": 4 * sbh} if sp
+                 else {"tp_all_reduce": 4 * sbh, "tp_all_gather": 0, "tp_reduce_scatter": 0})
+    # the model adds the embedding (forward reduce) and the head (backward reduce) to L layers,
+    # and the vocab-parallel loss three [s, b] fp32 all-reduces (max, target logit, sum of exp)
     whole = {kind: n * (4 * L + 2) // 4 for kind, n in per_layer.items()}
+    whole["tp_all_reduce"] += 3 * S * B * 4
     for rank_bytes in spawn(_measure, 2, sp):
         assert rank_bytes["block"] == per_layer
         assert rank_bytes["model"] == whole
@@ -61,14 +64,46 @@ def test_a_single_process_records_nothing_and_take_resets():
     take_comm_bytes()
     tokens = _tokens()
     Transformer(CFG, seed=1).loss(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-    assert take_comm_bytes() == {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    assert set(take_comm_bytes().values()) == {0}
     record("all_gather", torch.zeros(3, 5, dtype=torch.bfloat16))
-    assert take_comm_bytes()["all_gather"] == 30
-    assert take_comm_bytes() == dict.fromkeys(comm.KINDS, 0)
+    record("send", torch.zeros(4), "pp")
+    taken = take_comm_bytes()
+    assert (taken["tp_all_gather"], taken["pp_send"]) == (30, 16)
+    assert set(take_comm_bytes().values()) == {0} and set(comm.ALWAYS) <= set(taken)
 
 
 def test_unknown_kind_is_refused_by_name():
     with pytest.raises(ValueError, match="'broadcast'"):
         record("broadcast", torch.zeros(1))
-    with pytest.raises(ValueError, match="'send'"):
-        wire_bytes("send", 1, 2)
+    with pytest.raises(ValueError, match="'mp'"):
+        record("all_reduce", torch.zeros(1), "mp")
+    with pytest.raises(ValueError, match="'broadcast'"):
+        wire_bytes("broadcast", 1, 2)
+    assert wire_bytes("send", 10, 2) == 10
+
+
+def _train_metrics(prefix, run_dir, extra) -> dict:
+    from megalite.config import load_config
+    from megalite.train import Trainer, build_groups
+    from training_helpers import tiny_overrides
+
+    cfg = load_config("tiny", tiny_overrides(prefix, run_dir, steps=2, **extra))
+    trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()))
+    last = trainer.fit()
+    return {"metrics": last, "params": sum(p.numel() for p in trainer.model.parameters()), "cfg": cfg}
+
+
+def test_data_parallel_step_all_reduces_every_gradient_once(counting_data, tmp_path, spawn):
+    out = spawn(_train_metrics, 2, counting_data, str(tmp_path), {})[0]
+    assert out["metrics"]["comm_dp_all_reduce_bytes"] == out["params"] * 4  # fp32 gradients, once a step
+    assert out["metrics"]["comm_tp_all_reduce_bytes"] == 0
+
+
+def test_pipeline_stage_sends_one_activation_per_micro_batch(counting_data, tmp_path, spawn):
+    extra = {"parallel.pp": 2, "model.tie_embeddings": True}
+    out = spawn(_train_metrics, 2, counting_data, str(tmp_path), extra)[0]  # rank 0: the first stage
+    cfg, m = out["cfg"], out["metrics"]
+    micro_batches = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    sbh = cfg.data.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size * 4
+    assert m["comm_pp_send_bytes"] == micro_batches * sbh  # forward activations; stage 1 sends the grads
+    assert m["comm_embedding_all_reduce_bytes"] == cfg.model.vocab_size * cfg.model.hidden_size * 4
