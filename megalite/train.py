@@ -382,12 +382,10 @@ class Trainer:
                                   f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
                                   f"{p.topology.virtual_stages}; resume with that layout, or convert it first: "
                                   f"{self._reshard_hint(path)}")
-        partition = layout.get("partition", "uniform")  # which blocks each stage holds
-        if partition != self.cfg.parallel.partition:
-            raise CheckpointError(f"{path} was written with parallel.partition={partition} but this run uses "
-                                  f"parallel.partition={self.cfg.parallel.partition}; resume with "
-                                  f"parallel.partition={partition}")
-        order = layout.get("order", p.topology.order)  # recorded since the order was configurable
-        if order != p.topology.order:
-            raise CheckpointError(f"{path} was written with parallel.order={order} but this run uses "
-                                  f"parallel.order={p.topology.order}; resume with parallel.order={order}")
+        # which blocks a stage holds, and which rank holds which coordinates (older checkpoints: defaults)
+        for key, now, default in (("partition", self.cfg.parallel.partition, "uniform"),
+                                  ("order", p.topology.order, p.topology.order)):
+            saved = layout.get(key, default)
+            if saved != now:
+                raise CheckpointError(f"{path} was written with parallel.{key}={saved} but this run uses "
+                                      f"parallel.{key}={now}; resume with parallel.{key}={saved}")

@@ -40,14 +40,14 @@ def _op(a: Action, p: int, stage: int, v: int) -> Op | None:
     return Op("send" if a.op.startswith("SEND") else "recv", src, dst, payload)
 
 
+def _step_ops(step: Step, p: int, stage: int, v: int) -> list[Op]:
+    """The ops of one step's batched group (none when everything stays inside the rank)."""
+    return [o for o in (_op(a, p, stage, v) for a in step.comm) if o is not None]
+
+
 def comm_groups(steps: list[Step], p: int, stage: int, v: int) -> list[list[Op]]:
     """The non-empty batched groups rank `stage` issues for `steps`, in order (exactly the executor's)."""
-    groups = []
-    for step in steps:
-        ops = [o for o in (_op(a, p, stage, v) for a in step.comm) if o is not None]
-        if ops:
-            groups.append(ops)
-    return groups
+    return [ops for ops in (_step_ops(step, p, stage, v) for step in steps) if ops]
 
 
 def early_posting_groups(actions: list[Action], p: int, stage: int, v: int, lookahead: int = 2) -> list[list[Op]]:
@@ -132,8 +132,7 @@ def simulate_makespan(kind: str, p: int, m: int, v: int, tf: float, tb: float, l
     input is done. With latency 0 this is the schedule's own bubble.
     """
     steps = [schedule_steps(kind, p, r, m, v) for r in range(p)]
-    groups = [[[o for o in (_op(a, p, r, v) for a in s.comm) if o is not None] for s in rank_steps]
-              for r, rank_steps in enumerate(steps)]
+    groups = [[_step_ops(s, p, r, v) for s in rank_steps] for r, rank_steps in enumerate(steps)]  # one per step
     partner = _partners(groups)
     start, done, end = {}, {}, {}   # (rank, step) -> group start, group done, compute end
     pos = [0] * p
