@@ -3,18 +3,17 @@
 A missing or broken dataset, or a tokenizer bigger than the model's vocabulary,
 must fail in seconds with the key, the value and the fix, not after process
 groups, the model and the optimizer exist. The file checks read only the
-34-byte header of each PREFIX.idx, open PREFIX.bin without reading it, and
+header of each PREFIX.idx (indexed.read_header), open PREFIX.bin without reading it, and
 load the tokenizer named by data.tokenizer_model; no token file is scanned.
 """
 from __future__ import annotations
 
 import math
 import os
-import struct
 
 from megalite.config.loading import split_blend_string
 from megalite.config.sections import Config
-from megalite.data.indexed import DTYPES, HEADER_SIZE, MAGIC, VERSION, IndexFileError, bin_path, idx_path
+from megalite.data.indexed import IndexFileError, bin_path, idx_path, read_header
 
 SPLITS = ("train", "valid", "test")
 
@@ -55,29 +54,21 @@ def index_document_count(prefix: str) -> int:
     """Documents in PREFIX.idx from its header alone; IndexFileError names what is wrong.
 
     Also opens PREFIX.bin (not read) and checks it holds whole tokens of the
-    index's dtype. Cost: one 34-byte read and two stats, whatever the size.
+    index's dtype. Cost: one header read and two stats, whatever the size.
     """
     idx, binf = idx_path(prefix), bin_path(prefix)
     try:
-        with open(idx, "rb") as f:
-            head, size = f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size
+        dtype, _, n_docs = read_header(idx)
     except OSError as e:
         raise IndexFileError(f"index file {idx} cannot be opened ({e.strerror})") from None
-    if len(head) < HEADER_SIZE or head[:len(MAGIC)] != MAGIC:
-        raise IndexFileError(f"{idx} is not a Megatron index file (too short or bad magic)")
-    version, code, n_seqs, n_docs = struct.unpack("<QBQQ", head[len(MAGIC):])
-    if version != VERSION or code not in DTYPES or n_docs < 1:
-        raise IndexFileError(f"{idx} has an unsupported header (version {version}, dtype code {code}, "
-                             f"{n_docs} document indices)")
-    need = HEADER_SIZE + n_seqs * 12 + n_docs * 8
-    if size != need:
-        raise IndexFileError(f"{idx} is {size} bytes but its header describes {need}; it is truncated or corrupt")
+    if n_docs < 1:
+        raise IndexFileError(f"{idx} has no document indices; the index is corrupt")
     try:
         with open(binf, "rb") as f:
             bin_size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise IndexFileError(f"token file {binf} cannot be opened ({e.strerror})") from None
-    itemsize = DTYPES[code]().itemsize
+    itemsize = dtype.itemsize
     if bin_size % itemsize:
         raise IndexFileError(f"{binf} is {bin_size} bytes, not a whole number of {itemsize}-byte tokens; "
                              "it is truncated or corrupt")

@@ -144,17 +144,18 @@ class IndexedDatasetWriter:
         return False
 
 
-def read_index(path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    """(dtype, sequence_lengths, sequence_pointers, document_indices), validated, memory-mapped."""
+def read_header(path: str) -> tuple[np.dtype, int, int]:
+    """(dtype, sequence count, document-index count) of an .idx, its header checked against its size."""
     if not os.path.exists(path):
-        raise IndexFileError(f"{path}: index file not found")
+        raise IndexFileError(f"{path} cannot be opened: index file not found")
     size = os.path.getsize(path)
     if size < HEADER_SIZE:
-        raise IndexFileError(f"{path}: {size} bytes is shorter than the {HEADER_SIZE}-byte header")
+        raise IndexFileError(f"{path}: {size} bytes is shorter than the {HEADER_SIZE}-byte header; "
+                             "not a Megatron index file")
     with open(path, "rb") as f:
         head = f.read(HEADER_SIZE)
     if head[:9] != MAGIC:
-        raise IndexFileError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}; not a Megatron .idx file")
+        raise IndexFileError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}; not a Megatron index file")
     version, code, n_seqs, n_docs = struct.unpack("<QBQQ", head[9:])
     if version != VERSION:
         raise IndexFileError(f"{path}: version {version} is not supported (only {VERSION})")
@@ -164,12 +165,18 @@ def read_index(path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]
     if size != need:
         raise IndexFileError(f"{path}: {size} bytes, but a header of {n_seqs} sequences and "
                              f"{n_docs} document indices needs {need}; the file is truncated or corrupt")
+    return np.dtype(DTYPES[code]), n_seqs, n_docs
+
+
+def read_index(path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """(dtype, sequence_lengths, sequence_pointers, document_indices), validated, memory-mapped."""
+    dtype, n_seqs, n_docs = read_header(path)
     buf = np.memmap(path, mode="r", dtype=np.uint8)
     off = HEADER_SIZE
     lengths = np.frombuffer(buf, dtype=np.int32, count=n_seqs, offset=off)
     pointers = np.frombuffer(buf, dtype=np.int64, count=n_seqs, offset=off + 4 * n_seqs)
     docs = np.frombuffer(buf, dtype=np.int64, count=n_docs, offset=off + 12 * n_seqs)
-    return np.dtype(DTYPES[code]), lengths, pointers, docs
+    return dtype, lengths, pointers, docs
 
 
 class IndexedDataset:
