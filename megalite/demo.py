@@ -12,9 +12,10 @@ import os
 import sys
 import time
 
-from megalite.config import ConfigError, load_config, validate
+from megalite.config import ConfigError, load_config
 from megalite.data.demo import ensure_demo_data
 from megalite.data.indexed import IndexedDataset
+from megalite.preflight import preflight
 
 
 def describe_data(demo) -> None:
@@ -49,7 +50,7 @@ def demo_main(overrides: list[str]) -> int:
     try:
         cfg = load_config("tiny", [f"data.path=[{demo.prefix}]", f"data.tokenizer_model={demo.tokenizer_model}",
                                    f"train.run_dir={run_dir}", *overrides])
-        validate(cfg, world_size=1)
+        preflight(cfg, world_size=1)
         run_dir = cfg.train.run_dir  # an override of train.run_dir wins
     except ConfigError as e:
         print(f"megalite: invalid config:\n{e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megalite.config import LoggingConfig
+from megalite.config import LoggingConfig, choices
 
 # Dense (no sparsity) peak FLOP/s by device-name fragment, first match wins. Keys: precision.
 # fp32 uses the TF32 tensor-core peak when torch allows TF32 matmuls, else the plain fp32 peak.
@@ -27,7 +27,7 @@ _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
 )
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = choices("train.precision")
 
 
 def flops_per_token(n_params: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int) -> float:

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import nn
 
-from megalite.config import OptimConfig
+from megalite.config import OptimConfig, choices
 
-DECAY_KINDS = ("cosine", "linear", "constant")
+DECAY_KINDS = choices("optim.decay")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

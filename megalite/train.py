@@ -22,13 +22,15 @@ import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.checkpoint.io import read_manifest
-from megalite.config import Config, ConfigError, load_config, save_config, to_yaml, validate
+from megalite.config import Config, ConfigError, load_config, save_config, to_yaml
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.engine import build_engine
+from megalite.engine.checks import build_cpu_adam
 from megalite.kernels.attention import document_ids
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from megalite.model import Transformer
 from megalite.pipeline import PipelineRunner, build_stage_model
+from megalite.preflight import preflight
 from megalite.rng import rng_state, seed_everything, set_rng_state
 from megalite.tensor_parallel.comm import take_comm_bytes
 from megalite.topology import ProcessGroups, Topology, discover, init_distributed
@@ -74,7 +76,9 @@ def train_main(config: str, overrides: list[str]) -> int:
     env = discover()
     try:
         cfg = load_config(config, overrides)
-        validate(cfg, world_size=env.world_size)
+        preflight(cfg, world_size=env.world_size)
+        if cfg.engine.offload_optimizer:
+            build_cpu_adam()  # the explicit build step (validation builds nothing)
     except ConfigError as e:
         print(f"megalite: invalid config:\n{e}", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """Config: presets, YAML files, dotted overrides, validation rules, round trip."""
 import dataclasses
-import os
+import typing
 
 import pytest
 
-from megalite.config import (Config, ConfigError, ModelConfig, ParallelConfig, head_dim, list_presets, load_config,
+from megalite.config import (Config, ConfigError, ConfigWarning, ModelConfig, ParallelConfig, head_dim, list_presets, load_config,
                              padded_vocab_size, resolved_ffn_hidden_size, save_config, to_yaml, validate)
 
 PRESET_WORLDS = {"tiny": 1, "gpt2-124m": 1, "llama-1b": 1, "llama-7b": 8, "llama-70b": 32}
@@ -139,7 +139,8 @@ def test_derived_sizes():
 
 
 # Each case: overrides on the tiny preset (and a world size) that break exactly one rule,
-# and text the message must contain: the key, the offending value and the rule.
+# and text the message must contain: the key, the offending value and the rule. A value outside
+# a field's choices is refused as it is loaded, the other rules by validate.
 RULES = [
     (["data.reset_attention_mask=true", "data.path=[corpus_text_document]"], None,
      "data.reset_attention_mask=true needs the end-of-document id"),
@@ -159,7 +160,7 @@ RULES = [
     (["engine.backend=fsdp"], None, "engine.backend='fsdp' must be one of native, deepspeed"),
     (["train.device=tpu"], None, "train.device='tpu' must be one of auto, cuda, cpu"),
     (["data.tokenizer_type=BPE"], None, "data.tokenizer_type='BPE' must be one of"),
-    (["parallel.order=tp-pp-tp"], None, "parallel.order='tp-pp-tp' must be a permutation of tp, dp and pp"),
+    (["parallel.order=tp-pp-tp"], None, "parallel.order='tp-pp-tp' must be one of tp-dp-pp, tp-pp-dp,"),
     (["model.vocab_size=0"], None, "model.vocab_size=0 must be > 0"),
     (["model.num_layers=-1"], None, "model.num_layers=-1 must be > 0"),
     (["train.micro_batch_size=0"], None, "train.micro_batch_size=0 must be > 0"),
@@ -178,7 +179,7 @@ RULES = [
     (["parallel.schedule=interleaved", "parallel.pp=2"], None,
      "parallel.schedule='interleaved' requires parallel.virtual_stages > 1"),
     (["parallel.sequence_parallel=true"], None, "parallel.sequence_parallel=True requires parallel.tp > 1"),
-    (["engine.zero_stage=4", "engine.backend=deepspeed"], None, "engine.zero_stage=4 must be 0, 1, 2 or 3"),
+    (["engine.zero_stage=4", "engine.backend=deepspeed"], None, "engine.zero_stage=4 must be one of 0, 1, 2, 3"),
     (["engine.zero_stage=1"], None, "engine.zero_stage=1 requires engine.backend='deepspeed'"),
     (["parallel.pp=2", "parallel.virtual_stages=2", "train.global_batch_size=24", "train.micro_batch_size=8"], 2,
      "needs the micro-batches per step, global_batch_size / (micro_batch_size * dp) = 3, to be a multiple of"),
@@ -205,10 +206,43 @@ RULES = [
 
 @pytest.mark.parametrize("overrides, world, message", RULES, ids=[r[2][:40] for r in RULES])
 def test_each_validation_rule_names_key_value_and_rule(overrides, world, message):
-    cfg = load_config("tiny", overrides)
     with pytest.raises(ConfigError) as info:
-        validate(cfg, world_size=world)
+        validate(load_config("tiny", overrides), world_size=world)
     assert message in str(info.value)
+
+
+def test_choices_come_from_the_typed_fields_alone():
+    from megalite.config import all_choices, choices
+    from megalite.config.sections import Schedule
+    from megalite.optim import DECAY_KINDS
+    from megalite.pipeline.schedules import SCHEDULES
+
+    assert choices("parallel.schedule") == typing.get_args(Schedule) == SCHEDULES
+    assert choices("optim.decay") == DECAY_KINDS and choices("engine.zero_stage") == (0, 1, 2, 3)
+    assert set(all_choices()) >= {"model.norm", "train.precision", "data.tokenizer_type", "parallel.order"}
+    with pytest.raises(KeyError, match="train.steps is not a config field with a fixed set of choices"):
+        choices("train.steps")
+
+
+def test_a_presets_schedule_follows_a_shorter_run_with_a_warning():
+    with pytest.warns(ConfigWarning, match="optim.warmup_steps=20 from preset tiny exceeds train.steps=10: "
+                                           "using optim.warmup_steps=10"):
+        cfg = validate(load_config("tiny", ["train.steps=10"]))
+    assert cfg.optim.warmup_steps == 10
+    with pytest.warns(ConfigWarning, match="optim.min_lr=0.0001 from preset tiny exceeds optim.lr=1e-05"):
+        assert load_config("tiny", ["optim.lr=1e-5"]).optim.min_lr == 1e-5
+    with pytest.raises(ConfigError, match="optim.warmup_steps=20 must be <= train.steps=10"):
+        validate(load_config("tiny", ["train.steps=10", "optim.warmup_steps=20"]))  # both written: an error
+
+
+def test_a_users_own_yaml_keeps_its_contradictions(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  steps: 10\noptim:\n  warmup_steps: 20\n")
+    with pytest.raises(ConfigError, match="optim.warmup_steps=20 must be <= train.steps=10"):
+        validate(load_config(str(path)))
+    path.write_text("train:\n  steps: 5\n")  # warmup left at its default (10): follows the run
+    with pytest.warns(ConfigWarning, match="optim.warmup_steps=10 from the defaults exceeds train.steps=5"):
+        assert load_config(str(path)).optim.warmup_steps == 5
 
 
 def test_bf16_on_cpu_is_allowed():
@@ -216,12 +250,15 @@ def test_bf16_on_cpu_is_allowed():
 
 
 def test_all_validation_errors_come_together_one_per_line():
-    cfg = load_config("tiny", ["model.norm=x", "train.micro_batch_size=0", "optim.warmup_steps=1000",
+    cfg = load_config("tiny", ["model.dropout=2", "train.micro_batch_size=0", "optim.warmup_steps=1000",
                                "engine.zero_stage=2"])
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     lines = str(info.value).splitlines()
     assert len(lines) == 4 and isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["model.norm=x", "train.steps=abc", "model.hiden_size=3"])
+    assert len(str(info.value).splitlines()) == 3
 
 
 def test_wrong_types_set_from_code_are_caught():
@@ -261,73 +298,3 @@ def test_one_ffn_rule_for_model_and_config():
         assert _ffn_size(m) == resolved_ffn_hidden_size(m) and resolved_ffn_hidden_size(m) % 256 == 0
 
 
-def _dataset(prefix, docs=100):
-    from megalite.data.indexed import IndexedDatasetWriter
-
-    with IndexedDatasetWriter(str(prefix), "uint16") as w:
-        for d in range(docs):
-            w.add_document([1 + d, 2, 3])
-    return str(prefix)
-
-
-def _data_errors(overrides, **kw) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(load_config("tiny", overrides), **kw)
-    return str(info.value)
-
-
-def test_data_path_files_are_checked_before_anything_heavy(tmp_path):
-    good = _dataset(tmp_path / "good_text_document")
-    validate(load_config("tiny", [f"data.path=[{good}]"]))
-    missing = str(tmp_path / "missing_text_document")
-    message = _data_errors([f"data.path=[0.5, {good}, 0.5, {missing}]"])
-    assert f"data.path prefix '{missing}'" in message and "missing_text_document.idx cannot be opened" in message
-    assert "tools/preprocess_data.py" in message and f"'{good}'" not in message
-    assert "drop the extension" in _data_errors([f"data.path=[{good}.bin]"])
-    os.remove(good + ".bin")
-    assert "good_text_document.bin cannot be opened" in _data_errors([f"data.path=[{good}]"])
-    trunc = _dataset(tmp_path / "trunc_text_document")
-    with open(trunc + ".idx", "r+b") as f:
-        f.truncate(os.path.getsize(trunc + ".idx") - 8)
-    assert "truncated or corrupt" in _data_errors([f"data.path=[{trunc}]"])
-    (tmp_path / "junk.idx").write_bytes(b"not an index at all, not at all")
-    (tmp_path / "junk.bin").write_bytes(b"")
-    assert "not a Megatron index file" in _data_errors([f"data.path=[{tmp_path / 'junk'}]"])
-    validate(load_config("tiny", [f"data.path=[{missing}]"]), check_files=False)  # e.g. checkpoint conversion
-
-
-def test_space_separated_blend_reaches_the_file_check_as_two_prefixes(tmp_path):
-    a, b = _dataset(tmp_path / "a_text_document"), _dataset(tmp_path / "b_text_document")
-    cfg = validate(load_config("tiny", [f"data.path=0.3 {a} 0.7 {b}"]))
-    assert cfg.data.path == load_config("tiny", [f"data.path=[0.3, {a}, 0.7, {b}]"]).data.path
-    path = tmp_path / "run.yaml"
-    path.write_text(f"data:\n  path: 0.3 {a} 0.7 {b}\n")
-    assert load_config(str(path)).data.path == ["0.3", a, "0.7", b]
-    code_set = Config()  # set from code, not loaded: named with the list form to use
-    code_set.data.path = [f"0.3 {a} 0.7 {b}"]
-    with pytest.raises(ConfigError, match="space-separated blend: give it as a list"):
-        validate(code_set)
-
-
-def test_split_that_rounds_valid_to_no_document_is_caught(tmp_path):
-    small = _dataset(tmp_path / "small_text_document", docs=10)
-    message = _data_errors([f"data.path=[{small}]", "data.split=98,2,0"])
-    assert "data.split='98,2,0' leaves the valid split without documents" in message
-    assert f"{small}: 10" in message and "train.eval_interval=100 evaluates on it" in message
-    validate(load_config("tiny", [f"data.path=[{small}]", "data.split=80,20,0"]))
-    validate(load_config("tiny", [f"data.path=[{small}]", "data.split=98,2,0", "train.eval_interval=0"]))
-
-
-def test_vocab_size_below_the_tokenizers_is_caught(tmp_path):
-    from tokenizers import Tokenizer, models
-
-    vocab = {"</s>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 5000)}}
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
-    tok = ["data.tokenizer_type=HuggingFaceTokenizer", f"data.tokenizer_model={tmp_path / 'tokenizer.json'}"]
-    message = _data_errors(tok)  # the tiny preset has model.vocab_size=4096
-    assert "model.vocab_size=4096 is smaller than the 5000 tokens of data.tokenizer_model=" in message
-    assert "set model.vocab_size=5000" in message
-    validate(load_config("tiny", tok + ["model.vocab_size=5000"]))
-    (tmp_path / "broken.json").write_text("{")
-    message = _data_errors(["data.tokenizer_type=HuggingFaceTokenizer", f"data.tokenizer_model={tmp_path}/broken.json"])
-    assert "broken.json' cannot be loaded as data.tokenizer_type='HuggingFaceTokenizer'" in message

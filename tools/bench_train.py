@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megalite.config import load_config, validate
+from megalite.config import load_config
+from megalite.preflight import preflight
 from megalite.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
                                         f"optim.warmup_steps={min(base.optim.warmup_steps, args.steps)}",
                                         "checkpoint.interval=0", "logging.interval=1",
                                         "logging.tensorboard=false", f"train.run_dir={tmp}/run"])
-        validate(cfg, world_size=1)
+        preflight(cfg, world_size=1)
         trainer = Trainer(cfg, ProcessGroups.single())
         trainer.save = lambda: None  # measuring steps, not checkpoint writes
         trainer.fit()

@@ -152,7 +152,8 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
     `megalite train OUT/config.yaml train.resume=OUT data.path=...` continues training from it.
     """
     from megalite.checkpoint.io import _publish, _write_rank, step_dir_name
-    from megalite.config import save_config, validate
+    from megalite.config import save_config
+    from megalite.preflight import preflight
     from megalite.model.transformer import _check
     from megalite.rng import seed_everything
     from megalite.topology import Topology
@@ -168,7 +169,7 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
                               "state; import with engine.backend=native")
     p = cfg.parallel
     world = p.tp * p.pp * (p.dp or 1)
-    validate(cfg, world_size=world, check_files=False)  # ConfigError naming the bad value, before anything is written
+    preflight(cfg, world_size=world, data=False, engine=False)  # ConfigError naming the bad value, before anything is written
     _check(cfg.model, p.tp)
     topo = Topology.from_world(world, tp=p.tp, pp=p.pp, virtual_stages=p.virtual_stages, order=p.order)
     full = layout_full(arch.from_hf(_LazyHF(hf_dir), cfg.model), cfg)  # every tensor checked first

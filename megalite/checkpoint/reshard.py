@@ -224,7 +224,8 @@ class _Source:
 
 def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int):
     """The run's Config at the new layout (dp left to be inferred), refused by name when it cannot build."""
-    from megalite.config import ConfigError, validate
+    from megalite.config import ConfigError
+    from megalite.preflight import preflight
     from megalite.model.transformer import _check
 
     for key, value in (("tp", tp), ("pp", pp), ("dp", dp), ("virtual_stages", virtual_stages)):
@@ -235,7 +236,7 @@ def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int):
     out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, dp=None, virtual_stages=virtual_stages,
                                         sequence_parallel=p.sequence_parallel and tp > 1, schedule=schedule))
     try:
-        validate(out, world_size=tp * pp * dp, check_files=False)  # the run's data need not be here
+        preflight(out, world_size=tp * pp * dp, data=False, engine=False)  # the run's data need not be here
         _check(out.model, tp)
     except (ConfigError, ValueError) as e:
         raise CheckpointError(f"cannot lay the model out at tp={tp} pp={pp} virtual_stages={virtual_stages} "

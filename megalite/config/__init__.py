@@ -1,13 +1,21 @@
-"""Typed, nested run configuration: sections, loading (YAML + dotted overrides), validation.
+"""Typed, nested run configuration: sections, loading (YAML + dotted overrides), pure validation.
 
     cfg = validate(load_config("tiny", ["train.steps=100", "optim.lr=3e-4"]), world_size=8)
+
+A leaf of the package graph: nothing here imports the rest of megalite. Checks that need the
+data or the engine run from megalite.preflight, which every command calls before any process
+group exists.
 """
-from megalite.config.loading import list_presets, load_config, save_config, to_yaml
-from megalite.config.sections import (CheckpointConfig, Config, ConfigError, DataConfig, EngineConfig,
+from megalite.config.blend import is_number, parse_data_path, split_blend_string
+from megalite.config.fields import all_choices, choices, did_you_mean
+from megalite.config.loading import follow_the_run, list_presets, load_config, save_config, to_yaml
+from megalite.config.sections import (CheckpointConfig, Config, ConfigError, ConfigWarning, DataConfig, EngineConfig,
                                       LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig,
                                       head_dim, kv_heads, padded_vocab_size, resolved_ffn_hidden_size)
-from megalite.config.validation import CHOICES, validate
+from megalite.config.validation import data_parallel_size, split_weights, splits_in_use, validate
 
-__all__ = ["CHOICES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EngineConfig", "LoggingConfig",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "head_dim", "kv_heads", "list_presets",
-           "load_config", "padded_vocab_size", "resolved_ffn_hidden_size", "save_config", "to_yaml", "validate"]
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "ConfigWarning", "DataConfig", "EngineConfig",
+           "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "all_choices", "choices",
+           "data_parallel_size", "did_you_mean", "follow_the_run", "head_dim", "is_number", "kv_heads",
+           "list_presets", "load_config", "padded_vocab_size", "parse_data_path", "resolved_ffn_hidden_size",
+           "save_config", "split_blend_string", "split_weights", "splits_in_use", "to_yaml", "validate"]

@@ -6,10 +6,30 @@ section (head dim, padded vocabulary, MLP width) are computed here too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Every choice is typed once, here; megalite.config.choices() and the rest of the package derive
+# their lists of allowed values from these.
+Norm = Literal["rmsnorm", "layernorm"]
+Position = Literal["rope", "learned"]
+Activation = Literal["swiglu", "gelu"]
+GridOrder = Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"]
+Schedule = Literal["1f1b", "interleaved", "afab"]
+Partition = Literal["uniform", "balanced"]
+TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
+Decay = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cuda", "cpu"]
+Backend = Literal["native", "deepspeed"]
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key, the value and the rule (one per line)."""
+
+
+class ConfigWarning(UserWarning):
+    """A value the user did not write was adjusted to the run they did write (see loading.follow_the_run)."""
 
 
 @dataclass
@@ -32,15 +52,15 @@ class ModelConfig:
     """MLP inner width; None picks 4h for GELU and the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (rotary table or learned position rows)."""
-    norm: str = "rmsnorm"
+    norm: Norm = "rmsnorm"
     """Normalization: 'rmsnorm' or 'layernorm'."""
     norm_eps: float = 1e-5
     """Epsilon inside the norm's square root."""
-    position: str = "rope"
+    position: Position = "rope"
     """Positions: 'rope' (rotary) or 'learned' (absolute embedding, GPT-2 style)."""
     rope_theta: float = 10000.0
     """Rotary base frequency."""
-    activation: str = "swiglu"
+    activation: Activation = "swiglu"
     """MLP: 'swiglu' (gated, Llama) or 'gelu' (GPT-2)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
@@ -66,11 +86,11 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
     sequence_parallel: bool = False
     """Split activations outside attention/MLP along the sequence over the tp group."""
-    order: str = "tp-dp-pp"
+    order: GridOrder = "tp-dp-pp"
     """Rank order of the grid, fastest-varying first (Megatron's default keeps tp ranks adjacent)."""
-    schedule: str = "1f1b"
+    schedule: Schedule = "1f1b"
     """Pipeline schedule: '1f1b', 'interleaved' or 'afab' (all-forward-all-backward)."""
-    partition: str = "uniform"
+    partition: Partition = "uniform"
     """How blocks are cut into pipeline stages (model chunks): 'uniform' gives every chunk
     num_layers / (pp * virtual_stages) transformer blocks (num_layers must divide evenly);
     'balanced' cuts so chunks hold about equal parameter counts (megalite.pipeline.partition),
@@ -92,7 +112,7 @@ class DataConfig:
     """Train/valid/test proportions over documents; valid needs a share when train.eval_interval > 0."""
     seq_len: int = 256
     """Tokens per sample fed to the model (each sample reads seq_len + 1)."""
-    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_type: TokenizerType = "SentencePieceTokenizer"
     """'SentencePieceTokenizer' or 'HuggingFaceTokenizer'."""
     tokenizer_model: str | None = None
     """SentencePiece .model file or Hugging Face tokenizer.json (or its directory); when set,
@@ -125,7 +145,7 @@ class OptimConfig:
     """Adam denominator epsilon."""
     warmup_steps: int = 10
     """Linear warmup from 0 to lr."""
-    decay: str = "cosine"
+    decay: Decay = "cosine"
     """Decay after warmup: 'cosine', 'linear' or 'constant'."""
     decay_steps: int | None = None
     """Steps over which to decay to min_lr; None means train.steps - warmup_steps."""
@@ -143,7 +163,7 @@ class TrainConfig:
     """Samples per forward/backward on one data-parallel rank."""
     global_batch_size: int = 8
     """Samples per optimizer step over all dp ranks (micro x accumulation x dp)."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
     seed: int = 1234
     """Seed for weights, dropout and everything random except the data order."""
@@ -157,7 +177,7 @@ class TrainConfig:
     """'auto' (continue from run_dir's latest checkpoint if any), 'none', or a checkpoint path."""
     run_dir: str | None = None
     """Run directory; None creates runs/<timestamp> under the current directory."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (cuda when present), 'cuda' or 'cpu'."""
     initial_loss_scale: float = 65536.0
     """fp16 only: starting dynamic loss scale."""
@@ -171,9 +191,9 @@ class TrainConfig:
 class EngineConfig:
     """Who owns the optimizer step and data-parallel gradients."""
 
-    backend: str = "native"
+    backend: Backend = "native"
     """'native' (plain PyTorch) or 'deepspeed' (ZeRO)."""
-    zero_stage: int = 0
+    zero_stage: ZeroStage = 0
     """DeepSpeed ZeRO stage 0-3 (deepspeed backend only): 1 shards optimizer states over dp, 2 also
     gradients, 3 also parameters. With pp > 1 only stage 0 and 1 are accepted."""
     zero_bucket_size: int = 50_000_000

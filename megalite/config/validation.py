@@ -1,30 +1,16 @@
-"""Validation: every rule checked, every broken one reported at once (key, value, rule),
-before any process group exists. Data rules that look at files live in data_checks."""
+"""Validation: every rule of the config itself checked, every broken one reported at once (key,
+value, rule). Pure: it reads no file and imports nothing outside megalite.config, so it runs
+anywhere in microseconds; the checks that need the data, the tokenizer or the engine live with
+them (megalite.data.checks, megalite.engine.checks) and run from megalite.preflight."""
 from __future__ import annotations
 
-import os
-import typing
+import math
 
-from megalite.config.data_checks import (check_data_files, check_split_shares, check_tokenizer_vocab,
-                                         split_weights)
-from megalite.config.loading import _coerce, _did_you_mean, _section_types, _type_name
-from megalite.config.sections import (Config, ConfigError, head_dim, kv_heads,
-                                      resolved_ffn_hidden_size)
-from megalite.data.blend import parse_data_path
+from megalite.config.blend import parse_data_path
+from megalite.config.fields import coerce, describe_type, field_types, section_types
+from megalite.config.sections import Config, ConfigError, head_dim, kv_heads, resolved_ffn_hidden_size
 
-
-CHOICES = {
-    "model.norm": ("rmsnorm", "layernorm"),
-    "model.position": ("rope", "learned"),
-    "model.activation": ("swiglu", "gelu"),
-    "parallel.schedule": ("1f1b", "interleaved", "afab"),
-    "parallel.partition": ("uniform", "balanced"),
-    "data.tokenizer_type": ("SentencePieceTokenizer", "HuggingFaceTokenizer"),
-    "optim.decay": ("cosine", "linear", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cuda", "cpu"),
-    "engine.backend": ("native", "deepspeed"),
-}
+SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
             "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
             "model.rope_theta", "model.init_std", "parallel.tp", "parallel.pp", "parallel.dp",
@@ -44,14 +30,14 @@ def _get(cfg: Config, dotted: str):
 def _check_types(cfg: Config, err) -> bool:
     """Fields set from code (not YAML) can hold anything; check them before doing arithmetic."""
     ok = True
-    for section, cls in _section_types().items():
-        for key, tp in typing.get_type_hints(cls).items():
+    for section in section_types():
+        for key, tp in field_types(section).items():
             value = getattr(getattr(cfg, section), key)
             try:
-                coerced = _coerce(value, tp, f"{section}.{key}")
+                coerced = coerce(value, tp, f"{section}.{key}")
                 int_as_float = type(value) is int and isinstance(coerced, float)
                 if coerced != value or (type(coerced) is not type(value) and not int_as_float):
-                    raise ConfigError(f"{section}.{key}={value!r} must be {_type_name(tp)}")
+                    raise ConfigError(f"{section}.{key}={value!r} must be {describe_type(tp)}")
             except ConfigError as e:
                 err(str(e))
                 ok = False
@@ -59,10 +45,6 @@ def _check_types(cfg: Config, err) -> bool:
 
 
 def _check_generic(cfg: Config, err) -> None:
-    for dotted, allowed in CHOICES.items():
-        if _get(cfg, dotted) not in allowed:
-            value = _get(cfg, dotted)
-            err(f"{dotted}={value!r} must be one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}")
     for dotted in POSITIVE:
         value = _get(cfg, dotted)
         if value is not None and value <= 0:
@@ -96,9 +78,6 @@ def _check_model(cfg: Config, err) -> None:
 
 def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
     p, m = cfg.parallel, cfg.model
-    dims = sorted(str(p.order).split("-"))
-    if dims != ["dp", "pp", "tp"]:
-        err(f"parallel.order={p.order!r} must be a permutation of tp, dp and pp joined by '-', e.g. 'tp-dp-pp'")
     if p.virtual_stages > 1 and p.pp == 1:
         err(f"parallel.virtual_stages={p.virtual_stages} requires parallel.pp > 1")
     if p.schedule == "interleaved" and p.virtual_stages == 1:
@@ -154,21 +133,15 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     if t.min_loss_scale > t.initial_loss_scale:
         err(f"train.min_loss_scale={t.min_loss_scale} must be <= train.initial_loss_scale={t.initial_loss_scale}")
     e = cfg.engine
-    if e.zero_stage not in (0, 1, 2, 3):
-        err(f"engine.zero_stage={e.zero_stage} must be 0, 1, 2 or 3")
-    elif e.zero_stage > 0 and e.backend != "deepspeed":
+    if e.zero_stage > 0 and e.backend != "deepspeed":
         err(f"engine.zero_stage={e.zero_stage} requires engine.backend='deepspeed' (got {e.backend!r})")
-    _check_engine(cfg, dp if world_size or p.dp else None, err)
+    _check_engine(cfg, err)
 
 
-def _check_engine(cfg: Config, dp: int | None, err) -> None:
+def _check_engine(cfg: Config, err) -> None:
     """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason).
 
-    `dp` is the data-parallel size when known (it sets the generated accumulation steps a raw JSON is
-    compared with); None skips the raw-JSON comparison, which the trainer's validate(world_size=...) does.
-    """
-    from math import log2
-
+    The raw DeepSpeed JSON and the cpu_adam op are checked by megalite.engine.checks (pre-flight)."""
     e, p = cfg.engine, cfg.parallel
     if e.backend != "deepspeed":
         for key, default in (("overlap_comm", False), ("offload_optimizer", False), ("offload_params", False),
@@ -201,76 +174,67 @@ def _check_engine(cfg: Config, dp: int | None, err) -> None:
             f"{', and it would re-gather every parameter once per micro-batch' if e.zero_stage == 3 else ''}; "
             "nearest valid: engine.zero_stage=1, or parallel.pp=1 (ZeRO-2/3 with tp x dp)")
     scale = cfg.train.initial_loss_scale
-    if cfg.train.precision == "fp16" and scale > 0 and not log2(scale).is_integer():
+    if cfg.train.precision == "fp16" and scale > 0 and not math.log2(scale).is_integer():
         err(f"train.initial_loss_scale={scale} must be a power of two for the deepspeed engine (it takes "
-            f"initial_scale_power); use {2 ** round(log2(scale)):g}")
-    if e.ds_config is not None and not os.path.isfile(e.ds_config):
-        err(f"engine.ds_config={e.ds_config!r} does not exist; give the path of a DeepSpeed JSON or null")
-    elif e.ds_config is not None and dp:
-        _check_raw_ds_config(cfg, dp, err)
-    if e.offload_optimizer:
-        _check_cpu_adam(err)
+            f"initial_scale_power); use {2 ** round(math.log2(scale)):g}")
 
 
-def _check_raw_ds_config(cfg: Config, dp: int, err) -> None:
-    """engine.ds_config merged on the generated config: conflicts are reported before launch."""
-    from megalite.engine.ds_config import generate_ds_config, load_raw, merge_raw  # pure data, no DeepSpeed
-
+def split_weights(split: str) -> list[float] | None:
+    """The three train/valid/test weights of data.split ('969,30,1', missing ones 0), None when malformed."""
     try:
-        generated = generate_ds_config(cfg, dp)
+        weights = [float(s) for s in str(split).replace("/", ",").split(",")]
     except ValueError:
-        return  # a batch-size or loss-scale error, reported by its own check
-    try:
-        merge_raw(generated, load_raw(cfg.engine.ds_config), f"engine.ds_config={cfg.engine.ds_config!r}")
-    except ValueError as e:  # DeepSpeedConfigConflict, or a file that is not a JSON object
-        err(str(e))
+        return None
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or not all(map(math.isfinite, weights)) \
+            or sum(weights) <= 0:
+        return None
+    return weights + [0.0] * (3 - len(weights))
 
 
-def _check_cpu_adam(err) -> None:
-    """Offload needs DeepSpeed's compiled cpu_adam op: fail here, not minutes into the launch."""
-    from megalite.engine.deepspeed import cpu_adam_problem  # imports DeepSpeed: only when offloading
-
-    problem = cpu_adam_problem()
-    if problem:
-        err(f"engine.offload_optimizer=True needs DeepSpeed's cpu_adam op, but {problem}; nearest valid: "
-            "engine.offload_optimizer=false (optimizer states sharded on the device), or rebuild DeepSpeed "
-            "with DS_BUILD_CPU_ADAM=1")
+def splits_in_use(cfg: Config) -> dict[str, str]:
+    """Splits the run reads, each with why (the test split is built but never evaluated)."""
+    used = {"train": f"train.steps={cfg.train.steps} trains on it"}
+    if cfg.train.eval_interval > 0:
+        used["valid"] = f"train.eval_interval={cfg.train.eval_interval} evaluates on it"
+    return used
 
 
-def _check_data(cfg: Config, err, check_files: bool) -> None:
+def _check_split_shares(cfg: Config, err) -> None:
+    """A split the run reads must have a positive share of data.split."""
+    weights = split_weights(cfg.data.split)
+    for name, why in splits_in_use(cfg).items():
+        if weights[SPLITS.index(name)] == 0:
+            fix = "or set train.eval_interval=0" if name == "valid" else "it is the data trained on"
+            err(f"data.split={cfg.data.split!r} gives the {name} split a zero share, but {why}; give it a "
+                f"positive share, e.g. data.split='969,30,1' ({fix})")
+
+
+def _check_data(cfg: Config, err) -> None:
     d = cfg.data
     if split_weights(d.split) is None:
         err(f"data.split={d.split!r} must be up to three non-negative numbers with a positive sum, e.g. '969,30,1'")
     else:
-        check_split_shares(cfg, err)
-    prefixes = None
+        _check_split_shares(cfg, err)
     if d.path:
         try:
-            prefixes, _ = parse_data_path(list(d.path))
+            parse_data_path(list(d.path))
         except ValueError as e:
             err(f"data.path={list(d.path)!r} must alternate positive weights and prefixes, e.g. "
                 f"[0.3, A, 0.7, B], or list prefixes only ({e})")
-    if check_files:
-        if prefixes:
-            check_data_files(cfg, prefixes, err)
-        check_tokenizer_vocab(cfg, err)
     # With no data.path the demo corpus and its tokenizer are used, so the end-of-document id is known.
     if d.reset_attention_mask and d.path and not d.tokenizer_model:
         err("data.reset_attention_mask=true needs the end-of-document id of the tokenizer the data was "
             "preprocessed with: set data.tokenizer_model")
 
 
-def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> Config:
+def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Raise ConfigError listing every broken rule (one per line, each naming key, value and rule).
 
     `world_size` (when known) also checks that tp*pp divides it and that dp and
     the batch sizes fit. Returns cfg unchanged, so `validate(load_config(...))` chains.
-    With check_files (the default) it also opens the data named by the config, cheaply
-    (each data.path .idx header, the .bin opened not read, the data.tokenizer_model
-    tokenizer), so a missing dataset fails here, not after the model is built; pass
-    False where the data need not be present (converting a checkpoint). It never looks
-    at the hardware, so fp16 is refused only for device='cpu' (device='auto' is
-    resolved later, where the hardware is known).
+    Pure: no file is read (megalite.preflight adds the checks of the data, the tokenizer
+    and the engine), and the hardware is not looked at, so fp16 is refused only for
+    device='cpu' (device='auto' is resolved later, where the hardware is known).
     """
     errors: list[str] = []
     err = errors.append
@@ -283,7 +247,13 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
         _check_model(cfg, err)
         _check_parallel(cfg, world_size, err)
         _check_train(cfg, world_size, err)
-        _check_data(cfg, err, check_files)
+        _check_data(cfg, err)
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
+
+
+def data_parallel_size(cfg: Config, world_size: int | None) -> int | None:
+    """dp of a valid config: parallel.dp, else world_size / (tp * pp); None when neither is known."""
+    p = cfg.parallel
+    return p.dp or (world_size // (p.tp * p.pp) if world_size else None)

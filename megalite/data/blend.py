@@ -24,42 +24,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import numpy as np
 
-from megalite.data.gpt_dataset import CACHE_VERSION, _load, cache_key, cache_paths, cached_arrays
+from megalite.config.blend import is_number, parse_data_path  # noqa: F401 - re-exported until callers move
+from megalite.data.gpt_dataset import CACHE_VERSION, cache_key, cache_paths, cached_arrays, load_array
 
 BLEND_NAMES = ("dataset_index", "dataset_sample_index")
 SIZE_MARGIN = 0.005  # constituents are cut slightly longer than their exact share needs
-
-
-def parse_data_path(path) -> tuple[list[str], list[float]]:
-    """(prefixes, normalized weights) from ['0.3', 'A', '0.7', 'B'] or ['A'] (or ['A', 'B'], equal weights)."""
-    items = [str(p) for p in ([path] if isinstance(path, (str, os.PathLike)) else path)]
-    if not items:
-        raise ValueError("data path is empty; give one prefix ['PREFIX'] or weighted prefixes "
-                         "['0.3', 'PREFIX_A', '0.7', 'PREFIX_B']")
-    if not is_number(items[0]):
-        prefixes, weights = items, [1.0] * len(items)
-    else:
-        prefixes, raw = items[1::2], items[0::2]
-        if len(items) % 2 or any(not is_number(w) for w in raw) or any(is_number(p) for p in prefixes):
-            raise ValueError(f"data path {items!r} must alternate weights and prefixes, "
-                             "e.g. ['0.3', 'PREFIX_A', '0.7', 'PREFIX_B']")
-        weights = [float(w) for w in raw]
-        if any(not w > 0 or not math.isfinite(w) for w in weights):
-            raise ValueError(f"data path weights {raw} must all be positive finite numbers")
-    total = sum(weights)
-    return prefixes, [w / total for w in weights]
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def constituent_sizes(weights, size: int, margin: float = SIZE_MARGIN) -> list[int]:
@@ -248,5 +220,5 @@ class BlendedDataset:
     def __setstate__(self, state):
         self.__dict__.update(state)
         paths, _ = cache_paths(self.cache_dir, cache_key(self.description), BLEND_NAMES)
-        self.dataset_index = _load(paths["dataset_index"])
-        self.dataset_sample_index = _load(paths["dataset_sample_index"])
+        self.dataset_index = load_array(paths["dataset_index"])
+        self.dataset_sample_index = load_array(paths["dataset_sample_index"])

@@ -168,7 +168,8 @@ def _save_atomic(path: str, write: Callable) -> None:
             os.remove(tmp)
 
 
-def _load(path: str) -> np.ndarray:
+def load_array(path: str) -> np.ndarray:
+    """A cached index array, memory-mapped (read-only) where it can be."""
     try:
         return np.load(path, mmap_mode="r")
     except ValueError:  # an empty array cannot be memory-mapped
@@ -225,7 +226,7 @@ def cached_arrays(cache_dir: str, description: dict, names, build: Callable[[], 
             raise RuntimeError(f"rank 0 failed to build the index cache in {cache_dir}: {status[0]}")
         if not os.path.exists(desc_path):
             _build_and_save(cache_dir, key, description, names, build)
-    return {name: _load(paths[name]) for name in names}
+    return {name: load_array(paths[name]) for name in names}
 
 
 # ---------------------------------------------------------------- dataset
@@ -335,4 +336,4 @@ class GPTDataset:
         self.indexed = IndexedDataset(self.prefix)
         self.document_lengths = document_lengths(self.indexed)
         paths, _ = cache_paths(self.cache_dir, self.cache_key, INDEX_NAMES)
-        self._arrays = {name: _load(p) for name, p in paths.items()}
+        self._arrays = {name: load_array(p) for name, p in paths.items()}

@@ -53,33 +53,6 @@ from megalite.optim import LRSchedule, param_groups
 from megalite.tensor_parallel import comm
 
 
-def cpu_adam_problem() -> str | None:
-    """Why DeepSpeed's CPU Adam (needed by optimizer offload) cannot be used here, or None when it can.
-
-    A DeepSpeed installed without pre-built ops (DS_BUILD_OPS=0, the pip
-    default) builds cpu_adam just in time with the machine's C++ compiler
-    (about 30 s once, then cached in ~/.cache/torch_extensions), so "not
-    pre-built" is not a reason to refuse: only an incompatible machine or a
-    failing JIT build is.
-    """
-    try:
-        from deepspeed.git_version_info import installed_ops
-        from deepspeed.ops.op_builder import CPUAdamBuilder
-    except ImportError as e:
-        return f"DeepSpeed's op builders cannot be imported ({e})"
-    if installed_ops.get("cpu_adam"):
-        return None
-    builder = CPUAdamBuilder()
-    if not builder.is_compatible(verbose=False):
-        return "DeepSpeed's CPUAdamBuilder reports this machine as incompatible (is_compatible() is False)"
-    try:
-        builder.load(verbose=False)  # the JIT build: needs a C++ compiler, ninja and the torch headers
-    except Exception as e:  # noqa: BLE001 - any build failure means offload cannot run
-        return (f"it was not pre-built (DS_BUILD_CPU_ADAM) and the JIT build failed "
-                f"({type(e).__name__}: {str(e)[:300]})")
-    return None
-
-
 def _sp_allreduce_hook(group):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()  # the incoming tensor may be shared with other graph nodes

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalite.config import ModelConfig
+from megalite.config import ModelConfig, choices
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
 from megalite.model.transformer import _check, _ffn_size, _padded_vocab
@@ -31,7 +31,7 @@ from megalite.tensor_parallel import (VocabParallelEmbedding, group_rank, group_
 from megalite.tensor_parallel import comm
 from megalite.tensor_parallel.random import TPRngTracker
 
-PARTITIONS = ("uniform", "balanced")  # parallel.partition
+PARTITIONS = choices("parallel.partition")
 
 
 def partition_uniform(num_layers: int, stages: int) -> list[range]:

@@ -37,7 +37,9 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-SCHEDULES = ("afab", "1f1b", "interleaved")
+from megalite.config import choices
+
+SCHEDULES = choices("parallel.schedule")
 OPS = ("F", "B", "RECV_F", "SEND_F", "RECV_B", "SEND_B")
 
 

@@ -14,12 +14,13 @@ into communicators.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import permutations
 from typing import NamedTuple
+
+from megalite.config import choices
 
 DIMS = ("tp", "pp", "dp")
 GROUP_KINDS = ("tp", "pp", "dp", "mp", "embedding")
-ORDERS = tuple("-".join(p) for p in permutations(("tp", "dp", "pp")))
+ORDERS = choices("parallel.order")  # every permutation of tp, dp, pp
 
 
 class Coords(NamedTuple):

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from megalite.config import Config, ConfigError, load_config, validate
+from megalite.preflight import preflight
 from megalite.engine.ds_config import (DeepSpeedConfigConflict, build_ds_config, generate_ds_config,
                                        merge_raw)
 
@@ -77,6 +78,13 @@ def errors(cfg: Config, world_size=4) -> str:
     return str(info.value)
 
 
+def preflight_errors(cfg: Config, world_size=2) -> str:
+    """What megalite.preflight adds to the config's own rules: the engine's checks (files aside)."""
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, world_size=world_size, data=False)
+    return str(info.value)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero2_and_3_with_pipeline_are_refused_with_reason_and_nearest_setting(stage):
     msg = errors(ds_cfg(f"engine.zero_stage={stage}", "parallel.pp=2"))
@@ -93,7 +101,7 @@ def test_bad_engine_combinations_name_the_fix(tmp_path):
         ds_cfg("engine.zero_stage=2", "engine.offload_params=true"))
     assert "engine.overlap_comm=True requires engine.backend='deepspeed'" in errors(
         load_config("tiny", ["engine.overlap_comm=true"]))
-    assert "does not exist" in errors(ds_cfg("engine.zero_stage=1", f"engine.ds_config={tmp_path / 'nope.json'}"))
+    assert "does not exist" in preflight_errors(ds_cfg("engine.zero_stage=1", f"engine.ds_config={tmp_path / 'nope.json'}"))
     assert "zero_bucket_size=0 must be > 0" in errors(ds_cfg("engine.zero_bucket_size=0"))
 
 
@@ -143,8 +151,8 @@ def test_raw_json_setting_keys_megalite_owns_is_a_conflict(raw, key, fix, tmp_pa
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(raw))
     cfg = ds_cfg("engine.zero_stage=2", f"engine.ds_config={path}")
-    assert f"{key}: the raw DeepSpeed JSON sets" in errors(cfg, 2)  # before launch, once the world size is known
-    validate(cfg)  # world size unknown: the merge waits for the trainer's validate(world_size=...)
+    assert f"{key}: the raw DeepSpeed JSON sets" in preflight_errors(cfg, 2)  # before launch, world size known
+    preflight(cfg, data=False)  # world size unknown: the merge waits for the trainer's preflight(world_size=...)
 
 
 def test_raw_offload_section_equal_to_the_generated_one_is_accepted():
@@ -156,20 +164,26 @@ def test_raw_offload_section_equal_to_the_generated_one_is_accepted():
     assert merged["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-def test_cpu_adam_is_checked_by_building_it_not_by_an_install_time_table(monkeypatch):
-    """DeepSpeed 0.19 installed with DS_BUILD_OPS=0 has no `compatible_ops` table; the op is JIT-built."""
+def test_cpu_adam_is_checked_without_building_and_built_as_an_explicit_step(monkeypatch):
+    """DeepSpeed 0.19 installed with DS_BUILD_OPS=0 has no `compatible_ops` table; the op is JIT-built, but only
+    by build_cpu_adam (megalite train's explicit step): checking a config never builds anything."""
     pytest.importorskip("deepspeed")
-    import shutil
-
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
-    from megalite.engine.deepspeed import cpu_adam_problem
+    from megalite.engine.checks import build_cpu_adam, cpu_adam_problem
 
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler for the JIT build")
+    offload = ds_cfg("engine.zero_stage=2", "engine.offload_optimizer=true")
+    built = []
+    monkeypatch.setattr(CPUAdamBuilder, "load", lambda self, verbose=False: built.append(1))
     assert cpu_adam_problem() is None
-    validate(ds_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
+    preflight(offload, world_size=2, data=False)
+    assert built == []  # validation has no side effects
+    build_cpu_adam(log=lambda *a: None)
+    assert built == [1]
+    monkeypatch.setattr(CPUAdamBuilder, "load", lambda self, verbose=False: 1 / 0)
+    with pytest.raises(ConfigError, match="the JIT build failed \\(ZeroDivisionError"):
+        build_cpu_adam(log=lambda *a: None)
     monkeypatch.setattr(CPUAdamBuilder, "is_compatible", lambda self, verbose=False: False)
-    msg = errors(ds_cfg("engine.zero_stage=2", "engine.offload_optimizer=true"), world_size=2)
+    msg = preflight_errors(offload)
     assert "CPUAdamBuilder reports this machine as incompatible" in msg
     assert "nearest valid: engine.offload_optimizer=false" in msg

@@ -1,53 +1,21 @@
-"""Data rules of validation: the split against evaluation, and (cheaply) the files the config names.
+"""Pre-flight checks of the data a config names: (cheaply) its files and its tokenizer.
 
 A missing or broken dataset, or a tokenizer bigger than the model's vocabulary,
 must fail in seconds with the key, the value and the fix, not after process
-groups, the model and the optimizer exist. The file checks read only the
-header of each PREFIX.idx (indexed.read_header), open PREFIX.bin without reading it, and
+groups, the model and the optimizer exist. The checks read only the header of
+each PREFIX.idx (indexed.read_header), open PREFIX.bin without reading it, and
 load the tokenizer named by data.tokenizer_model; no token file is scanned.
+megalite.preflight runs them after the config's own rules (config.validate) pass.
 """
 from __future__ import annotations
 
-import math
 import os
 
-from megalite.config.loading import split_blend_string
-from megalite.config.sections import Config
+from megalite.config import Config, parse_data_path, split_blend_string, split_weights, splits_in_use
+from megalite.config.validation import SPLITS
+from megalite.data.gpt_dataset import split_document_ranges
 from megalite.data.indexed import IndexFileError, bin_path, idx_path, read_header
-
-SPLITS = ("train", "valid", "test")
-
-
-def split_weights(split: str) -> list[float] | None:
-    """The three train/valid/test weights of data.split ('969,30,1', missing ones 0), None when malformed."""
-    try:
-        weights = [float(s) for s in str(split).replace("/", ",").split(",")]
-    except ValueError:
-        return None
-    if not 1 <= len(weights) <= 3 or min(weights) < 0 or not all(map(math.isfinite, weights)) \
-            or sum(weights) <= 0:
-        return None
-    return weights + [0.0] * (3 - len(weights))
-
-
-def _splits_in_use(cfg: Config) -> dict[str, str]:
-    """Splits the run reads, each with why (the test split is built but never evaluated)."""
-    used = {"train": f"train.steps={cfg.train.steps} trains on it"}
-    if cfg.train.eval_interval > 0:
-        used["valid"] = f"train.eval_interval={cfg.train.eval_interval} evaluates on it"
-    return used
-
-
-def check_split_shares(cfg: Config, err) -> None:
-    """A split the run reads must have a positive share of data.split."""
-    weights = split_weights(cfg.data.split)
-    if weights is None:
-        return  # malformed: reported by the generic data.split rule
-    for name, why in _splits_in_use(cfg).items():
-        if weights[SPLITS.index(name)] == 0:
-            fix = "or set train.eval_interval=0" if name == "valid" else "it is the data trained on"
-            err(f"data.split={cfg.data.split!r} gives the {name} split a zero share, but {why}; give it a "
-                f"positive share, e.g. data.split='969,30,1' ({fix})")
+from megalite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
 def index_document_count(prefix: str) -> int:
@@ -81,14 +49,19 @@ def _prefix_fix(prefix: str) -> str:
     if split_blend_string([prefix]) != [prefix]:
         return (f"it looks like Megatron's space-separated blend: give it as a list, "
                 f"{split_blend_string([prefix])} (load_config splits such a string itself)")
-    return ("create it with tools/preprocess_data.py (it writes OUTPUT_PREFIX_text_document.bin/.idx) "
+    return ("create it with `megalite preprocess` (it writes OUTPUT_PREFIX_text_document.bin/.idx) "
             "or fix the path")
+
+
+def check_data(cfg: Config, err) -> None:
+    """The files data.path names and the tokenizer data.tokenizer_model names (config already valid)."""
+    if cfg.data.path:
+        check_data_files(cfg, parse_data_path(list(cfg.data.path))[0], err)
+    check_tokenizer_vocab(cfg, err)
 
 
 def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
     """Every prefix's .idx/.bin open with a sane header, and each split the run reads gets documents."""
-    from megalite.data.gpt_dataset import split_document_ranges
-
     counts = {}
     for prefix in prefixes:
         try:
@@ -98,7 +71,7 @@ def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
     weights = split_weights(cfg.data.split)
     if len(counts) < len(prefixes) or weights is None:
         return
-    for name, why in _splits_in_use(cfg).items():
+    for name, why in splits_in_use(cfg).items():
         if weights[SPLITS.index(name)] == 0:
             continue  # reported by check_split_shares
         ranges = [split_document_ranges(cfg.data.split, n)[name] for n in counts.values()]
@@ -111,8 +84,6 @@ def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
 
 def check_tokenizer_vocab(cfg: Config, err) -> None:
     """data.tokenizer_model loads, and its ids all fit in model.vocab_size."""
-    from megalite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
-
     d, m = cfg.data, cfg.model
     if not d.tokenizer_model or d.tokenizer_type not in TOKENIZER_TYPES:
         return
