@@ -6,7 +6,7 @@
 
 The corpus is deterministic pseudo-English (Zipf-distributed made-up words).
 Without --tokenizer-model a small SentencePiece BPE model is trained on it
-first. The baseline mirrors Megatron-LM's tools/preprocess_data.py: a
+first. The baseline mirrors Megatron-LM's own tools/preprocess_data.py: a
 multiprocessing Pool.imap over single lines with chunksize 32, json.loads and
 sp.encode_as_ids per document in the workers, and megatron.core's
 IndexedDatasetBuilder.add_document per document in the main process (our
@@ -116,7 +116,7 @@ def main_process_ceilings(corpus: str, model: str, tmp: str) -> tuple[float, flo
 
     from megalite.data.corpus import iter_line_chunks
     from megalite.data.indexed import IndexedDatasetWriter
-    from megalite.data.preprocess import ChunkEncoder, PreprocessSummary, _absorb
+    from megalite.data.preprocess import ChunkEncoder, PreprocessSummary
 
     encoder = ChunkEncoder("SentencePieceTokenizer", model, ("text",), True)
     ours = [pickle.dumps(encoder(c)) for c in iter_line_chunks(corpus)]
@@ -127,7 +127,7 @@ def main_process_ceilings(corpus: str, model: str, tmp: str) -> tuple[float, flo
     summary = PreprocessSummary({"text": os.path.join(tmp, "ceil_ours")}, tokens={"text": 0})
     with IndexedDatasetWriter(summary.outputs["text"], encoder.dtype) as w:
         for blob in ours:
-            _absorb(summary, {"text": w}, pickle.loads(blob))
+            summary.write_chunk({"text": w}, pickle.loads(blob))
     ours_s = time.perf_counter() - start
     add_document, finalize, _ = _builder(os.path.join(tmp, "ceil_megatron"), encoder.dtype.type)
     start = time.perf_counter()

@@ -1,85 +1,15 @@
 #!/usr/bin/env python
-"""Convert checkpoints between megalite and Hugging Face transformers.
+"""Wrapper: the same as `megalite convert` (same subcommands, flags and output).
 
     python tools/convert_checkpoint.py to-hf CKPT OUT_DIR [--config RUN/config.yaml]
-                                       [--max-shard-size 5GB] [--dtype fp32|bf16|fp16]
-    python tools/convert_checkpoint.py from-hf HF_DIR OUT_CKPT [parallel.tp=2 parallel.pp=2 ...]
-    python tools/convert_checkpoint.py reshard CKPT OUT --tp N --pp M [--dp D] [--virtual-stages V]
-                                       [--config RUN/config.yaml]
+    python tools/convert_checkpoint.py from-hf HF_DIR OUT_CKPT [parallel.tp=2 ...]
+    python tools/convert_checkpoint.py reshard CKPT OUT --tp N --pp M [--dp D]
 
-to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
---max-shard-size file plus one tensor) and writes a directory that LlamaForCausalLM (Llama-style
-models) or GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
-from-hf imports either architecture. from-hf writes a megalite checkpoint
-(step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
-`megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
-same parallel layout. reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
-layout, optimizer state and data position included; resume with
-`megalite train OUT/config.yaml train.resume=OUT train.run_dir=...` on N*M*D ranks.
-Nothing is written when a conversion is refused.
+`megalite convert --help` documents it; the code lives in megalite.cli.convert.
 """
-from __future__ import annotations
-
-import argparse
-import re
 import sys
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not like 5GB, 500MB, 2GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory")
-    to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
-    to.add_argument("out_dir")
-    to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
-    to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
-    to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    frm = sub.add_parser("from-hf", help="Hugging Face Llama or GPT-2 directory -> megalite checkpoint")
-    frm.add_argument("hf_dir")
-    frm.add_argument("out_ckpt")
-    frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")
-    rs = sub.add_parser("reshard", help="megalite checkpoint -> the same checkpoint at another tp/pp layout")
-    rs.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
-    rs.add_argument("out", help="new checkpoint root (must not exist)")
-    rs.add_argument("--tp", type=int, required=True, help="tensor-parallel degree of the output")
-    rs.add_argument("--pp", type=int, required=True, help="pipeline-parallel degree of the output")
-    rs.add_argument("--dp", type=int, default=1, help="data-parallel replicas to write (the resumed run's dp)")
-    rs.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank of the output")
-    rs.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from megalite.checkpoint.hf import export_hf, import_hf
-    from megalite.checkpoint.io import CheckpointError
-    from megalite.config import ConfigError
-
-    try:
-        if args.command == "to-hf":
-            out = export_hf(args.checkpoint, args.out_dir, args.config, args.max_shard_size, args.dtype)
-        elif args.command == "reshard":
-            from megalite.checkpoint.reshard import reshard
-
-            out = reshard(args.checkpoint, args.out, args.tp, args.pp, args.dp, args.virtual_stages, args.config)
-        else:
-            out = import_hf(args.hf_dir, args.out_ckpt, args.overrides)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"convert_checkpoint: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
+from megalite.cli.convert import convert_main as main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -138,6 +138,19 @@ class PreprocessSummary:
     seconds: float = 0.0
     stats: InputStats = field(default_factory=InputStats)
 
+    def write_chunk(self, writers: dict, result: ChunkResult) -> None:
+        """Write one encoded chunk with `writers` ({key: IndexedDatasetWriter}) and fold its counts in.
+
+        This is the main process's whole share of the work per chunk (the workers parse and
+        encode), so its speed caps preprocessing however many workers there are.
+        """
+        for key, buf in result.buffers.items():
+            writers[key].add_raw(buf.tokens.tobytes(), buf.sequence_lengths, buf.document_ends)
+            self.tokens[key] += len(buf.tokens)
+        self.documents += result.documents
+        self.input_bytes += result.input_bytes
+        self.stats.merge(result.stats)
+
     @property
     def total_tokens(self) -> int:
         return sum(self.tokens.values())
@@ -199,7 +212,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
         # closing() stops the pool at once if writing fails or the run is interrupted
         results = stack.enter_context(closing(ordered_results(encoder_args, chunks, workers)))
         for result in results:
-            _absorb(summary, writers, result)
+            summary.write_chunk(writers, result)
             if strict:
                 read_stats.check_strict()
                 summary.stats.check_strict()
@@ -213,12 +226,3 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
     summary.seconds = time.perf_counter() - start
     return summary
 
-
-def _absorb(summary: PreprocessSummary, writers: dict, result: ChunkResult) -> None:
-    """Write one chunk's buffers and fold its counts into the summary."""
-    for key, buf in result.buffers.items():
-        writers[key].add_raw(buf.tokens.tobytes(), buf.sequence_lengths, buf.document_ends)
-        summary.tokens[key] += len(buf.tokens)
-    summary.documents += result.documents
-    summary.input_bytes += result.input_bytes
-    summary.stats.merge(result.stats)

@@ -34,13 +34,17 @@ class SentencePieceTokenizer:
 
         self.model_file = str(model_file)
         self.num_threads = num_threads
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (RuntimeError, OSError) as e:  # e.g. "could not parse ModelProto": not a SentencePiece model
+            raise ValueError(f"tokenizer model {self.model_file} is not a SentencePiece .model ({e}); pass the "
+                             "PREFIX.model that `megalite train-tokenizer` (or spm_train) wrote") from e
         self.vocab_size = len(self.sp)
         self.eod = self.sp.eos_id()
         if self.eod < 0:
             raise ValueError(f"{self.model_file}: the SentencePiece model has no eos piece (eos_id=-1), "
                              "so documents cannot be ended; retrain it with eos_id set "
-                             "(tools/train_tokenizer.py does so)")
+                             "(`megalite train-tokenizer` does so)")
         self.bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.pad = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
 
@@ -62,7 +66,10 @@ class HuggingFaceTokenizer:
         from tokenizers import Tokenizer
 
         self.model_file = _tokenizer_json_path(path)
-        self.tok = Tokenizer.from_file(self.model_file)
+        try:
+            self.tok = Tokenizer.from_file(self.model_file)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception for a broken file
+            raise ValueError(f"tokenizer model {self.model_file} is not a Hugging Face tokenizer.json ({e})") from e
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         configured = _configured_eos(os.path.dirname(self.model_file)) if os.path.isdir(path) else None
         self.eod = self._find((configured,) if configured else EOS_CANDIDATES)

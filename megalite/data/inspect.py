@@ -1,0 +1,153 @@
+"""Which documents make up global batch K of a run? Single process, no cluster.
+
+`inspect_batch` builds the datasets as the trainer does (same data path,
+split, seq len, seed and index cache) and names, for every sample of global
+batch K, the document pieces it is made of. The sample order is prefix-stable
+(it does not depend on how many samples the run asked for), so global batch K
+is what the trainer read at step K + 1. `settings` / `run_settings` take the
+data and tokenizer settings from a run's resolved config.yaml; `format_pieces`
+prints the answer. The command line is `megalite inspect` (megalite.cli.data).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from megalite.data.indexed import IndexedDataset
+
+# settings() keys whose values come from the run's config (or these defaults) unless given explicitly
+SETTING_KEYS = ("data_path", "seq_len", "global_batch_size", "seed", "data_split", "cache_dir",
+                "tokenizer_type", "tokenizer_model")
+REQUIRED_KEYS = ("data_path", "seq_len", "global_batch_size")
+DEFAULTS = {"seed": 1234, "data_split": "969,30,1", "cache_dir": None, "tokenizer_type": None,
+            "tokenizer_model": None}
+
+
+@dataclass
+class Piece:
+    """One document piece inside one sample of the batch."""
+
+    sample: int        # sample index in the run's order
+    position: int      # position inside the global batch
+    prefix: str        # dataset prefix
+    document: int      # document index in that dataset
+    offset: int        # first token's offset inside the document
+    num_tokens: int    # tokens this document contributes to the sample
+    text: str          # first words (decoded) or first token ids
+
+
+def load_decoder(tokenizer_type: str | None, tokenizer_model: str | None):
+    """ids -> text with the given tokenizer, or None when no model is given.
+
+    Unlike megalite.data.tokenizer.build_tokenizer it needs no end-of-document token (it only
+    decodes). A missing model raises FileNotFoundError, one that does not load ValueError.
+    """
+    if not tokenizer_model:
+        return None
+    if tokenizer_type not in (None, "SentencePieceTokenizer", "HuggingFaceTokenizer"):
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} must be SentencePieceTokenizer or "
+                         "HuggingFaceTokenizer")
+    path = str(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer" and os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--tokenizer-model {path} not found")
+    try:
+        if tokenizer_type == "HuggingFaceTokenizer":
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(path)
+            return lambda ids: tok.decode([int(i) for i in ids])
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        return lambda ids: sp.decode([int(i) for i in ids])
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError, tokenizers a plain Exception
+        raise ValueError(f"--tokenizer-model {path} cannot be loaded as {tokenizer_type or 'SentencePieceTokenizer'}: "
+                         f"{e}") from e
+
+
+def _preview(tokens: np.ndarray, decode, words: int) -> str:
+    if decode is None:
+        return " ".join(str(int(t)) for t in tokens[:words])
+    return " ".join(decode(tokens).split()[:words])
+
+
+def inspect_batch(data_path, seq_len: int, global_batch_size: int, batch: int, split: str = "train",
+                  seed: int = 1234, train_samples: int | None = None, data_split: str = "969,30,1",
+                  cache_dir: str | None = None, decode=None, words: int = 8) -> list[Piece]:
+    """The document pieces of every sample of global batch `batch`, in batch order.
+
+    Builds the datasets as the trainer does (same split, seed, cache), asking
+    `split` for `train_samples` samples (default: just enough for this batch;
+    the order is prefix-stable, so any larger count gives the same answer).
+    """
+    from megalite.config import DataConfig
+    from megalite.data.loader import build_datasets
+
+    if batch < 0 or global_batch_size <= 0:
+        raise ValueError(f"--batch {batch} must be >= 0 and --global-batch-size {global_batch_size} > 0")
+    needed = (batch + 1) * global_batch_size
+    total = needed if train_samples is None else int(train_samples)
+    if total < needed:
+        raise ValueError(f"--train-samples {total} is too few for global batch {batch} of "
+                         f"{global_batch_size} (needs {needed})")
+    cfg = DataConfig(path=list(data_path), split=data_split, seq_len=seq_len, seed=seed, cache_dir=cache_dir)
+    ds = build_datasets(cfg, {split: total})[split]
+    if ds is None:
+        raise ValueError(f"split {split!r} has no documents under --data-split {data_split!r}")
+    readers: dict[str, IndexedDataset] = {}
+    pieces = []
+    for position in range(global_batch_size):
+        k = batch * global_batch_size + position
+        for prefix, doc, offset, n in ds.sample_documents(k):
+            reader = readers.setdefault(prefix, IndexedDataset(prefix))
+            tokens = reader.document_tokens(doc)[offset:offset + min(n, 4 * words + 16)]
+            pieces.append(Piece(k, position, prefix, doc, offset, n, _preview(tokens, decode, words)))
+    return pieces
+
+
+def run_settings(run_dir: str | None = None, config: str | None = None) -> dict:
+    """inspect_batch's keyword arguments (data and tokenizer) from a run directory's or a config's YAML."""
+    from megalite.config import load_config
+
+    path = config if config else os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; give --run-dir the run directory (it holds config.yaml) "
+                                "or --config the run's config.yaml")
+    cfg = load_config(path)
+    d = cfg.data
+    if not d.path:
+        raise ValueError(f"{path} has no data.path; pass --data-path")
+    return {"data_path": list(d.path), "seq_len": d.seq_len, "global_batch_size": cfg.train.global_batch_size,
+            "seed": d.seed, "data_split": d.split, "cache_dir": d.cache_dir,
+            "tokenizer_type": d.tokenizer_type, "tokenizer_model": d.tokenizer_model}
+
+
+def settings(run_dir: str | None = None, config: str | None = None, **given) -> dict:
+    """The run's settings (run_dir / config, else DEFAULTS), overridden by the `given` ones that are not None.
+
+    `given` holds SETTING_KEYS (data_path=..., seq_len=..., ...); raises ValueError when data_path,
+    seq_len or global_batch_size is known from neither.
+    """
+    unknown = set(given) - set(SETTING_KEYS)
+    if unknown:
+        raise TypeError(f"settings() got unknown keys {sorted(unknown)}; known: {', '.join(SETTING_KEYS)}")
+    base = run_settings(run_dir, config) if run_dir or config else dict(DEFAULTS)
+    base.update({key: value for key, value in given.items() if value is not None})
+    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED_KEYS if not base.get(k)]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)}, or --run-dir RUN to read them from RUN/config.yaml")
+    return base
+
+
+def format_pieces(pieces: list[Piece]) -> str:
+    """One line per document piece: sample, dataset, document, offset, tokens, first words."""
+    lines = [f"{'sample':>9} {'pos':>4}  {'dataset':<28} {'document':>9} {'offset':>7} {'tokens':>6}  first words"]
+    for p in pieces:
+        name = os.path.basename(p.prefix)
+        lines.append(f"{p.sample:>9} {p.position:>4}  {name:<28} {p.document:>9} {p.offset:>7} "
+                     f"{p.num_tokens:>6}  {p.text!r}")
+    return "\n".join(lines)
