@@ -15,7 +15,7 @@
 # with --num_gpus N, and megalite runs on gloo.
 #
 # The launcher exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which megalite reads
-# (topology/launcher.py), and passes --local_rank=N, which `megalite` accepts and ignores.
+# (megalite/distributed/launcher.py), and passes --local_rank=N, which `megalite` accepts and ignores.
 set -euo pipefail
 N=${1:?usage: deepspeed.sh PROCS_PER_NODE|- CONFIG [overrides...]}; shift
 CMD=(deepspeed --master_port "${MASTER_PORT:-29500}")

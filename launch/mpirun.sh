@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # megalite under mpirun (Open MPI; MPICH/Intel MPI work the same way with their own flags).
-# Each rank reads OMPI_COMM_WORLD_* (or PMI_*) in megalite.topology.launcher.discover.
+# Each rank reads OMPI_COMM_WORLD_* (or PMI_*) in megalite.distributed.launcher.discover.
 #
 # Single node, N ranks (rendezvous on localhost; MASTER_PORT picks the port, default 29500):
 #   launch/mpirun.sh 4 tiny parallel.tp=2

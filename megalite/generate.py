@@ -3,7 +3,7 @@ or tensor-parallel over tp ranks.
 
 `load_model` builds the model for a tp group (None: one device) and fills it
 from a checkpoint of any layout (tp, pp, ZeRO), one tensor at a time: each full
-tensor is read (checkpoint.stream), re-padded to this tp size's vocabulary and
+tensor is read (checkpoint.reader), re-padded to this tp size's vocabulary and
 cut to this rank's shard by the model's own sharding metadata. `generate` runs
 the prompt once, then one token per step against each layer's KVCache
 (model.blocks), so a step costs O(sequence) rather than O(sequence^2). With
@@ -22,7 +22,7 @@ import torch
 
 from megalite.model import Transformer
 from megalite.model.blocks import KVCache
-from megalite.tensor_parallel import gather_from_tp_region, group_size
+from megalite.tensor_parallel import gather_from_tp_region, group_rank, group_size, shard_metadata
 
 
 @torch.no_grad()
@@ -31,16 +31,13 @@ def load_model(checkpoint, config: str | None = None, device: str = "cpu", tp_gr
 
     With `tp_group` (size tp) every rank of the group calls this and gets its tp shard.
     """
-    from megalite.checkpoint.consolidate import _step_dir
-    from megalite.checkpoint.io import CheckpointError
+    from megalite.checkpoint.io import CheckpointError, step_directory
     from megalite.checkpoint.layout import pad_rows, run_config, take_shard
-    from megalite.checkpoint.sharding import shard_metadata
-    from megalite.checkpoint.stream import CheckpointReader
-    from megalite.tensor_parallel import group_rank
+    from megalite.checkpoint.reader import CheckpointReader
 
-    step = _step_dir(checkpoint)
+    step = step_directory(checkpoint)
     cfg = run_config(step, config)
-    reader = CheckpointReader(step, order=cfg.parallel.order)
+    reader = CheckpointReader(step)
     model = Transformer(cfg.model, tp_group=tp_group, seed=cfg.train.seed)
     tp, rank, params = group_size(tp_group), group_rank(tp_group), model.state_dict()
     for name, entry in shard_metadata(model, tp).items():  # independent of the layout that wrote it
@@ -67,7 +64,8 @@ def _embed(model: Transformer, tokens: torch.Tensor, offset: int) -> torch.Tenso
 def _next_logits(model: Transformer, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
     """Logits [b, V] of the token after `tokens` [b, s], extending the caches by s positions."""
     x = _embed(model, tokens, caches[0].offset)
-    for block, cache in zip(model.blocks[1:-1], caches):
+    for i, cache in enumerate(caches, start=1):
+        block = model.blocks[i]
         x = block(x, kv_cache=cache)
     logits = model.blocks[-1](x[-1:])  # [1, b, Vp/tp]
     logits = gather_from_tp_region(logits, model.tp_group)  # -> [1, b, Vp], the same on every tp rank
@@ -183,7 +181,7 @@ def generate_main(args) -> int:
     import torch.distributed as dist
 
     from megalite.topology import ProcessGroups, Topology
-    from megalite.topology.launcher import discover, init_distributed
+    from megalite.distributed.launcher import discover, init_distributed
 
     env = discover()
     if args.tp is not None and args.tp != env.world_size:

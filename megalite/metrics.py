@@ -134,6 +134,17 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value}"
 
 
+def on_console(key: str, value) -> bool:
+    """Whether a metric earns a place on the console line (metrics.jsonl keeps every one): no
+    communication counters, no unknown values (MFU on a CPU), no loss scale of 1 and no skip flag
+    unless a step was skipped, and not the sample count (the step says it)."""
+    if key.startswith("comm_") or key == "consumed_samples" or value is None:
+        return False
+    if key == "loss_scale":
+        return value != 1
+    return key != "skipped" or bool(value)
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "eta ?"
@@ -213,7 +224,7 @@ class MetricsLogger:
         return per_step * remaining if isinstance(per_step, (int, float)) else None
 
     def _console(self, step: int, record: dict) -> None:
-        fields = " | ".join(_fmt(k, v) for k, v in record.items() if k != "step")
+        fields = " | ".join(_fmt(k, v) for k, v in record.items() if k != "step" and on_console(k, v))
         eta = _eta(self._eta_s(step, record))
         if self._bar is not None:
             self._bar.update(max(step - self._bar.n, 0))

@@ -1,74 +1,48 @@
-"""The training loop: one step is micro-batches forward/backward, then the engine's step.
+"""The training loop: one step is a schedule run over the micro-batches, then the engine's step.
 
-Reads top to bottom: `train_main` turns a command line into a Trainer (config
-validated before any process group exists), `Trainer.fit` runs the steps,
-evaluates, logs and checkpoints. Parallelism enters only through the
-ProcessGroups object handed to the model, the engine and the data loader.
+Reads top to bottom: `train_main` turns a command line into a Trainer (the config passes
+pre-flight before any process group exists), `Trainer.fit` runs the steps, evaluates, logs and
+checkpoints. There is one training path: the Trainer always drives the pipeline runner, and a
+run without pipeline parallelism is a one-stage pipeline whose schedule is the gradient-
+accumulation loop. Parallelism enters only through the ProcessGroups object handed to the model,
+the engine, the runner and the data loader.
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from megalite.checkpoint.io import read_manifest
+from megalite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megalite.checkpoint.resume import check_resumable, check_world_size, data_order
+from megalite.checkpoint.schema import Layout, Progress, RankState
 from megalite.config import Config, ConfigError, load_config, save_config, to_yaml
 from megalite.data.loader import build_dataloader, build_datasets
+from megalite.distributed import device_index, discover, init_distributed
+from megalite.distributed.comm import take_comm_bytes
+from megalite.distributed.failure import FailureGuard, placement
+from megalite.distributed.faults import fault_from_env
+from megalite.distributed.stop import StopSignal
 from megalite.engine import build_engine
 from megalite.engine.checks import build_cpu_adam
-from megalite.kernels.attention import document_ids
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
-from megalite.model import Transformer
-from megalite.pipeline import PipelineRunner, build_stage_model
+from megalite.model import matmul_parameters, total_parameters
+from megalite.pipeline import PipelineRunner, build_stage_model, schedule_kind
 from megalite.preflight import preflight
 from megalite.rng import rng_state, seed_everything, set_rng_state
-from megalite.tensor_parallel.comm import take_comm_bytes
-from megalite.topology import ProcessGroups, Topology, discover, init_distributed
-from megalite.topology.failure import FailureGuard, inject_setup_fault, install_fault_injection, placement
-from megalite.topology.launcher import device_index
+from megalite.topology import ProcessGroups, Topology
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask for a clean stop at the end of the current step (SLURM preemption,
-    Ctrl-C); every rank must agree, so the flag is all-reduced before it is acted on."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, device: torch.device):
-        self.flag, self.device, self.previous = False, device, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _set(self, signum, frame):
-        self.flag = True
-
-    def received(self) -> bool:
-        if not dist.is_initialized():
-            return self.flag
-        flag = torch.tensor([float(self.flag)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def train_main(config: str, overrides: list[str]) -> int:
@@ -78,7 +52,7 @@ def train_main(config: str, overrides: list[str]) -> int:
         cfg = load_config(config, overrides)
         preflight(cfg, world_size=env.world_size)
         if cfg.engine.offload_optimizer:
-            build_cpu_adam()  # the explicit build step (validation builds nothing)
+            build_cpu_adam()  # the explicit build step (checking a config builds nothing)
     except ConfigError as e:
         print(f"megalite: invalid config:\n{e}", file=sys.stderr)
         return 2
@@ -87,12 +61,14 @@ def train_main(config: str, overrides: list[str]) -> int:
         # Fixed before setup, so that a rank failing while the Trainer is built leaves its record there.
         cfg = replace(cfg, train=replace(cfg.train, run_dir=str(resolve_run_dir(cfg))))
         where = placement(build_topology(cfg, env.world_size), env.rank)
+        fault = fault_from_env(env.rank)  # None unless a failure test planned one for this rank
         # A failing rank records where it was and exits; the others follow within the timeout.
         with FailureGuard(cfg.train.run_dir, where, cfg.parallel.timeout_s) as guard:
-            inject_setup_fault(env.rank)  # test-only hooks, inert unless MEGALITE_FAULT_INJECT is set
+            if fault is not None:
+                fault.at_setup()
             cuda = device_index(env, torch.cuda.device_count()) if torch.cuda.is_available() else 0
-            trainer = Trainer(cfg, build_groups(cfg, env.world_size), cuda_device=cuda)
-            install_fault_injection(trainer)
+            trainer = Trainer(cfg, build_groups(cfg, env.world_size), cuda_device=cuda,
+                              step_hooks=[fault.before_step] if fault is not None else ())
             guard.attach(lambda: trainer.step)
             trainer.fit()
     finally:
@@ -149,39 +125,16 @@ def document_eod(data) -> int | None:
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod
 
 
-def data_order_settings(cfg: Config) -> dict:
-    """The settings that decide which training sample comes at which step (recorded in every checkpoint).
-
-    train.steps is not among them: the sample order is prefix-stable, so a run may be extended."""
-    d, t = cfg.data, cfg.train
-    return {"data.path": [str(p) for p in d.path], "data.split": str(d.split), "data.seq_len": int(d.seq_len),
-            "data.seed": int(d.seed), "train.global_batch_size": int(t.global_batch_size), "train.seed": int(t.seed)}
-
-
-def check_data_order(saved: dict | None, current: dict, path) -> None:
-    """Refuse to resume with another data order: the run would repeat some samples and skip others.
-    Checkpoints written before these settings were recorded (or imported ones) carry none: not checked."""
-    if not saved:
-        return
-    changed = [key for key in saved if key in current and saved[key] != current[key]]
-    if changed:
-        lines = "; ".join(f"{key} was {saved[key]!r} and is now {current[key]!r}" for key in changed)
-        keep = " ".join(f"{key}={_override(saved[key])}" for key in changed)
-        raise CheckpointError(f"{path} cannot be resumed: {lines}. These settings decide which training sample "
-                              f"comes next, so the run would repeat some samples and skip others. Keep the saved "
-                              f"values ({keep}) to resume, or start a new run in a new train.run_dir (or "
-                              f"checkpoint.dir)")
-
-
-def _override(value) -> str:
-    return "[" + ",".join(value) + "]" if isinstance(value, list) else str(value)
-
-
 class Trainer:
-    """Owns the model, the engine, the data iterators, the logger and checkpointing."""
+    """Owns the model, the engine, the schedule runner, the data iterators, the logger and checkpointing.
 
-    def __init__(self, cfg: Config, groups: ProcessGroups, cuda_device: int = 0):
-        self.groups = groups
+    `step_hooks` are called with the step number at the start of every step (the failure tests
+    plant their faults this way).
+    """
+
+    def __init__(self, cfg: Config, groups: ProcessGroups, cuda_device: int = 0,
+                 step_hooks: Iterable[Callable[[int], None]] = ()):
+        self.groups, self.step_hooks = groups, list(step_hooks)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         self.cfg = cfg = resolve_data(cfg, self.log)
@@ -192,26 +145,23 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
-        self.model = self._build_model().to(self.device)
+        p, g = cfg.parallel, groups
+        self.model = build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, g.tp_group,
+                                       p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
+                                       p.partition).to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)
-        self.pipeline = None if groups.pp_size == 1 else PipelineRunner(
-            self.model, groups, self.engine, self.accum, cfg.data.seq_len, cfg.train.micro_batch_size,
-            cfg.parallel.schedule, self.device, self._autocast, eod=self.eod)
+        self.runner = PipelineRunner(self.model, groups, self.engine, self.accum, cfg.data.seq_len,
+                                     cfg.train.micro_batch_size, p.schedule, self.device, self._autocast)
         self.datasets = build_datasets(cfg.data, self._samples_needed())
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
-
-    def _build_model(self):
-        """The whole Transformer, or with pp > 1 this rank's pipeline stage (same names, same init)."""
-        cfg, g = self.cfg, self.groups
-        kw = dict(tp_group=g.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
-                  activation_checkpointing=cfg.train.activation_checkpointing, seed=cfg.train.seed)
-        if g.pp_size == 1:
-            return Transformer(cfg.model, **kw)
-        return build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages,
-                                 partition=cfg.parallel.partition, **kw)
+        self.layout = Layout(g.tp_size, g.pp_size, g.topology.world_size, g.topology.virtual_stages,
+                             g.topology.order, p.partition)
+        self.flops_per_token = flops_per_token(matmul_parameters(cfg.model), cfg.model.num_layers,
+                                               cfg.model.num_heads, cfg.model.hidden_size // cfg.model.num_heads,
+                                               cfg.data.seq_len)
 
     def _samples_needed(self) -> dict:
         t = self.cfg.train
@@ -223,7 +173,21 @@ class Trainer:
         t = self.cfg.train
         return build_dataloader(self.datasets[split], t.global_batch_size, t.micro_batch_size,
                                 self.groups.dp_rank, self.groups.dp_size, consumed_samples,
-                                self.cfg.data.num_workers, seed=t.seed)
+                                self.cfg.data.num_workers, seed=t.seed, eod=self.eod)
+
+    def describe(self) -> list[str]:
+        """What was set up, in the words of the config: the first lines a run prints."""
+        cfg, g, t = self.cfg, self.groups, self.cfg.train
+        kind = schedule_kind(cfg.parallel.schedule, g.topology.virtual_stages)
+        tokens = t.global_batch_size * cfg.data.seq_len
+        return [f"megalite: {g.topology.world_size} rank(s) on {self.device} ({t.precision}): tp={g.tp_size} "
+                f"pp={g.pp_size} dp={g.dp_size}, engine {cfg.engine.backend}"
+                f"{f' ZeRO-{cfg.engine.zero_stage}' if cfg.engine.backend == 'deepspeed' else ''}, schedule {kind} "
+                f"over {self.accum} micro-batch(es) of {t.micro_batch_size}",
+                f"megalite: {total_parameters(cfg.model) / 1e6:.2f}M parameters ({matmul_parameters(cfg.model) / 1e6:.2f}M "
+                f"in matmuls, {self.model.num_parameters() / 1e6:.2f}M on this rank); "
+                f"{tokens:,} tokens per step ({t.global_batch_size} x {cfg.data.seq_len}) for {t.steps} steps",
+                f"megalite: run directory {self.run_dir} (config.yaml, metrics.jsonl, checkpoints in {self.ckpt_dir})"]
 
     # ----------------------------------------------------------------- loop
     def fit(self, stop_after: int | None = None) -> dict:
@@ -232,15 +196,17 @@ class Trainer:
         with StopSignal(self.device) as stop:
             return self._fit(stop, stop_after)
 
-    def _fit(self, stop: "StopSignal", stop_after: int | None) -> dict:
+    def _fit(self, stop: StopSignal, stop_after: int | None) -> dict:
+        for line in self.describe():
+            self.log(line)
         self.maybe_resume()
         t = self.cfg.train
         train_iter = iter(self._loader("train", self.step * t.global_batch_size))
-        self.log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters for {t.steps} steps "
-                 f"on {self.device} ({t.precision}); run directory {self.run_dir}")
         last, final, saved = {}, {}, False
         while self.step < t.steps:
             self.step += 1
+            for hook in self.step_hooks:
+                hook(self.step)
             last = self.train_step(train_iter)
             if self.step % self.cfg.logging.interval == 0 or self.step == t.steps:
                 self.metrics.log(self.step, last)
@@ -266,25 +232,11 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _micro_loss(self, batch) -> torch.Tensor:
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s] each
-        doc_ids = None if self.eod is None else document_ids(inputs, self.eod)  # [b, s]
-        with self._autocast():
-            return self.model.loss(inputs, labels, doc_ids).mean()
-
     def train_step(self, train_iter) -> dict:
         start = time.perf_counter()
         take_comm_bytes()  # count only this step's traffic, not evaluation's
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        if self.pipeline is not None:  # every stage reads the batch; the loss comes from the last
-            loss_sum = self.pipeline.train_batch([next(train_iter) for _ in range(self.accum)])
-        else:
-            for _ in range(self.accum):
-                loss = self._micro_loss(next(train_iter)) / self.accum
-                self.engine.backward(loss)
-                loss_sum += loss.detach()
+        loss_sum = self.runner.train_batch([next(train_iter) for _ in range(self.accum)])
         result = self.engine.step()
         loss = self._dp_mean(loss_sum)
         if not math.isfinite(loss):
@@ -300,15 +252,13 @@ class Trainer:
         return float(value)
 
     def _step_metrics(self, loss: float, result, seconds: float) -> dict:
-        t, m = self.cfg.train, self.cfg.model
+        t = self.cfg.train
         tokens_per_s = t.global_batch_size * self.cfg.data.seq_len / seconds
-        flops = flops_per_token(self.model.flop_params() * self.groups.tp_size * self.groups.pp_size,
-                                m.num_layers, m.num_heads, m.hidden_size // m.num_heads, self.cfg.data.seq_len)
         peak = peak_flops(self.device, t.precision)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = self.groups.topology.world_size
         return {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
                 "skipped": result.skipped, "tokens_per_s": tokens_per_s,
-                "mfu": flops * tokens_per_s / (peak * world) if peak else None,
+                "mfu": self.flops_per_token * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
                 "consumed_samples": self.step * t.global_batch_size,
                 **{f"comm_{key}_bytes": n for key, n in take_comm_bytes().items()}}
@@ -318,31 +268,24 @@ class Trainer:
         """Mean loss (and perplexity) over the first eval_steps global batches of `split`."""
         self.model.eval()
         it, total = iter(self._loader(split, 0)), torch.zeros((), device=self.device)
-        n = self.cfg.train.eval_steps * self.accum
-        if self.pipeline is not None:
-            for _ in range(self.cfg.train.eval_steps):
-                total += self.pipeline.eval_batch([next(it) for _ in range(self.accum)])
-        else:
-            for _ in range(n):
-                total += self._micro_loss(next(it))
-        loss = self._dp_mean(total / n)
+        for _ in range(self.cfg.train.eval_steps):
+            for value in self.runner.eval_batch([next(it) for _ in range(self.accum)]):
+                total += value
+        loss = self._dp_mean(total / (self.cfg.train.eval_steps * self.accum))
         return {f"{split}_loss": loss, f"{split}_ppl": math.exp(min(loss, 50.0))}
 
     # ---------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
-        p = self.groups
-        return {"model": self.model.state_dict(), "shards": self.engine.shard_metadata(),
-                "engine": self.engine.state_dict(),
-                "rng": {**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
-                "progress": {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                             "data_order": data_order_settings(self.cfg)},
-                "layout": {"tp": p.tp_size, "pp": p.pp_size, "world_size": p.topology.world_size,
-                           "virtual_stages": p.topology.virtual_stages, "order": p.topology.order,
-                           "partition": self.cfg.parallel.partition}}
+    def _state(self) -> RankState:
+        return RankState(model=self.model.state_dict(), shards=self.engine.shard_metadata(),
+                         engine=self.engine.state_dict(),
+                         rng={**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
+                         progress=Progress(self.step, self.step * self.cfg.train.global_batch_size,
+                                           data_order(self.cfg)),
+                         layout=self.layout)
 
     def save(self) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        path = save_checkpoint(self.ckpt_dir, self.step, self.rank, self._state(), world_size=world,
+        path = save_checkpoint(self.ckpt_dir, self.step, self.rank, self._state().to_dict(),
+                               world_size=self.layout.world_size,
                                barrier=dist.barrier if dist.is_initialized() else None,
                                keep_last=self.cfg.checkpoint.keep_last,
                                extra_files={"config.yaml": to_yaml(self.cfg)})
@@ -355,41 +298,12 @@ class Trainer:
         path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resume
         if path is None:
             return
-        self._check_world_size(read_manifest(path)["world_size"], path)
-        state = load_checkpoint(path, self.rank)
-        self._check_layout(state["layout"], path)
-        check_data_order(state["progress"].get("data_order"), data_order_settings(self.cfg), path)
-        self.model.load_state_dict(state["model"])
-        self.engine.load_state_dict(state["engine"])
-        set_rng_state(state["rng"])
-        self.model.rng_tracker.set_state(state["rng"]["tp_tracker"])
-        self.step = int(state["progress"]["step"])
+        check_world_size(path, self.layout)  # before this rank opens a file of another layout
+        state = RankState.from_dict(load_checkpoint(path, self.rank), path)
+        check_resumable(path, state, self.layout, data_order(self.cfg))
+        self.model.load_state_dict(state.model)
+        self.engine.load_state_dict(state.engine)
+        set_rng_state(state.rng)
+        self.model.rng_tracker.set_state(state.rng["tp_tracker"])
+        self.step = state.progress.step
         self.log(f"resumed from {path} at step {self.step}")
-
-    def _reshard_hint(self, path) -> str:
-        p = self.groups
-        return (f"python tools/convert_checkpoint.py reshard {path} OUT --tp {p.tp_size} --pp {p.pp_size} "
-                f"--dp {p.dp_size} --virtual-stages {p.topology.virtual_stages}")
-
-    def _check_world_size(self, saved: int, path) -> None:
-        # Each rank loads its own file: another rank count would read files of another layout.
-        world = self.groups.topology.world_size
-        if saved != world:
-            raise CheckpointError(f"{path} was written by {saved} ranks but this run has {world}; resume with "
-                                  f"{saved} ranks, or write a copy for this layout first: {self._reshard_hint(path)}")
-
-    def _check_layout(self, layout: dict, path) -> None:
-        p = self.groups
-        vp = layout.get("virtual_stages", 1)  # each rank's blocks depend on pp and virtual stages
-        if (layout["tp"], layout["pp"], vp) != (p.tp_size, p.pp_size, p.topology.virtual_stages):
-            raise CheckpointError(f"{path} was written with tp={layout['tp']} pp={layout['pp']} virtual_stages="
-                                  f"{vp} but this run uses tp={p.tp_size} pp={p.pp_size} virtual_stages="
-                                  f"{p.topology.virtual_stages}; resume with that layout, or convert it first: "
-                                  f"{self._reshard_hint(path)}")
-        # which blocks a stage holds, and which rank holds which coordinates (older checkpoints: defaults)
-        for key, now, default in (("partition", self.cfg.parallel.partition, "uniform"),
-                                  ("order", p.topology.order, p.topology.order)):
-            saved = layout.get(key, default)
-            if saved != now:
-                raise CheckpointError(f"{path} was written with parallel.{key}={saved} but this run uses "
-                                      f"parallel.{key}={now}; resume with parallel.{key}={saved}")

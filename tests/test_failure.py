@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from megalite.topology import Topology
-from megalite.topology.failure import (FailureGuard, InjectedFault, PeerFailure, Terminated, classify,
-                                       inject_setup_fault, parse_fault, placement)
+from megalite.distributed.failure import FailureGuard, PeerFailure, Terminated, classify, placement
+from megalite.distributed.faults import InjectedFault, fault_from_env, parse_fault
 from training_helpers import step_metrics, tiny_overrides
 
 RANK3 = r"rank 3 \(pipeline stage 0, coordinates tp=1 pp=0 dp=1\)"
@@ -104,7 +104,7 @@ def test_hang_times_out_everywhere_with_stacks_labelled_by_coordinates(counting_
     assert re.search(r"Timed out|timeout", out), out[-4000:]
     stacks = (tmp_path / "stacks" / "rank_00003.txt").read_text()
     assert stacks.startswith("=== rank 3 (pipeline stage 0, coordinates tp=1 pp=0 dp=1)")
-    assert "in train_step" in stacks and "no step finished" in stacks
+    assert "in before_step" in stacks and "in _fit" in stacks and "no step finished" in stacks
     assert sorted(os.listdir(tmp_path / "stacks")) == [f"rank_0000{r}.txt" for r in range(4)]
 
 
@@ -155,12 +155,17 @@ def test_guard_rejects_a_non_positive_timeout(tmp_path):
         FailureGuard(tmp_path, groups, timeout_s=0, step=lambda: 0)
 
 
-def test_setup_fault_fires_only_on_its_rank_and_only_for_step_setup():
-    env = {"MEGALITE_FAULT_INJECT": "rank=2,step=setup,mode=raise"}
-    inject_setup_fault(1, env)
-    inject_setup_fault(2, {"MEGALITE_FAULT_INJECT": "rank=2,step=3,mode=raise"})
+def test_a_fault_fires_only_on_its_rank_and_only_when_planned():
+    setup = {"MEGALITE_FAULT_INJECT": "rank=2,step=setup,mode=raise"}
+    at_step = {"MEGALITE_FAULT_INJECT": "rank=2,step=3,mode=raise"}
+    assert fault_from_env(1, setup) is None and fault_from_env(2, {}) is None
+    fault_from_env(2, at_step).at_setup()
+    fault_from_env(2, setup).before_step(3)
     with pytest.raises(InjectedFault, match="during setup"):
-        inject_setup_fault(2, env)
+        fault_from_env(2, setup).at_setup()
+    fault_from_env(2, at_step).before_step(2)
+    with pytest.raises(InjectedFault, match="at step 3"):
+        fault_from_env(2, at_step).before_step(3)
 
 
 def test_a_guard_started_before_the_groups_reports_setup_then_steps(tmp_path, monkeypatch):

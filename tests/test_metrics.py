@@ -77,6 +77,21 @@ def test_jsonl_lines_parse_and_hold_the_keys(tmp_path, capsys):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+def test_the_console_line_shows_what_matters_and_the_file_keeps_everything(tmp_path, capsys):
+    row = {**TRAIN, "loss_scale": 1.0, "consumed_samples": 64, "comm_tp_all_reduce_bytes": 0,
+           "comm_dp_all_reduce_bytes": 123456}
+    with MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), total_steps=4) as logger:
+        logger.log(1, row)
+        logger.log(2, {**row, "loss_scale": 1024.0, "skipped": True})
+    first, second = capsys.readouterr().out.splitlines()
+    for hidden in ("comm_", "loss_scale", "skipped", "consumed_samples", "mfu"):
+        assert hidden not in first, (hidden, first)  # a one-process fp32 CPU step: none of them says anything
+    assert "loss 2.5" in first and "grad_norm 0.75" in first and "tokens_per_s" in first
+    assert "loss_scale 1024" in second and "skipped True" in second  # shown when they carry news
+    saved = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert saved["comm_dp_all_reduce_bytes"] == 123456 and saved["loss_scale"] == 1.0 and saved["skipped"] is False
+
+
 def test_progress_bar_on_a_tty(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with MetricsLogger(tmp_path, LoggingConfig(tensorboard=False), total_steps=4) as logger:

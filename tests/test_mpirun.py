@@ -24,8 +24,8 @@ def _mpirun(np: int, *args: str, **env) -> subprocess.CompletedProcess:
 
 DISCOVER = """
 import json, sys
-from megalite.topology import discover
-from megalite.topology.launcher import _mpi_rendezvous
+from megalite.distributed import discover
+from megalite.distributed.launcher import _mpi_rendezvous
 env = discover()
 with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:  # one file a rank: stdout lines interleave
     json.dump({**env.__dict__, "broadcast": _mpi_rendezvous()}, f)
@@ -49,7 +49,7 @@ DISCOVER_HIDDEN = """
 import json, os, sys
 for name in [n for n in os.environ if n.startswith("OMPI_COMM_WORLD_")]:
     del os.environ[name]
-from megalite.topology import discover
+from megalite.distributed import discover
 env = discover()
 with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
     json.dump(env.__dict__, f)

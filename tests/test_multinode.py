@@ -34,7 +34,9 @@ def single_node_losses(prefix, run_dir) -> dict:
 def assert_same_losses(got: dict, want: dict, label: str) -> None:
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), label
     for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), f"{label}: step {step}"
+        # the same tp=2 x dp=2 program on the same CPU, only launched differently: equal to a few fp32 ulps
+        # of the loss (~5; rel 1e-6 is ~8 ulps), while a rank on the wrong data or group moves it by >= 1e-3
+        assert got[step] == pytest.approx(want[step], rel=1e-6), f"{label}: step {step}"
 
 
 def test_two_nodes_of_two_ranks_match_one_node_of_four(counting_data, tmp_path):

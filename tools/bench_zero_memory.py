@@ -177,7 +177,7 @@ def measure_dp(world: int, stages=(1, 2, 3)) -> dict:
     """Rank 0's census for each stage, from `world` CPU ranks (dp = world)."""
     import torch.multiprocessing as mp
 
-    from megalite.topology.launcher import free_port
+    from megalite.distributed.launcher import free_port
 
     ctx = mp.get_context("spawn")
     q, port = ctx.Queue(), free_port("127.0.0.1")

@@ -7,10 +7,10 @@ Anything else is refused by name.
 
 `export_hf` streams: a dry run of the conversion on meta tensors checks every
 name and shape and plans the output files, then each megalite tensor is read
-from the rank files on its own (checkpoint.stream.CheckpointReader, any tp, pp
+from the rank files on its own (checkpoint.reader.CheckpointReader, any tp, pp
 and ZeRO layout), converted, put in its output file, and dropped when that file
 is written; peak memory is about one output file plus one tensor (see
-checkpoint.stream). `import_hf` builds the full megalite state from lazily read
+checkpoint.reader). `import_hf` builds the full megalite state from lazily read
 HF tensors and writes per-rank checkpoint files at any (tp, pp, dp) layout that
 the Trainer resumes from with fresh optimizer state. Both write to a temporary
 directory and rename it last, so a refused or failed conversion leaves no
@@ -30,10 +30,15 @@ from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
 from megalite.checkpoint.hf_llama import hf_config, model_overrides as model_overrides_from_hf
 from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
-from megalite.checkpoint.io import CheckpointError
-from megalite.checkpoint.layout import fresh_dir, layout_full, publish_dir, rank_state, run_config, stage_skeleton
-from megalite.checkpoint.stream import CheckpointReader, write_safetensors
-from megalite.config import ModelConfig
+from megalite.checkpoint.hf_files import write_safetensors
+from megalite.checkpoint.io import CheckpointError, fresh_output, step_directory
+from megalite.checkpoint.layout import (StagePlan, fresh_engine_state, layout_of, rank_states, run_config,
+                                        write_offline)
+from megalite.checkpoint.reader import CheckpointReader
+from megalite.checkpoint.schema import Progress
+from megalite.config import ModelConfig, load_config
+from megalite.model import check_model
+from megalite.preflight import preflight
 
 __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_style", "export_hf", "hf_config",
            "hf_to_megalite", "import_hf", "megalite_to_hf", "model_overrides_from_hf",
@@ -80,27 +85,20 @@ def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: i
     `config` the run's config.yaml when it is not next to the checkpoint. Streams tensor by tensor:
     peak memory is about max_shard_bytes plus the largest tensor, not the model.
     """
-    from megalite.checkpoint.consolidate import _step_dir
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if max_shard_bytes <= 0:
         raise ValueError(f"max shard size {max_shard_bytes} must be positive")
-    step = _step_dir(checkpoint)
+    step = step_directory(checkpoint)
     cfg = run_config(step, config)
     arch = arch_for_model(cfg.model)
-    reader = CheckpointReader(step, order=cfg.parallel.order)
+    reader = CheckpointReader(step)
     # dry run on meta tensors: every name and shape checked, files planned, before anything is read or written
     plan = [(name, list(t.shape)) for name, t in arch.to_hf(reader.view(meta=True), cfg.model)]
-    out, tmp = fresh_dir(out_dir)
-    try:
+    with fresh_output(out_dir) as tmp:
         _write_metadata(cfg, arch, tmp, DTYPES[dtype])
         write_safetensors(arch.to_hf(reader.view(), cfg.model), tmp, max_shard_bytes, DTYPES[dtype], plan)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out)
-    return out
+    return Path(out_dir)
 
 
 # ------------------------------------------------------------------ import
@@ -135,8 +133,6 @@ class _LazyHF(dict):
 
 def _import_config(conf: dict, arch, overrides):
     """The tiny preset with the HF model section, a sequence length that fits it, then `overrides`."""
-    from megalite.config import load_config
-
     model_kv = arch.model_overrides(conf)
     base = load_config("tiny", model_kv)
     seq = f"data.seq_len={min(base.data.seq_len, base.model.max_seq_len)}"  # the preset's may be too long
@@ -151,13 +147,6 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
     also gets config.yaml (the tiny preset with the imported model section and the overrides), so
     `megalite train OUT/config.yaml train.resume=OUT data.path=...` continues training from it.
     """
-    from megalite.checkpoint.io import _publish, _write_rank, step_dir_name
-    from megalite.config import save_config
-    from megalite.preflight import preflight
-    from megalite.model.transformer import _check
-    from megalite.rng import seed_everything
-    from megalite.topology import Topology
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir} has no config.json; give a Hugging Face model directory")
@@ -168,24 +157,15 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
         raise CheckpointError(f"engine.backend={cfg.engine.backend!r}: import writes fresh native-engine "
                               "state; import with engine.backend=native")
     p = cfg.parallel
-    world = p.tp * p.pp * (p.dp or 1)
-    preflight(cfg, world_size=world, data=False, engine=False)  # ConfigError naming the bad value, before anything is written
-    _check(cfg.model, p.tp)
-    topo = Topology.from_world(world, tp=p.tp, pp=p.pp, virtual_stages=p.virtual_stages, order=p.order)
-    full = layout_full(arch.from_hf(_LazyHF(hf_dir), cfg.model), cfg)  # every tensor checked first
-    stages = [stage_skeleton(cfg, p.pp, s) for s in range(p.pp)]
-    seed_everything(cfg.train.seed)  # the saved RNG state is a fresh run's
-    out, tmp_root = fresh_dir(out_root)
-    try:
-        tmp = tmp_root / (step_dir_name(0) + ".tmp")
-        tmp.mkdir()
-        for rank in range(world):
-            c = topo.coords(rank)
-            _write_rank(tmp, rank, rank_state(full, *stages[c.pp], cfg, c.tp, world))
-        _publish(tmp_root, tmp, tmp_root / step_dir_name(0), 0, world)
-        save_config(cfg, tmp_root / "config.yaml")
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        raise
-    publish_dir(tmp_root, out)
-    return out
+    layout = layout_of(cfg, p.dp or 1)
+    preflight(cfg, world_size=layout.world_size, data=False, engine=False)  # before anything is read or written
+    check_model(cfg.model, p.tp)
+    full = arch.from_hf(_LazyHF(hf_dir), cfg.model)  # every tensor checked first
+
+    def stage(s: int) -> list:
+        plan = StagePlan(cfg, s)
+        engine = fresh_engine_state(cfg, plan.model)
+        return rank_states(plan, plan.weights(full.__getitem__, hf_dir), [engine] * plan.tp, layout, Progress(),
+                           cfg.train.seed)  # the RNG state a fresh run starts from
+
+    return write_offline(out_root, cfg, layout, 0, (stage(s) for s in range(p.pp)))

@@ -29,7 +29,7 @@ import torch
 from megalite.checkpoint.hf_llama import DTYPE_NAMES, field_mismatches, need, refuse_mismatches
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
-from megalite.model.transformer import _ffn_size
+from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "GPT2LMHeadModel", "gpt2"
 _WANTED = {"norm": "layernorm", "position": "learned", "activation": "gelu"}
@@ -52,7 +52,7 @@ def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
     check(cfg)
     return {"architectures": [ARCH], "model_type": MODEL_TYPE, "vocab_size": cfg.vocab_size,
             "n_positions": cfg.max_seq_len, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
-            "n_head": cfg.num_heads, "n_inner": _ffn_size(cfg), "activation_function": "gelu_new",
+            "n_head": cfg.num_heads, "n_inner": ffn_size(cfg), "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout, "initializer_range": cfg.init_std, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -80,7 +80,7 @@ def _qkv_columns(t: torch.Tensor, hq: int, hkv: int, d: int) -> torch.Tensor:
 def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs from a full, padding-stripped megalite state, tensor by tensor."""
     check(cfg)
-    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg)
+    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, h // hq
     yield "transformer.wte.weight", need(state, "blocks.0.word.weight", [cfg.vocab_size, h])
     yield "transformer.wpe.weight", need(state, "blocks.0.position", [cfg.max_seq_len, h])
@@ -109,7 +109,7 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
 def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full megalite state (unpadded vocabulary, fp32, bias=true, MHA) from HF GPT-2 tensors."""
     check(cfg)
-    h, hq, L, f, V = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg), cfg.vocab_size
+    h, hq, L, f, V = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg), cfg.vocab_size
     d = h // hq
     g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731
     out = {"blocks.0.word.weight": g("transformer.wte.weight", [V, h]),

@@ -19,7 +19,7 @@ head j // r in both.
 
 `to_hf` asks its `state` mapping for one megalite tensor at a time, right
 before yielding the HF tensors made from it, so over a lazy mapping
-(checkpoint.stream) only one megalite tensor is held by the converter.
+(checkpoint.reader) only one megalite tensor is held by the converter.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
-from megalite.model.transformer import _ffn_size
+from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -64,7 +64,7 @@ def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
     n_kv = cfg.num_kv_heads or cfg.num_heads
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
     return {"architectures": [ARCH], "model_type": MODEL_TYPE, "hidden_size": cfg.hidden_size,
-            "intermediate_size": _ffn_size(cfg), "num_attention_heads": cfg.num_heads,
+            "intermediate_size": ffn_size(cfg), "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": n_kv, "num_hidden_layers": cfg.num_layers,
             "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps, "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
@@ -87,7 +87,7 @@ def need(state: Mapping, name: str, shape: list[int]) -> torch.Tensor:
 def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor view) pairs from a full, padding-stripped megalite state, tensor by tensor."""
     check(cfg)
-    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg)
+    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, h // hq
     r = hq // hkv
     yield "model.embed_tokens.weight", need(state, "blocks.0.word.weight", [cfg.vocab_size, h])
@@ -114,7 +114,7 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
 def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full megalite state (unpadded vocabulary, fp32) from HF Llama tensors; names every missing one."""
     check(cfg)
-    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, _ffn_size(cfg)
+    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, h // hq
     r, V = hq // hkv, cfg.vocab_size
     g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731

@@ -28,7 +28,8 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _rank_files(rank: int) -> tuple[str, str]:
+def rank_files(rank: int) -> tuple[str, str]:
+    """(tensor file, skeleton file) names of `rank` inside a step directory."""
     return f"rank_{rank:05d}.safetensors", f"rank_{rank:05d}.json"
 
 
@@ -85,10 +87,11 @@ def _sync(barrier: Callable[[], object] | None) -> None:
         barrier()
 
 
-def _write_rank(tmp: Path, rank: int, state: dict) -> None:
-    """This rank's tensors and skeleton, fsynced, plus a digest file rank 0 merges into the manifest."""
+def write_rank(tmp: Path, rank: int, state: dict) -> None:
+    """Write this rank's tensors and skeleton into the unfinished step directory `tmp`, fsynced, plus a
+    digest file that `publish` merges into the manifest."""
     tensors, skeleton = flatten(state)
-    st_name, js_name = _rank_files(rank)
+    st_name, js_name = rank_files(rank)
     save_file(tensors, tmp / st_name, metadata={"format": "pt", "writer": FORMAT})
     _fsync_path(tmp / st_name)
     _write_durable(tmp / js_name, json.dumps({"version": 1, "skeleton": skeleton}, allow_nan=False))
@@ -97,8 +100,8 @@ def _write_rank(tmp: Path, rank: int, state: dict) -> None:
     _write_durable(tmp / f"rank_{rank:05d}.digest", json.dumps(digest))
 
 
-def _write_extra(tmp: Path, extra_files: dict[str, str]) -> None:
-    """Rank 0's extra text files (e.g. config.yaml), fsynced, with a digest the manifest lists them by."""
+def write_extra(tmp: Path, extra_files: dict[str, str]) -> None:
+    """Extra text files of a step (the run's config.yaml), fsynced, with a digest `publish` lists them by."""
     digest = {}
     for name, text in extra_files.items():
         if Path(name).name != name or name == MANIFEST or name.startswith("rank_"):
@@ -133,7 +136,9 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_path(root)
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, world_size: int) -> None:
+def publish(root: Path, tmp: Path, final: Path, step: int, world_size: int) -> None:
+    """Make the finished step directory `tmp` (every rank written) the checkpoint `final` and point
+    `latest` at it, each move durable before the next (see the module docstring)."""
     _write_manifest(tmp, step, world_size)
     replaced = None
     if final.exists():  # saving a step again (a resumed run): move the old copy out of the way first
@@ -208,12 +213,12 @@ def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1
         _remove_stale(root)
     _sync(barrier)  # nobody writes into tmp before rank 0 has removed a stale one
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_rank(tmp, rank, state)
+    write_rank(tmp, rank, state)
     if rank == 0 and extra_files:
-        _write_extra(tmp, extra_files)
+        write_extra(tmp, extra_files)
     _sync(barrier)
     if rank == 0:
-        _publish(root, tmp, final, step, world_size)
+        publish(root, tmp, final, step, world_size)
         _prune(root, keep_last)
     _sync(barrier)
     return final
@@ -239,7 +244,8 @@ def latest_checkpoint(root) -> Path | None:
     return complete[-1]
 
 
-def _resolve(path) -> Path:
+def step_directory(path) -> Path:
+    """A step directory as given, or the one a checkpoint root's `latest` names; CheckpointError otherwise."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         return p
@@ -252,7 +258,8 @@ def _resolve(path) -> Path:
     raise CheckpointError(f"{p} is neither a step directory (no {MANIFEST}) nor a checkpoint root (no '{LATEST}')")
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
+    """The JSON document at `path`; CheckpointError naming the file (and `what` it is) when missing or bad."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing ({what})")
     try:
@@ -261,7 +268,7 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({what}): {e}") from e
 
 
-def _verify(d: Path, manifest: dict, rank: int) -> None:
+def verify(d: Path, manifest: dict, rank: int) -> None:
     """Every listed file present with its size; this rank's files also match their sha256."""
     files, world = manifest.get("files"), manifest.get("world_size")
     if manifest.get("format") != FORMAT or not isinstance(files, dict) or not isinstance(world, int):
@@ -269,7 +276,7 @@ def _verify(d: Path, manifest: dict, rank: int) -> None:
     if not 0 <= rank < world:
         raise CheckpointError(f"{d} was written by {world} rank(s); rank {rank} has no shard in it "
                               "(run with the same world size or reshard it)")
-    mine = _rank_files(rank)
+    mine = rank_files(rank)
     for name in mine:
         if name not in files:
             raise CheckpointError(f"{d / MANIFEST} does not list {name}")
@@ -288,7 +295,7 @@ def _verify(d: Path, manifest: dict, rank: int) -> None:
 
 def read_manifest(path_or_root) -> dict:
     """The manifest (step, world_size, files) of a step directory, or of a root's `latest`."""
-    return _read_json(_resolve(path_or_root) / MANIFEST, "the checkpoint manifest")
+    return read_json(step_directory(path_or_root) / MANIFEST, "the checkpoint manifest")
 
 
 def load_checkpoint(path_or_root, rank: int = 0) -> dict:
@@ -296,18 +303,40 @@ def load_checkpoint(path_or_root, rank: int = 0) -> dict:
 
     Verifies the manifest first; every failure is a CheckpointError naming the file.
     """
-    d = _resolve(path_or_root)
-    manifest = _read_json(d / MANIFEST, "the checkpoint manifest")
-    _verify(d, manifest, rank)
-    st_name, js_name = _rank_files(rank)
+    d = step_directory(path_or_root)
+    manifest = read_json(d / MANIFEST, "the checkpoint manifest")
+    verify(d, manifest, rank)
+    st_name, js_name = rank_files(rank)
     try:
         tensors = load_file(d / st_name, device="cpu")
     except Exception as e:  # safetensors raises its own error types for every malformed file
         raise CheckpointError(f"{d / st_name} is not a readable safetensors file: {e}") from e
-    doc = _read_json(d / js_name, "this rank's non-tensor state")
+    doc = read_json(d / js_name, "this rank's non-tensor state")
     if "skeleton" not in doc:
         raise CheckpointError(f"{d / js_name} has no 'skeleton' entry")
     try:
         return unflatten(tensors, doc["skeleton"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / js_name} does not fit {d / st_name}: {e}") from e
+
+
+@contextmanager
+def fresh_output(out_dir) -> Iterator[Path]:
+    """Write a converter's output in OUT.tmp (yielded) and rename it to OUT when the body succeeds.
+
+    OUT must not exist or be empty; a refused or failed conversion leaves neither OUT nor OUT.tmp.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"output {out} exists and is not empty; choose a new directory")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)

@@ -1,33 +1,39 @@
-"""Laying a full model out as per-rank checkpoint states at a (tp, pp, dp) layout.
+"""Laying full tensors out as per-rank checkpoint states at a (tp, pp, dp) layout, offline.
 
-Shared by the Hugging Face import (checkpoint.hf) and the resharder
-(checkpoint.reshard). A rank's state is what `Trainer._state` saves: its tp
-shard of its pipeline stage's tensors, the shard metadata, the engine state,
-RNG, progress and layout. Stage structure (names, partition dims, the
-optimizer's parameter order) comes from the stage model built on the meta
-device, so nothing is allocated or initialised. Every shard is a contiguous
-chunk of the full tensor (see checkpoint.sharding), and vocabulary tables are
-padded with zero rows to the layout's tp-dependent size.
+Shared by the Hugging Face import (checkpoint.hf) and the resharder (checkpoint.reshard). A rank's
+state is the checkpoint.schema RankState the Trainer saves: its tp shard of its pipeline stage's
+tensors, the shard metadata, the engine state, RNG, progress and layout. Stage structure (names,
+partition dims, the optimizer's parameter order) comes from the stage model built on the meta
+device, so nothing is allocated or initialised. Every shard is a contiguous chunk of the full
+tensor (see tensor_parallel.sharding), and vocabulary tables are padded with zero rows to the
+layout's tp-dependent size.
 
-Conversions write into OUT.tmp and rename it to OUT last (`fresh_dir` /
-`publish_dir`), so a refused or failed one leaves no half-written output.
+Converters write into OUT.tmp and rename it to OUT last (`write_offline`), so a refused or failed
+one leaves no half-written output.
 """
 from __future__ import annotations
 
-import shutil
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from megalite.checkpoint.io import CheckpointError
+from megalite.checkpoint.io import CheckpointError, fresh_output, publish, step_dir_name, write_extra, write_rank
+from megalite.checkpoint.schema import Layout, Progress, RankState
+from megalite.config import load_config, padded_vocab_size, save_config, to_yaml
+from megalite.engine import NativeEngine
+from megalite.optim import param_groups
+from megalite.pipeline import build_stage_model
+from megalite.rng import rng_state, seed_everything
+from megalite.tensor_parallel import shard_metadata
+from megalite.tensor_parallel.random import TPRngTracker
 
 
 def run_config(step_dir: Path, config: str | None):
     """The run's Config: `config` if given, else the config.yaml saved inside the step directory, else
     (checkpoints older than that) the one of its run directory or checkpoint root."""
-    from megalite.config import load_config
-
     if config is None:
         places = (step_dir, step_dir.parent.parent, step_dir.parent)
         found = [p / "config.yaml" for p in places if (p / "config.yaml").is_file()]
@@ -38,63 +44,22 @@ def run_config(step_dir: Path, config: str | None):
     return load_config(config)
 
 
-def fresh_dir(out_dir) -> tuple[Path, Path]:
-    """(OUT, OUT.tmp): refuses a non-empty OUT; OUT.tmp is created empty (a stale one is removed)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output {out} exists and is not empty; choose a new directory")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Make the finished OUT.tmp visible as OUT (one rename)."""
-    if out.exists():
-        out.rmdir()  # empty (checked by fresh_dir)
-    tmp.rename(out)
-
-
 def meta_stage_model(cfg, pp: int, pp_rank: int) -> nn.Module:
     """Pipeline rank pp_rank's model at tp=1 on the meta device, built as the Trainer builds it."""
-    from megalite.model import Transformer
-    from megalite.pipeline import build_stage_model
-
     with torch.device("meta"):  # shapes, names and parameter order only: no memory, no init cost
-        return Transformer(cfg.model) if pp == 1 else build_stage_model(
-            cfg.model, pp, pp_rank, cfg.parallel.virtual_stages, partition=cfg.parallel.partition)
+        return build_stage_model(cfg.model, pp, pp_rank, cfg.parallel.virtual_stages,
+                                 partition=cfg.parallel.partition)
 
 
 def fresh_engine_state(cfg, model: nn.Module) -> dict:
     """The native engine's state_dict before any step (optimizer param groups, schedule, scaler)."""
-    from megalite.engine import build_engine
-    from megalite.topology import ProcessGroups
-
-    return build_engine(cfg, model, ProcessGroups.single(), "cpu").state_dict()
-
-
-def stage_skeleton(cfg, pp: int, pp_rank: int):
-    """(shard metadata at tp=1, fresh native engine state) of pipeline rank pp_rank's model."""
-    from megalite.checkpoint.sharding import shard_metadata
-
-    model = meta_stage_model(cfg, pp, pp_rank)
-    return shard_metadata(model, 1), fresh_engine_state(cfg, model)
+    return NativeEngine(model, cfg.optim, cfg.train, cfg.train.steps).state_dict()
 
 
 def optimizer_param_names(model: nn.Module, weight_decay: float) -> list[str]:
     """Parameter names in the optimizer's index order (the keys of its state_dict()['state'])."""
-    from megalite.optim import param_groups
-
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
-
-
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """state_dict name -> parameter name, for the extra state_dict names of tied parameters."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    return {name: canonical[id(t)] for name, t in model.state_dict(keep_vars=True).items()
-            if id(t) in canonical and canonical[id(t)] != name}
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,13 +76,6 @@ def take_shard(full: torch.Tensor, partition_dim: int | None, tp: int, tp_rank: 
 
 def fresh_rng(seed: int, tp_rank: int) -> dict:
     """The RNG state a run seeded with `seed` starts from on tp rank tp_rank (this process's is left as is)."""
-    import random
-
-    import numpy as np
-
-    from megalite.rng import rng_state, seed_everything
-    from megalite.tensor_parallel.random import TPRngTracker
-
     outer = rng_state()
     try:
         seed_everything(seed)
@@ -131,33 +89,71 @@ def fresh_rng(seed: int, tp_rank: int) -> dict:
     return {**state, "tp_tracker": TPRngTracker(seed, tp_rank).get_state()}
 
 
-def layout_full(full: dict, cfg) -> dict:
-    """The full tensors at this layout: vocabulary tables zero-padded to its (tp-dependent) padded size."""
-    from megalite.model.transformer import _padded_vocab
+class StagePlan:
+    """One pipeline stage of the output layout: its shard metadata, and full tensors cut into its tp shards."""
 
-    vp, vocab = _padded_vocab(cfg.model, cfg.parallel.tp), cfg.model.vocab_size
-    out = dict(full)
-    for name, t in full.items():
-        if t.dim() == 2 and t.shape[0] == vocab and (name.startswith("blocks.0.word") or name.endswith(
-                (f"blocks.{cfg.model.num_layers + 1}.weight", "output.weight"))):
-            out[name] = pad_rows(t, vp)
-    return out
+    def __init__(self, cfg, stage: int):
+        p = cfg.parallel
+        self.model = meta_stage_model(cfg, p.pp, stage)
+        self.tp, self.meta = p.tp, {}
+        padded = padded_vocab_size(cfg.model, p.tp)
+        for name, entry in shard_metadata(self.model, 1).items():  # at tp=1: fix the tp size and the padding
+            shape = list(entry["full_shape"])
+            if "valid_rows" in entry:
+                shape[0] = padded
+            self.meta[name] = {**entry, "tp_size": p.tp, "full_shape": shape}
+
+    def cut(self, name: str, full: torch.Tensor, where) -> list[torch.Tensor]:
+        """The tp shards of an unpadded full tensor `name` (a weight or a per-element optimizer state)."""
+        entry = self.meta[name]
+        expected = list(entry["full_shape"])
+        if "valid_rows" in entry:
+            expected[0] = entry["valid_rows"]  # compared before padding: a source's own padding is already cut
+        if list(full.shape) != expected:
+            raise CheckpointError(f"tensor '{name}' has shape {list(full.shape)} in {where}, but the run's config "
+                                  f"expects {expected}; wrong --config?")
+        if "valid_rows" in entry:
+            full = pad_rows(full, entry["full_shape"][0])  # zeros for the padding of this layout's tp
+        return [take_shard(full, entry["partition_dim"], self.tp, t) for t in range(self.tp)]
+
+    def weights(self, read, where) -> list[dict]:
+        """Every tp rank's model state from `read(name)` -> the full unpadded tensor, one tensor at a time."""
+        per_rank: list[dict] = [{} for _ in range(self.tp)]
+        for name in self.meta:
+            for t, shard in enumerate(self.cut(name, read(name), where)):
+                per_rank[t][name] = shard
+        return per_rank
 
 
-def rank_state(full: dict, meta: dict, engine: dict, cfg, tp_rank: int, world: int) -> dict:
-    """One rank's checkpoint state as Trainer._state lays it out: its tp shard of its stage's tensors.
+def layout_of(cfg, dp: int) -> Layout:
+    """The Layout a run of `cfg` has on tp * pp * dp ranks."""
+    p = cfg.parallel
+    return Layout(p.tp, p.pp, p.tp * p.pp * dp, p.virtual_stages, p.order, p.partition)
 
-    `full` holds the layout's full tensors (`layout_full`); `meta`, `engine` come from `stage_skeleton`.
-    The RNG state is this process's current one (the caller seeds it).
+
+def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: Layout, progress: Progress,
+                rng_seed: int) -> list[RankState]:
+    """The RankState of every tp rank of one output stage (model and engine states per tp rank); every
+    rank's RNG is a fresh run's seeded with `rng_seed` (per-rank streams do not map across layouts)."""
+    return [RankState(model[t], plan.meta, engine[t], fresh_rng(rng_seed, t), progress, layout)
+            for t in range(plan.tp)]
+
+
+def write_offline(out_root, cfg, layout: Layout, step: int, stages) -> Path:
+    """A checkpoint root OUT (OUT/step_N, `latest`, OUT/config.yaml) from `stages`: for each pipeline
+    stage in order, the list of its tp ranks' RankStates, each written for all dp replicas of `layout`.
+
+    Written into OUT.tmp and renamed last; a refused or failed write leaves nothing at OUT.
     """
-    from megalite.rng import rng_state
-    from megalite.tensor_parallel.random import TPRngTracker
-
-    p, tp = cfg.parallel, cfg.parallel.tp
-    meta = {name: {**entry, "tp_size": tp, "full_shape": list(full[name].shape)} for name, entry in meta.items()}
-    model = {name: take_shard(full[name], entry["partition_dim"], tp, tp_rank) for name, entry in meta.items()}
-    return {"model": model, "shards": meta, "engine": engine,
-            "rng": {**rng_state(), "tp_tracker": TPRngTracker(cfg.train.seed, tp_rank).get_state()},
-            "progress": {"step": 0, "consumed_samples": 0},
-            "layout": {"tp": tp, "pp": p.pp, "world_size": world, "virtual_stages": p.virtual_stages,
-                       "order": p.order, "partition": p.partition}}
+    topo, world = layout.topology, layout.world_size
+    with fresh_output(out_root) as tmp_root:
+        tmp = tmp_root / (step_dir_name(step) + ".tmp")
+        tmp.mkdir()
+        for stage, states in enumerate(stages):
+            for t, state in enumerate(states):
+                for dp in range(topo.dp):
+                    write_rank(tmp, topo.rank(tp=t, pp=stage, dp=dp), state.to_dict())
+        write_extra(tmp, {"config.yaml": to_yaml(cfg)})
+        publish(tmp_root, tmp, tmp_root / step_dir_name(step), step, world)
+        save_config(cfg, tmp_root / "config.yaml")
+    return Path(out_root)

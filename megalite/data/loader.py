@@ -1,14 +1,16 @@
 """Glue from the data config to per-split datasets and per-rank DataLoaders."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from megalite.config import DataConfig
-from megalite.data.blend import BlendedDataset, constituent_sizes, parse_data_path
+from megalite.config import DataConfig, parse_data_path
+from megalite.data.blend import BlendedDataset, constituent_sizes
+from megalite.data.documents import document_ids
 from megalite.data.gpt_dataset import SPLIT_NAMES, GPTDataset, split_document_ranges
 from megalite.data.indexed import IndexedDataset
 from megalite.data.sampler import DistributedBatchSampler
@@ -45,15 +47,20 @@ def build_datasets(data_cfg: DataConfig, num_samples: dict) -> dict:
     return out
 
 
-def collate_tokens(samples: list[dict]) -> dict:
-    """Stack the samples' tokens into one LongTensor [micro_batch, seq_len + 1]."""
-    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))}
+def collate_tokens(samples: list[dict], eod: int | None = None) -> dict:
+    """Stack the samples' tokens into one LongTensor [micro_batch, seq_len + 1]; with `eod` (packed
+    documents kept apart, data.reset_attention_mask) also the document ids of the inputs [micro, seq_len]."""
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    if eod is None:
+        return {"tokens": tokens}
+    return {"tokens": tokens, "doc_ids": document_ids(tokens[:, :-1], eod)}
 
 
 def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                      dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0,
-                     seed: int = 0) -> DataLoader:
-    """DataLoader of this dp rank's micro-batches, {"tokens": LongTensor [micro, seq_len + 1]}.
+                     seed: int = 0, eod: int | None = None) -> DataLoader:
+    """DataLoader of this dp rank's micro-batches, {"tokens": LongTensor [micro, seq_len + 1]} (and
+    "doc_ids" [micro, seq_len] when `eod` is given, see collate_tokens).
 
     The trainer uses tokens[:, :-1] as inputs and tokens[:, 1:] as labels.
     The loader owns a torch.Generator seeded with `seed`: creating an iterator
@@ -65,6 +72,7 @@ def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_
                          "0 samples; give it a positive share in data.split")
     sampler = DistributedBatchSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                       consumed_samples)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_tokens,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=functools.partial(collate_tokens, eod=eod),
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       generator=torch.Generator().manual_seed(int(seed)))

@@ -24,9 +24,7 @@ setup is reported too: it starts with the run directory and the rank's place in
 the topology (`placement`, pure arithmetic on the config) and learns the step
 counter once the Trainer exists (`attach`); until then records say "setup".
 
-Test hook: MEGALITE_FAULT_INJECT="rank=3,step=3,mode=raise|exit|kill|hang"
-makes that rank fail at the start of that step (see `install_fault_injection`);
-step=setup makes it fail while the Trainer is built (`inject_setup_fault`).
+The failure tests break ranks on purpose through megalite.distributed.faults.
 """
 from __future__ import annotations
 
@@ -43,8 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-FAULT_ENV = "MEGALITE_FAULT_INJECT"
-FAULT_MODES = ("raise", "exit", "kill", "hang")
+from megalite.distributed.faults import InjectedFault
 
 # Errors that only say a peer went away or a collective waited too long: they are
 # consequences, not causes, and rank 0's report looks past them.
@@ -53,10 +50,6 @@ _PEER_ERROR = re.compile(r"closed by peer|connection reset|broken pipe|connectio
 _TIMEOUT_ERROR = re.compile(r"timed out|timeout", re.IGNORECASE)
 # The order rank 0 looks for the cause in: a real error beats silence beats a stall beats a timeout.
 _BLAME_ORDER = ("error", "missing", "stalled", "timeout", "peer")
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the MEGALITE_FAULT_INJECT test hook."""
 
 
 class PeerFailure(RuntimeError):
@@ -317,64 +310,3 @@ def _abort_process_groups() -> None:
                 abort()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
-
-
-def parse_fault(spec: str) -> dict:
-    """'rank=3,step=3,mode=raise' -> {'rank': 3, 'step': 3, 'mode': 'raise'}; step=setup stays 'setup'."""
-    try:
-        fields = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
-        step = fields.pop("step").strip()
-        out = {"rank": int(fields.pop("rank")), "step": step if step == "setup" else int(step),
-               "mode": fields.pop("mode", "raise")}
-    except (KeyError, ValueError):
-        raise ValueError(f"{FAULT_ENV}={spec!r} must look like 'rank=3,step=3,mode=raise' "
-                         "(step=setup: while the Trainer is built)") from None
-    if fields or out["mode"] not in FAULT_MODES:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown keys {sorted(fields)} or mode not in {FAULT_MODES}")
-    return out
-
-
-def _fault_for(rank: int, environ) -> tuple[dict, str] | None:
-    """(the parsed fault, its spec) when MEGALITE_FAULT_INJECT targets `rank`, else None."""
-    spec = (os.environ if environ is None else environ).get(FAULT_ENV)
-    if not spec:
-        return None
-    fault = parse_fault(spec)
-    return (fault, spec) if fault["rank"] == rank else None
-
-
-def _strike(mode: str, message: str) -> None:
-    """raise: an exception (a record is written); exit: os._exit(1) at once (no record);
-    kill: SIGKILL to itself; hang: sleep forever (exercises timeouts and stack dumps)."""
-    if mode == "raise":
-        raise InjectedFault(message)
-    if mode == "exit":
-        os._exit(1)
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    while True:
-        time.sleep(1)
-
-
-def inject_setup_fault(rank: int, environ=None) -> None:
-    """Test hook: with MEGALITE_FAULT_INJECT='rank=R,step=setup,...' rank R fails here (call it
-    inside the guard, where the Trainer is built)."""
-    hit = _fault_for(rank, environ)
-    if hit and hit[0]["step"] == "setup":
-        _strike(hit[0]["mode"], f"injected fault during setup ({FAULT_ENV}={hit[1]})")
-
-
-def install_fault_injection(trainer, environ=None) -> None:
-    """Test hook: with MEGALITE_FAULT_INJECT set, make one rank fail at the start of one step
-    (modes as in `_strike`)."""
-    hit = _fault_for(trainer.rank, environ)
-    if not hit or hit[0]["step"] == "setup":
-        return
-    (fault, spec), real_step = hit, trainer.train_step
-
-    def train_step(train_iter):
-        if trainer.step == fault["step"]:  # train_step runs after the step counter moved on
-            _strike(fault["mode"], f"injected fault at step {trainer.step} ({FAULT_ENV}={spec})")
-        return real_step(train_iter)
-
-    trainer.train_step = train_step

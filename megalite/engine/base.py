@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megalite.tensor_parallel import group_size, shard_metadata
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -56,12 +58,10 @@ class Engine(ABC):
         """Restore what `state_dict` returned."""
 
     def shard_metadata(self) -> dict:
-        """How this rank's tensors join into full ones (see megalite.checkpoint.sharding).
+        """How this rank's tensors join into full ones (see megalite.tensor_parallel.sharding).
 
         Engines that repartition parameters (ZeRO-3) record it before they do."""
-        from megalite.checkpoint.sharding import shard_metadata
-
-        return shard_metadata(self.model)
+        return shard_metadata(self.model, group_size(self.model.tp_group))
 
     def train(self) -> None:
         """Put the model in training mode."""

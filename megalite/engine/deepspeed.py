@@ -11,16 +11,18 @@ files and nothing pickled: see `state_dict`).
 
 Groups: `deepspeed.initialize(mpu=groups)` with megalite's ProcessGroups, so
 DeepSpeed reads the data-parallel group from our grid and shards over it
-only, never across tp or pp ranks; the grad norm is summed over the
-model-parallel group with replicated (non `tensor_model_parallel`) parameters
-counted on tp rank 0 only, the same rule as the native engine.
+only, never across tp or pp ranks. The gradient policy is the native engine's
+(megalite.engine.gradients), told to DeepSpeed in its own words: each
+parameter's sharding record becomes `tensor_model_parallel` (sharded: counted
+in the norm on every tp rank) and `ds_pipe_replicated` (a pipeline copy of a
+tied table: left out of the norm), the attributes ZeRO's norm reads.
 
 Sequence parallelism: the gradients of parameters marked `sequence_parallel`
-are partial sums over the tp ranks. A tensor hook on each such parameter sums
-its gradient over the tp group as soon as autograd produces it, i.e. before
-it is accumulated into `.grad` and before any ZeRO hook or reduction sees it.
-The sum is linear, so doing it per micro-batch gives the native result; every
-tp rank runs the same backward graph, so the collectives line up.
+are partial sums over the tp ranks. The policy's tensor hook on each such
+parameter sums its gradient over the tp group as soon as autograd produces it,
+i.e. before it is accumulated into `.grad` and before any ZeRO hook or
+reduction sees it. The sum is linear, so doing it per micro-batch gives the
+native result; every tp rank runs the same backward graph, so the collectives line up.
 
 Accumulation: the generated config sets `managed_gradient_accumulation:
 false`: `backward` only accumulates; `step` is the boundary. The trainer has
@@ -47,19 +49,18 @@ from torch import nn
 
 import deepspeed
 from megalite.engine.base import Engine, StepResult
-from megalite.checkpoint.sharding import shard_metadata
 from megalite.engine.ds_config import build_ds_config
+from megalite.engine.gradients import GradientPolicy, clip_to_norm
 from megalite.optim import LRSchedule, param_groups
-from megalite.tensor_parallel import comm
+from megalite.tensor_parallel import shard_metadata, sharding_of
 
 
-def _sp_allreduce_hook(group):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()  # the incoming tensor may be shared with other graph nodes
-        comm.record("all_reduce", grad)
-        dist.all_reduce(grad, group=group)
-        return grad
-    return hook
+def _tell_deepspeed(model: nn.Module) -> None:
+    """Each parameter's sharding record, in the attribute names DeepSpeed's norm and clipping read."""
+    for p in model.parameters():
+        s = sharding_of(p)
+        p.tensor_model_parallel = s.partition_dim is not None
+        p.ds_pipe_replicated = s.pipeline_copy
 
 
 class DeepSpeedEngine(Engine):
@@ -76,15 +77,10 @@ class DeepSpeedEngine(Engine):
         self.precision = cfg.train.precision
         self.ds_config = build_ds_config(cfg, groups.dp_size)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
-        for p in model.parameters():
-            if getattr(p, "pipeline_duplicate", False):
-                p.ds_pipe_replicated = True  # DeepSpeed's name for "leave out of the grad norm"
+        _tell_deepspeed(model)
         self.shard_meta = shard_metadata(model, groups.tp_size)  # before ZeRO-3 empties the parameters
         self.aliases = _tied_aliases(model)
-        self._hooks = []
-        if groups.tp_size > 1:
-            self._hooks = [p.register_hook(_sp_allreduce_hook(groups.tp_group)) for p in model.parameters()
-                           if getattr(p, "sequence_parallel", False) and p.requires_grad]
+        self._hooks = GradientPolicy(list(model.parameters()), groups.tp_group).sequence_parallel_hooks()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             mpu=groups if dist.is_initialized() else None, dist_init_required=False)
@@ -100,24 +96,18 @@ class DeepSpeedEngine(Engine):
         """ZeRO-0 hands the plain torch optimizer the dp-averaged gradients but reports no grad norm.
 
         A step pre-hook (run after DeepSpeed's all-reduce, before AdamW) computes
-        the norm with the native engine's tp/pp-aware rule and clips; the
+        the norm with the gradient policy's tp/pp-aware rule and clips; the
         generated config sets DeepSpeed's own clipping to 0 for stage 0 so
         gradients are clipped exactly once.
         """
-        from megalite.engine.native import global_grad_norm
-
         opt = self._plain_optimizer()
         params = [p for group in opt.param_groups for p in group["params"]]
-        tp_rank = self.groups.tp_rank
-        norm_params = [p for p in params if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
-                       and not getattr(p, "pipeline_duplicate", False)]
+        policy = GradientPolicy(params, self.groups.tp_group, self.groups.mp_group)
 
         def pre_step(optimizer, args, kwargs):
-            norm = global_grad_norm([p.grad for p in norm_params if p.grad is not None], self.groups.mp_group)
+            norm = policy.grad_norm()
             self._stage0_norm = float(norm)
-            grads = [p.grad for p in params if p.grad is not None]
-            if clip_grad > 0 and grads:
-                torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm.to(grads[0].device))
+            clip_to_norm(params, clip_grad, norm)
 
         opt.register_step_pre_hook(pre_step)
 

@@ -12,87 +12,23 @@ gradients above fp16's underflow threshold.
 Gradients are reduced once per global batch (in `step`), never per
 micro-batch, so accumulation costs no communication.
 
-Tensor parallelism: under sequence parallelism each tp rank sees its own
-chunk of the sequence, so the gradients of replicated parameters marked
-`sequence_parallel` (norm gains, row-parallel biases) are partial sums; they
-are all-reduced (summed) over `tp_group` after the data-parallel reduction.
-The global grad norm sums squares over `model_parallel_group`, counting a
-parameter replicated on every tp rank (no `tensor_model_parallel` mark) on
-tp rank 0 only, so it equals the norm of the unsharded model.
+Tensor and pipeline parallelism follow the one gradient policy
+(megalite.engine.gradients): sequence-parallel partial gradients are summed over
+`tp_group` after the data-parallel reduction, and the global grad norm counts
+every parameter of the unsharded model once.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megalite.config import OptimConfig, TrainConfig
 from megalite.engine.base import Engine, StepResult
+from megalite.engine.gradients import DEFAULT_BUCKET_ELEMS, GradientPolicy, allreduce_mean, clip_to_norm
 from megalite.engine.loss_scaler import build_scaler
 from megalite.optim import LRSchedule, build_optimizer
-from megalite.tensor_parallel import comm
-
-DEFAULT_BUCKET_ELEMS = 25_000_000
-
-
-def _group_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _buckets(grads: list[torch.Tensor], bucket_elems: int) -> Iterator[list[torch.Tensor]]:
-    """Consecutive runs of same-dtype, same-device gradients of about bucket_elems elements."""
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        by_kind.setdefault((g.dtype, g.device), []).append(g)
-    for same in by_kind.values():
-        bucket, n = [], 0
-        for g in same:
-            if bucket and n + g.numel() > bucket_elems:
-                yield bucket
-                bucket, n = [], 0
-            bucket.append(g)
-            n += g.numel()
-        if bucket:
-            yield bucket
-
-
-def allreduce_mean(grads: list[torch.Tensor], group, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
-                   average: bool = True, label: str = "dp") -> None:
-    """Average (average=False: sum) `grads` in place over `group`: one all_reduce per flattened bucket.
-
-    `label` names the group in the communication counters (comm.GROUPS).
-
-    Bucketing trades a copy for far fewer collectives: hundreds of small
-    parameter tensors would otherwise each pay the collective's latency.
-    """
-    size = _group_size(group)
-    if size == 1:
-        return
-    for bucket in _buckets(grads, bucket_elems):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        comm.record("all_reduce", flat, label)
-        dist.all_reduce(flat, group=group)
-        if average:
-            flat.div_(size)  # gloo has no AVG op; summing then dividing works on every backend
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def global_grad_norm(grads: list[torch.Tensor], group=None) -> torch.Tensor:
-    """L2 norm of all `grads`, with squares summed over `group` (tp/pp ranks) when given."""
-    if grads:
-        sq = torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().pow(2)
-    else:
-        sq = torch.zeros((), dtype=torch.float32)
-    if _group_size(group) > 1:
-        sq = sq.reshape(1)
-        dist.all_reduce(sq, group=group)
-    return sq.sqrt().reshape(())
 
 
 class NativeEngine(Engine):
@@ -126,12 +62,7 @@ class NativeEngine(Engine):
         self.dp_group, self.mp_group, self.tp_group = dp_group, model_parallel_group, tp_group
         self.bucket_elems = bucket_elems
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.sp_params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
-        # replicated parameters contribute to the norm from tp rank 0 only; sharded ones from every rank;
-        # a pipeline's second copy of a tied table (last stage) not at all
-        tp_rank = dist.get_rank(tp_group) if _group_size(tp_group) > 1 else 0
-        self.norm_params = [p for p in self.params if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
-                            and not getattr(p, "pipeline_duplicate", False)]
+        self.gradients = GradientPolicy(self.params, tp_group, model_parallel_group)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scale (fp16) and backpropagate one micro-batch loss; gradients accumulate."""
@@ -148,23 +79,12 @@ class NativeEngine(Engine):
         left out of the reduction.
         """
         allreduce_mean(self._grads(), self.dp_group, self.bucket_elems)
-        self.reduce_sequence_parallel_gradients()
-
-    def reduce_sequence_parallel_gradients(self) -> None:
-        """Sum the partial gradients of `sequence_parallel` parameters over the tp group.
-
-        Every tp rank must hold a gradient for the same such parameters (they
-        run the same blocks); one without a gradient is left out.
-        """
-        grads = [p.grad for p in self.sp_params if p.grad is not None]
-        allreduce_mean(grads, self.tp_group, self.bucket_elems, average=False, label="tp")
+        self.gradients.sum_sequence_parallel(self.bucket_elems)
 
     def clip_gradients(self) -> float:
         """Global grad norm before clipping; scales gradients down to clip_grad when it is exceeded."""
-        grads = self._grads()
-        norm = global_grad_norm([p.grad for p in self.norm_params if p.grad is not None], self.mp_group)
-        if self.clip_grad > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, norm.to(grads[0].device))
+        norm = self.gradients.grad_norm()
+        clip_to_norm(self.params, self.clip_grad, norm)
         return float(norm)
 
     def step(self) -> StepResult:

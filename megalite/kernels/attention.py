@@ -20,9 +20,9 @@ MEGALITE_ATTENTION=flash|sdpa|math forces one; forcing flash where it cannot
 run is an error rather than a silent fallback.
 
 Document masking (data.reset_attention_mask): a packed sample holds several
-documents, each ended by an EOD token. `document_ids` numbers them per
+documents, each ended by an EOD token. megalite.data.documents numbers them per
 position (the EOD belongs to the document it ends, as in Megatron's
-get_ltor_masks_and_position_ids); a `DocumentMask`, built once per
+get_ltor_masks_and_position_ids) as the loader builds each batch; a `DocumentMask`, built once per
 micro-batch and shared by every layer, lets a token see only earlier tokens
 of its own document: flash-attn runs it as variable-length attention over
 cu_seqlens, SDPA and math as a boolean block mask [b, 1, s, s]. Positions
@@ -52,22 +52,10 @@ _logged: set[tuple[str, str]] = set()
 
 
 # ------------------------------------------------------------ documents
-def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """Document index of every position of packed samples tokens [b, s] -> int32 [b, s].
-
-    0 up to and including the first `eod`, 1 from the token after it, and so
-    on: a new document starts right after each EOD token.
-    """
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be [batch, seq]; got shape {tuple(tokens.shape)}")
-    is_eod = (tokens == eod).to(torch.int32)
-    return is_eod.cumsum(1, dtype=torch.int32) - is_eod  # count of EODs strictly before each position
-
-
 class DocumentMask:
     """Which positions of b packed samples may attend to each other: those of the same document.
 
-    Built once per micro-batch from `doc_ids` [b, s] (see `document_ids`) and
+    Built once per micro-batch from `doc_ids` [b, s] (megalite.data.documents) and
     handed to every layer; the tensors each backend needs are derived on
     first use and cached, so the per-layer cost is nothing.
     """
@@ -79,11 +67,6 @@ class DocumentMask:
         self.doc_ids = doc_ids
         self._dense: dict[bool, torch.Tensor] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
-
-    @classmethod
-    def from_tokens(cls, tokens: torch.Tensor, eod: int) -> "DocumentMask":
-        """The mask of packed samples tokens [b, s] whose documents end with `eod`."""
-        return cls(document_ids(tokens, eod))
 
     @property
     def shape(self) -> tuple[int, int]:

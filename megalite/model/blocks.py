@@ -7,9 +7,11 @@ with data.reset_attention_mask), which `run_blocks` hands to the
 transformer blocks only. Under sequence parallelism the hidden states between blocks are
 [s/tp, b, h]: each tp rank holds a contiguous chunk of the sequence.
 
-Blocks are built by `Transformer`, which then draws every weight by its
-module path (`tensor_parallel.init_model_weights`); built alone they hold
-uninitialised linear weights until that is called.
+Every block is made by `build_block(cfg, index, settings)`, one constructor
+for the whole model and for a pipeline stage alike; `BlockSettings` is the small
+value that says how the blocks are parallelised. `Transformer` then draws every
+weight by its module path (`tensor_parallel.init_model_weights`); built alone,
+blocks hold uninitialised linear weights until that is called.
 
 Dropout and the tensor-parallel RNG tracker (`tensor_parallel.random`):
 attention-probability dropout acts on this rank's heads, so it draws from
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +34,32 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megalite import kernels
-from megalite.config import ModelConfig
+from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                       copy_to_tp_region, gather_from_sequence_parallel_region, group_size,
-                                      init_shard_, normal_init, scatter_to_sequence_parallel_region)
+                                      init_shard_, mark, normal_init, scatter_to_sequence_parallel_region)
 from megalite.tensor_parallel.random import TPRngTracker
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """How blocks are parallelised: the one value every block constructor takes.
+
+    tp_group: the tensor-parallel group (None: one process). sequence_parallel: activations
+    between blocks are [s/tp, b, h] chunks (only meaningful with tp > 1). activation_checkpointing:
+    transformer blocks recompute their activations in backward. rng_tracker: the per-tp-rank dropout
+    stream (needed with dropout under tp; Transformer makes one).
+    """
+
+    tp_group: object = None
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    rng_tracker: TPRngTracker | None = None
+
+    @property
+    def tp(self) -> int:
+        return group_size(self.tp_group)
 
 
 def _sharded_rng(tracker: TPRngTracker | None):
@@ -44,8 +67,8 @@ def _sharded_rng(tracker: TPRngTracker | None):
     return tracker.fork() if tracker is not None else nullcontext()
 
 
-def _need_tracker(cfg: ModelConfig, tp_group, tracker: TPRngTracker | None) -> None:
-    if tracker is None and cfg.dropout > 0 and group_size(tp_group) > 1:
+def _need_tracker(cfg: ModelConfig, par: BlockSettings) -> None:
+    if par.rng_tracker is None and cfg.dropout > 0 and par.tp > 1:
         raise ValueError(f"model.dropout={cfg.dropout} with tensor parallelism needs an rng_tracker "
                          "(TPRngTracker), or every tp rank draws the same attention-dropout mask; "
                          "build the model through Transformer, which passes one")
@@ -60,7 +83,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         if sequence_parallel:  # each tp rank sees a different sequence chunk: partial grads
-            self.weight.sequence_parallel = True
+            mark(self.weight, sequence_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
@@ -79,7 +102,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         for p in (self.weight, self.bias):
             if p is not None and sequence_parallel:
-                p.sequence_parallel = True
+                mark(p, sequence_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
@@ -104,17 +127,13 @@ class Embedding(nn.Module):
     cfg.position == 'learned', then dropout.
     """
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False,
-                 rng_tracker: TPRngTracker | None = None):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
-        _need_tracker(cfg, tp_group, rng_tracker)
-        self.tp_group, self.sequence_parallel, self.max_seq_len = tp_group, sequence_parallel, cfg.max_seq_len
-        self.rng_tracker = rng_tracker
+        _need_tracker(cfg, par)
+        self.tp_group, self.sequence_parallel, self.max_seq_len = par.tp_group, par.sequence_parallel, cfg.max_seq_len
+        self.rng_tracker = par.rng_tracker
         self.init_std = cfg.init_std
-        self.word = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, tp_group,
-                                           normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
-                                           sequence_parallel=sequence_parallel, init_seed=None)
-        self.word.weight.valid_rows = cfg.vocab_size  # rows past it are tp-dependent padding (checkpoint.sharding)
+        self.word = vocab_table(cfg, par)
         learned = cfg.position == "learned"
         self.position = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden_size)) if learned else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -138,6 +157,15 @@ class Embedding(nn.Module):
             return x
         with _sharded_rng(self.rng_tracker if self.sequence_parallel else None):  # SP: own sequence chunk
             return self.dropout(x)
+
+
+def vocab_table(cfg: ModelConfig, par: BlockSettings) -> VocabParallelEmbedding:
+    """The vocabulary-parallel token table [Vp/tp, h] (padding rows stay zero and are marked as such)."""
+    table = VocabParallelEmbedding(padded_vocab_size(cfg, par.tp), cfg.hidden_size, par.tp_group,
+                                   normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
+                                   sequence_parallel=par.sequence_parallel, init_seed=None)
+    mark(table.weight, valid_rows=cfg.vocab_size)  # rows past it are tp-dependent padding
+    return table
 
 
 class KVCache:
@@ -170,12 +198,11 @@ class Attention(nn.Module):
     de-interleave q, k and v.)
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
-                 rng_tracker: TPRngTracker | None = None):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
-        _need_tracker(cfg, tp_group, rng_tracker)
-        self.rng_tracker = rng_tracker
-        tp = group_size(tp_group)
+        _need_tracker(cfg, par)
+        self.rng_tracker = par.rng_tracker
+        tp_group, sequence_parallel, tp = par.tp_group, par.sequence_parallel, par.tp
         n_kv = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.q_per_kv, self.kv_local = cfg.num_heads // n_kv, n_kv // tp
@@ -236,8 +263,9 @@ class MLP(nn.Module):
     matching gate/up pairs and the full matrix does not depend on tp.
     """
 
-    def __init__(self, cfg: ModelConfig, ffn: int, tp_group=None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
+        tp_group, sequence_parallel, ffn = par.tp_group, par.sequence_parallel, resolved_ffn_hidden_size(cfg)
         self.swiglu = cfg.activation == "swiglu"
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, tp_group, bias=cfg.bias,
@@ -265,17 +293,16 @@ class TransformerBlock(nn.Module):
     replayed so dropout masks match).
     """
 
-    def __init__(self, cfg: ModelConfig, ffn: int, tp_group=None, sequence_parallel: bool = False,
-                 activation_checkpointing: bool = False, rng_tracker: TPRngTracker | None = None):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
-        self.activation_checkpointing = activation_checkpointing
-        self.rng_tracker = rng_tracker
+        self.activation_checkpointing = par.activation_checkpointing
+        self.rng_tracker = par.rng_tracker
         # residual dropout: the same mask on every tp rank, unless each rank holds its own sequence chunk
-        self.residual_rng = rng_tracker if sequence_parallel else None
-        self.norm1 = make_norm(cfg, sequence_parallel)
-        self.attn = Attention(cfg, tp_group, sequence_parallel, rng_tracker)
-        self.norm2 = make_norm(cfg, sequence_parallel)
-        self.mlp = MLP(cfg, ffn, tp_group, sequence_parallel)
+        self.residual_rng = par.rng_tracker if par.sequence_parallel else None
+        self.norm1 = make_norm(cfg, par.sequence_parallel)
+        self.attn = Attention(cfg, par)
+        self.norm2 = make_norm(cfg, par.sequence_parallel)
+        self.mlp = MLP(cfg, par)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _residual_dropout(self, y: torch.Tensor) -> torch.Tensor:
@@ -318,17 +345,17 @@ class Head(nn.Module):
     they are never predicted and get no gradient.
     """
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False,
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings(),
                  tied: VocabParallelEmbedding | None = None):
         super().__init__()
-        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
-        self.norm = make_norm(cfg, sequence_parallel)
+        self.tp_group, self.sequence_parallel = par.tp_group, par.sequence_parallel
+        self.norm = make_norm(cfg, par.sequence_parallel)
         if tied is None:
-            self.output = ColumnParallelLinear(cfg.hidden_size, padded_vocab, tp_group, bias=False,
-                                               sequence_parallel=sequence_parallel,
+            self.output = ColumnParallelLinear(cfg.hidden_size, padded_vocab_size(cfg, par.tp), par.tp_group,
+                                               bias=False, sequence_parallel=par.sequence_parallel,
                                                init_method=normal_init(cfg.init_std, valid_rows=cfg.vocab_size),
                                                init_seed=None)
-            self.output.weight.valid_rows = cfg.vocab_size  # padding rows (checkpoint.sharding)
+            mark(self.output.weight, valid_rows=cfg.vocab_size)  # padding rows
             rows, start = self.output.out_local, self.output.tp_rank * self.output.out_local
         else:
             self.output = None
@@ -350,3 +377,20 @@ class Head(nn.Module):
         if self.pad_from is not None:
             logits[..., self.pad_from:] = float("-inf")  # safe in place: linear's backward does not need its output
         return logits
+
+
+def build_block(cfg: ModelConfig, index: int, par: BlockSettings = BlockSettings(),
+                tied: VocabParallelEmbedding | None = None) -> nn.Module:
+    """Block `index` of the model `cfg`: 0 the Embedding, 1..L a TransformerBlock, L+1 the Head.
+
+    `tied` is the token table the head projects with when model.tie_embeddings is set (the
+    embedding's own, or a pipeline stage's copy of it); untied heads own an output projection.
+    """
+    last = cfg.num_layers + 1
+    if not 0 <= index <= last:
+        raise ValueError(f"block index {index} is outside 0..{last} for model.num_layers={cfg.num_layers}")
+    if index == 0:
+        return Embedding(cfg, par)
+    if index == last:
+        return Head(cfg, par, tied=tied if cfg.tie_embeddings else None)
+    return TransformerBlock(cfg, par)

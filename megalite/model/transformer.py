@@ -4,44 +4,31 @@
     blocks[1..L]     TransformerBlock   [s, b, h] -> [s, b, h]
     blocks[L+1]      Head               [s, b, h] -> local logits [s, b, Vp/tp]
 
-No pipeline code lives here; a pipeline stage runs a slice of `blocks`.
-Every weight is drawn from (seed, its module path), so the starting point
-does not depend on the tensor-parallel size or on which ranks build which
-blocks, as long as block indices are kept.
+One class serves the whole model and every pipeline stage: a Transformer holds the blocks of its
+`chunks` (contiguous runs of block indices; the whole model is the single chunk 0..L+1), under
+their global names (`blocks.3.attn.qkv.weight`), and `forward(x, chunk=c)` runs chunk c. Which
+blocks a pipeline rank holds is megalite.pipeline.partition's decision, not the model's. Every
+weight is drawn from (seed, its module path), so the starting point does not depend on the
+tensor-parallel size, the pipeline layout or the partition.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, choices, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask
-from megalite.model.blocks import Embedding, Head, TransformerBlock, run_blocks
-from megalite.tensor_parallel import group_rank, group_size, init_model_weights, vocab_parallel_cross_entropy
+from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
+from megalite.tensor_parallel import (group_rank, group_size, init_model_weights, mark,
+                                      vocab_parallel_cross_entropy)
 from megalite.tensor_parallel.random import TPRngTracker
 
-_CHOICES = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "activation": ("swiglu", "gelu")}
 
-
-def _padded_vocab(cfg: ModelConfig, tp: int) -> int:
-    """vocab_size rounded up to a multiple of pad_vocab_to * tp (megalite.config.padded_vocab_size)."""
-    return padded_vocab_size(cfg, tp)
-
-
-def _ffn_size(cfg: ModelConfig) -> int:
-    """MLP inner width by the config's one rule (megalite.config.resolved_ffn_hidden_size).
-
-    Kept under this name for the modules that import it (checkpoint conversion,
-    pipeline partitioning); never a rule of its own.
-    """
-    return resolved_ffn_hidden_size(cfg)
-
-
-def _check(cfg: ModelConfig, tp: int) -> None:
-    """Reject shapes the model cannot build, naming the value and the rule."""
-    for key, allowed in _CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not one of {allowed}")
+def check_model(cfg: ModelConfig, tp: int) -> None:
+    """Reject shapes the model cannot build (a config made in code, not validated), naming the value and rule."""
+    for key in ("norm", "position", "activation"):
+        if getattr(cfg, key) not in choices(f"model.{key}"):
+            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not one of {choices(f'model.{key}')}")
     for key in ("vocab_size", "pad_vocab_to", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be positive")
@@ -53,8 +40,9 @@ def _check(cfg: ModelConfig, tp: int) -> None:
     if n_kv % tp:
         raise ValueError(f"model.num_kv_heads={n_kv} (num_heads when unset) is not divisible by tp={tp}; "
                          "each tensor-parallel rank needs whole kv heads")
-    if _ffn_size(cfg) % tp:
-        raise ValueError(f"ffn hidden size {_ffn_size(cfg)} is not divisible by tp={tp}; set model.ffn_hidden_size")
+    if resolved_ffn_hidden_size(cfg) % tp:
+        raise ValueError(f"ffn hidden size {resolved_ffn_hidden_size(cfg)} is not divisible by tp={tp}; "
+                         "set model.ffn_hidden_size")
     if cfg.position == "rope" and (cfg.hidden_size // cfg.num_heads) % 2:
         raise ValueError(f"rotary needs an even head dim; hidden_size/num_heads = "
                          f"{cfg.hidden_size // cfg.num_heads}")
@@ -62,69 +50,114 @@ def _check(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 
 
+class Blocks(nn.ModuleDict):
+    """The blocks a model holds, keyed by global index ('0' .. str(L+1)); blocks[i] takes an int too,
+    negative ones counting from the end of the whole model (blocks[-1] is the head)."""
+
+    def __init__(self, total: int):
+        super().__init__()
+        self.total = total
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key % self.total) if isinstance(key, int) else key)
+
+
 class Transformer(nn.Module):
-    """Llama/GPT-style decoder, tensor-parallel over `tp_group` (None: a single process).
+    """Llama/GPT-style decoder (or the chunks of it one pipeline rank runs), tensor-parallel over `tp_group`.
 
     forward(tokens [b, s], doc_ids=None) -> this rank's logits [s, b, Vp/tp] (Vp = padded
-    vocabulary; padded ids get -inf). loss(tokens, labels) -> per-token fp32
-    loss [b, s]. Under sequence parallelism hidden states between blocks
-    are [s/tp, b, h] and parameters marked `sequence_parallel` need their
-    gradients all-reduced over the tp group before the optimizer step.
-    `rng_tracker` holds the per-tp-rank dropout stream (seeded from `seed`
-    and the tp rank); checkpoint its get_state() to resume exactly.
+    vocabulary; padded ids get -inf); a pipeline stage's chunk maps what it receives
+    (tokens or hidden states [s, b, h]) to what it sends. loss(tokens, labels) -> per-token fp32
+    loss [b, s]. Under sequence parallelism hidden states between blocks are [s/tp, b, h].
+    `rng_tracker` holds the per-tp-rank dropout stream (seeded from `seed` and the tp rank);
+    checkpoint its get_state() to resume exactly.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
-                 activation_checkpointing: bool = False, seed: int = 1234):
+                 activation_checkpointing: bool = False, seed: int = 1234, chunks: list[range] | None = None):
         super().__init__()
         tp = group_size(tp_group)
-        _check(cfg, tp)
+        check_model(cfg, tp)
         self.cfg, self.tp_group = cfg, tp_group
         self.sequence_parallel = sequence_parallel and tp > 1  # a group of one has nothing to split
-        self.padded_vocab = _padded_vocab(cfg, tp)
-        sp, ffn = self.sequence_parallel, _ffn_size(cfg)
+        self.padded_vocab = padded_vocab_size(cfg, tp)
+        last = cfg.num_layers + 1
+        self.chunks = [range(0, last + 1)] if chunks is None else [range(r.start, r.stop) for r in chunks]
         self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
-        embedding = Embedding(cfg, self.padded_vocab, tp_group, sp, self.rng_tracker)
-        layers = [TransformerBlock(cfg, ffn, tp_group, sp, activation_checkpointing, self.rng_tracker)
-                  for _ in range(cfg.num_layers)]
-        head = Head(cfg, self.padded_vocab, tp_group, sp, tied=embedding.word if cfg.tie_embeddings else None)
-        self.blocks = nn.ModuleList([embedding, *layers, head])
-        init_model_weights(self, seed)
+        par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker)
+        self.blocks = Blocks(last + 1)
+        for i in (i for r in self.chunks for i in r):
+            self.blocks[str(i)] = build_block(cfg, i, par, tied=self._tied_table(par, seed) if i == last else None)
+        init_model_weights(self, seed)  # keys are global ids: names, hence weights, match the whole model
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] int64 -> local logits [s, b, Vp/tp].
+    def _tied_table(self, par: BlockSettings, seed: int):
+        """The token table a tied head projects with: the embedding's own when this model holds it,
+        else (a last pipeline stage) a copy drawn from the embedding's name, kept equal by summing
+        both copies' gradients (pipeline.partition.tie_embedding_grads)."""
+        if not self.cfg.tie_embeddings:
+            return None
+        if "0" in self.blocks:
+            return self.blocks["0"].word
+        table = vocab_table(self.cfg, par)
+        table.init_weights(seed, "blocks.0.word")
+        mark(table.weight, pipeline_copy=True)  # the grad norm counts the first stage's copy only
+        return table
 
-        `doc_ids` [b, s] (kernels.attention.document_ids) restricts attention to
-        each token's own document of the packed sample; None: plain causal.
+    @property
+    def tied_weight(self) -> nn.Parameter | None:
+        """The tied token table this rank holds (the embedding's, or the head's copy), else None."""
+        if not self.cfg.tie_embeddings:
+            return None
+        if "0" in self.blocks:
+            return self.blocks["0"].word.weight
+        head = str(self.cfg.num_layers + 1)
+        return self.blocks[head].weight if head in self.blocks else None
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """Run chunk `chunk`'s blocks in order: tokens [b, s] or hidden [s, b, h] in, hidden or logits out.
+
+        `doc_ids` [b, s] (data.documents.document_ids) restricts attention to each token's own
+        document of the packed sample; None: plain causal.
         """
         documents = None if doc_ids is None else DocumentMask(doc_ids)
-        return run_blocks(self.blocks, tokens, documents)
+        return run_blocks((self.blocks[i] for i in self.chunks[chunk]), x, documents)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Local logits [s, b, Vp/tp] and labels [b, s] -> per-token fp32 loss [b, s]."""
         return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()  # [s, b] -> [b, s]
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token fp32 cross-entropy [b, s] of predicting labels [b, s] from tokens [b, s]
-        (attention confined to documents when `doc_ids` is given, see forward)."""
+        """Per-token fp32 cross-entropy [b, s] of predicting labels [b, s] from tokens [b, s] (whole model;
+        attention confined to documents when `doc_ids` is given, see forward)."""
         return self.loss_from_logits(self(tokens, doc_ids), labels)
 
     def num_parameters(self) -> int:
-        """Parameters held by THIS rank (tp shards counted once; tied weights once)."""
+        """Parameters held by THIS rank (tp shards counted once; tied weights once; a stage's copy counted)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flop_params(self) -> int:
-        """This rank's parameters that do matmul work: all but the lookup tables.
 
-        The token table is left out unless tied, in which case it is counted
-        once, as the head; a learned position table is always left out.
-        Feeds MFU's 6N + 12*L*H*Q*T (multiply by tp * pp for the whole model;
-        replicated norm gains are then overcounted, a negligible error).
-        """
-        embedding = self.blocks[0]
-        n = self.num_parameters()
-        if not self.cfg.tie_embeddings:
-            n -= embedding.word.weight.numel()
-        if embedding.position is not None:
-            n -= embedding.position.numel()
-        return n
+def block_parameter_counts(cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False) -> list[int]:
+    """This tp rank's parameter count of every block 0..L+1 (a tied head counts its table: a stage holds a copy).
+
+    Blocks are built on the meta device, so nothing is allocated or drawn.
+    """
+    par = BlockSettings(tp_group, sequence_parallel and group_size(tp_group) > 1, False,
+                        TPRngTracker(0, group_rank(tp_group)))
+    with torch.device("meta"):
+        emb = build_block(cfg, 0, par)
+        layer = build_block(cfg, 1, par)
+        head = build_block(cfg, cfg.num_layers + 1, par, tied=emb.word)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return [count(emb)] + [count(layer)] * cfg.num_layers + [count(head)]
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """The whole model's parameters that do matmul work: every layer and the head (whose table does the
+    projection, tied or not); the embedding is a lookup. The N of MFU's 6N + 12*L*H*Q*T."""
+    return sum(block_parameter_counts(cfg)[1:])
+
+
+def total_parameters(cfg: ModelConfig) -> int:
+    """The whole model's parameter count at tp=1 (a tied table once; padded vocabulary rows included)."""
+    tied = padded_vocab_size(cfg, 1) * cfg.hidden_size if cfg.tie_embeddings else 0
+    return sum(block_parameter_counts(cfg)) - tied

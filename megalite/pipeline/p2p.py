@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.pipeline.schedules import Action
-from megalite.tensor_parallel import comm
+from megalite.distributed import comm
 
 
 class P2P:

@@ -1,4 +1,5 @@
-"""Tensor parallelism: paired collectives, parallel layers, vocab-parallel loss, sharded init.
+"""Tensor parallelism: paired collectives, parallel layers, vocab-parallel loss, sharded init, and the
+one sharding record every parameter carries.
 
 A `tp_group` of None (or of size one) turns every collective into a no-op, so
 the same layers serve single-process runs.
@@ -10,6 +11,7 @@ from megalite.tensor_parallel.mappings import (copy_to_tp_region, gather_from_se
                                                gather_from_tp_region, group_rank, group_size,
                                                reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
                                                scatter_to_sequence_parallel_region, scatter_to_tp_region)
+from megalite.tensor_parallel.sharding import REPLICATED, Sharding, in_grad_norm, mark, shard_metadata, sharding_of
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
@@ -17,4 +19,5 @@ __all__ = [
     "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region", "group_size", "group_rank",
     "full_weight", "init_model_weights", "init_shard_", "normal_init", "param_seed",
+    "REPLICATED", "Sharding", "in_grad_norm", "mark", "shard_metadata", "sharding_of",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.tensor_parallel import comm
+from megalite.distributed import comm
 from megalite.tensor_parallel.mappings import group_rank, group_size
 
 

@@ -5,10 +5,10 @@ dim is split and which collectives run forward and backward. All
 communication goes through `mappings`, whose functions are no-ops for a group
 of one, so tp=1 runs this very code.
 
-Sharded parameters carry `partition_dim` (the split dim of the tensor as
-stored) and `tensor_model_parallel=True`; parameters whose gradients are only
-partial under sequence parallelism carry `sequence_parallel=True` (their
-gradients need an all-reduce over the tp group before the optimizer step).
+Every parameter's layout is one `sharding.Sharding` record: sharded ones carry
+their split dim (`partition_dim`, of the tensor as stored); replicated ones whose
+gradients are only partial under sequence parallelism carry `sequence_parallel`
+(their gradients are summed over the tp group before the optimizer step).
 Weights are drawn by `init.init_shard_` from the full tensor, so they do not
 depend on the tp size; `init_weights(seed, prefix)` redraws them under a
 stable name (the model calls it with each layer's module path).
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.tensor_parallel.init import InitMethod, init_shard_, normal_init
+from megalite.tensor_parallel.sharding import mark
 from megalite.tensor_parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
                                                gather_from_tp_region, group_rank, group_size,
                                                reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
@@ -31,11 +32,6 @@ def _divide(n: int, world: int, what: str) -> int:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {world}; "
                          f"pick a multiple of {world} or a smaller tp")
     return n // world
-
-
-def _mark_sharded(param: nn.Parameter, dim: int) -> None:
-    param.tensor_model_parallel = True
-    param.partition_dim = dim
 
 
 class _ParallelBase(nn.Module):
@@ -81,10 +77,10 @@ class ColumnParallelLinear(_ParallelBase):
         self.out_local = _divide(out_features, self.tp_size, "out_features")
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features))
-        _mark_sharded(self.weight, 0)
+        mark(self.weight, partition_dim=0)
         self.bias = nn.Parameter(torch.empty(self.out_local)) if bias else None
         if self.bias is not None:
-            _mark_sharded(self.bias, 0)
+            mark(self.bias, partition_dim=0)
         if init_seed is not None:
             self.init_weights(init_seed, type(self).__name__)
 
@@ -129,10 +125,10 @@ class RowParallelLinear(_ParallelBase):
         self.in_local = _divide(in_features, self.tp_size, "in_features")
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
-        _mark_sharded(self.weight, 1)
+        mark(self.weight, partition_dim=1)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         if self.bias is not None and sequence_parallel:
-            self.bias.sequence_parallel = True
+            mark(self.bias, sequence_parallel=True)
         if init_seed is not None:
             self.init_weights(init_seed, type(self).__name__)
 
@@ -176,7 +172,7 @@ class VocabParallelEmbedding(_ParallelBase):
         self.vocab_start = self.tp_rank * self.rows_local
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(self.rows_local, embedding_dim))
-        _mark_sharded(self.weight, 0)
+        mark(self.weight, partition_dim=0)
         if init_seed is not None:
             self.init_weights(init_seed, type(self).__name__)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.tensor_parallel import comm
+from megalite.distributed import comm
 
 
 def group_size(group) -> int:

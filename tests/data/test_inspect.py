@@ -1,25 +1,14 @@
-"""tools/inspect_data.py names the documents of a global batch, decoded or as ids."""
-import importlib.util
-import os
-import sys
-
+"""megalite.data.inspect (and `megalite inspect`) names the documents of a global batch, decoded or as ids."""
 import numpy as np
 import pytest
 
+from megalite.cli.data import inspect_main
 from megalite.config import DataConfig
 from megalite.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megalite.data.inspect import inspect_batch, run_settings
 from megalite.data.loader import build_datasets
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "inspect_data.py")
 WORDS = ["<unk>", "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota"]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("inspect_data", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["inspect_data"] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -45,11 +34,10 @@ def hf_tokenizer(path):
 
 
 def test_inspect_names_the_documents_of_a_batch(corpus, tmp_path):
-    tool = load_tool()
     path = ["0.5", corpus[0], "0.5", corpus[1]]
     cache = str(tmp_path / "cache")
-    pieces = tool.inspect_batch(path, seq_len=6, global_batch_size=4, batch=2, seed=9, train_samples=40,
-                                cache_dir=cache)
+    pieces = inspect_batch(path, seq_len=6, global_batch_size=4, batch=2, seed=9, train_samples=40,
+                           cache_dir=cache)
     ds = build_datasets(DataConfig(path=path, seq_len=6, seed=9, cache_dir=cache), {"train": 40})["train"]
     expected = [(k, *piece) for k in range(8, 12) for piece in ds.sample_documents(k)]
     assert [(p.sample, p.prefix, p.document, p.offset, p.num_tokens) for p in pieces] == expected
@@ -60,14 +48,13 @@ def test_inspect_names_the_documents_of_a_batch(corpus, tmp_path):
 
 
 def test_inspect_cli_decodes_with_a_tokenizer(corpus, tmp_path, capsys):
-    tool = load_tool()
     model = hf_tokenizer(tmp_path / "tokenizer.json")
-    assert tool.main(["--data-path", corpus[1], "--seq-len", "5", "--global-batch-size", "2", "--batch", "0",
-                      "--cache-dir", str(tmp_path / "cache"), "--tokenizer-type", "HuggingFaceTokenizer",
-                      "--tokenizer-model", model, "--words", "3"]) == 0
+    assert inspect_main(["--data-path", corpus[1], "--seq-len", "5", "--global-batch-size", "2", "--batch", "0",
+                         "--cache-dir", str(tmp_path / "cache"), "--tokenizer-type", "HuggingFaceTokenizer",
+                         "--tokenizer-model", model, "--words", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["sample", "pos", "dataset"]
-    pieces = tool.inspect_batch([corpus[1]], 5, 2, 0, cache_dir=str(tmp_path / "cache"))
+    pieces = inspect_batch([corpus[1]], 5, 2, 0, cache_dir=str(tmp_path / "cache"))
     assert len(lines) == 1 + len(pieces)
     for line, p in zip(lines[1:], pieces):
         assert line.split()[:6] == [str(p.sample), str(p.position), "b", str(p.document), str(p.offset),
@@ -80,7 +67,7 @@ def test_inspect_cli_decodes_with_a_tokenizer(corpus, tmp_path, capsys):
 
 def test_inspect_refuses_too_few_samples(corpus):
     with pytest.raises(ValueError, match="too few"):
-        load_tool().inspect_batch([corpus[0]], 4, 8, 3, train_samples=16)
+        inspect_batch([corpus[0]], 4, 8, 3, train_samples=16)
 
 
 def test_run_dir_answer_is_what_the_trainer_consumed(counting_data, tmp_path, capsys):
@@ -96,20 +83,24 @@ def test_run_dir_answer_is_what_the_trainer_consumed(counting_data, tmp_path, ca
         "data.path": f"[0.4,{counting_data},0.6,{other}]", "data.num_workers": 0, "data.seed": 11,
         "data.cache_dir": str(tmp_path / "cache")}))
     trainer = Trainer(cfg, ProcessGroups.single())
-    consumed, real_loss = [], trainer._micro_loss
-    trainer._micro_loss = lambda batch: consumed.append(batch["tokens"].numpy().copy()) or real_loss(batch)
+    consumed, real_train_batch = [], trainer.runner.train_batch
+
+    def train_batch(batches):
+        consumed.extend(b["tokens"].numpy().copy() for b in batches)
+        return real_train_batch(batches)
+
+    trainer.runner.train_batch = train_batch
     trainer.fit()
     per_step = np.concatenate(consumed).reshape(4, 8, -1)  # [steps, global batch, seq_len + 1]
-    tool = load_tool()
     for k in range(4):
-        s = tool.run_settings(str(run_dir))
+        s = run_settings(str(run_dir))
         del s["tokenizer_type"], s["tokenizer_model"]
-        pieces = tool.inspect_batch(batch=k, **s)
+        pieces = inspect_batch(batch=k, **s)
         read = {prefix: IndexedDataset(prefix) for prefix in s["data_path"][1::2]}
         samples = [np.concatenate([read[p.prefix].document_tokens(p.document)[p.offset:p.offset + p.num_tokens]
                                    for p in pieces if p.position == pos]) for pos in range(8)]
         np.testing.assert_array_equal(np.stack(samples), per_step[k])
     capsys.readouterr()  # the training log
-    assert tool.main(["--run-dir", str(run_dir), "--batch", "3"]) == 0
+    assert inspect_main(["--run-dir", str(run_dir), "--batch", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + len(pieces) and lines[1].split()[0] == str(3 * 8)

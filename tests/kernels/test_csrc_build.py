@@ -23,6 +23,7 @@ import torch
 
 from megalite import kernels
 from megalite.kernels import fused, reference
+from tolerance import assert_close
 
 CSRC = fused.CSRC
 ARCH = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
@@ -164,5 +165,6 @@ def test_dispatch_compiles_without_graph_breaks_even_on_its_first_call(fresh_cho
     x = torch.randn(6, 2, 8)
     torch._dynamo.reset()
     got = torch.compile(block, backend="eager", fullgraph=True)(x)  # the choice is made while tracing
-    torch.testing.assert_close(got, block(x))
+    # the compiled graph (backend="eager") runs the same ops: equal to a few fp32 ulps (rtol 1e-6, ~8 ulps)
+    assert_close(got, block(x), rtol=1e-6, atol_frac=1e-6, what="compiled block")
     assert kernels._choice["cpu"][0] == "reference"

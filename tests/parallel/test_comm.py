@@ -1,6 +1,6 @@
 """Communication accounting: measured tensor-parallel traffic equals the analytic amount.
 
-Payload bytes (see megalite/tensor_parallel/comm.py): per layer, without
+Payload bytes (see megalite/distributed/comm.py): per layer, without
 sequence parallelism, 4 all-reduces of s*b*h fp32 values (2 forward, 2
 backward); with it, 4 all-gathers and 4 reduce-scatters of the same size.
 Data-parallel gradients, pipeline sends and the tied embedding are counted
@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from megalite.config import ModelConfig
 from megalite.model import Transformer
-from megalite.tensor_parallel import comm
-from megalite.tensor_parallel.comm import record, take_comm_bytes, wire_bytes
+from megalite.distributed import comm
+from megalite.distributed.comm import record, take_comm_bytes, wire_bytes
 
 S, B, H, L = 16, 2, 32, 3
 CFG = ModelConfig(vocab_size=50, pad_vocab_to=8, hidden_size=H, num_layers=L, num_heads=4, num_kv_heads=2,

@@ -9,6 +9,7 @@ from megalite.checkpoint.state import flatten, unflatten
 from megalite.config import ModelConfig
 from megalite.model import Transformer
 from megalite.tensor_parallel.random import TP_SEED_OFFSET, TPRngTracker
+from tolerance import worst
 
 CFG = ModelConfig(vocab_size=40, pad_vocab_to=8, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_seq_len=16, dropout=0.2)
@@ -94,7 +95,7 @@ def test_tensor_parallel_dropout_without_a_tracker_is_refused(monkeypatch):
     real = blocks.group_size
     monkeypatch.setattr(blocks, "group_size", lambda g: 2 if isinstance(g, _FakeGroup) else real(g))
     with pytest.raises(ValueError, match="rng_tracker"):
-        blocks.Attention(CFG, tp_group=_FakeGroup())
+        blocks.Attention(CFG, blocks.BlockSettings(tp_group=_FakeGroup()))
 
 
 # ------------------------------------------------------------------ multi-rank
@@ -140,12 +141,16 @@ def _checkpointing_replays_tracker(ckpt: bool):
 
 def _compare_checkpointing():
     (loss, grads, after), (loss_c, grads_c, after_c) = (_checkpointing_replays_tracker(c) for c in (False, True))
-    return bool(torch.equal(loss, loss_c) and torch.equal(after, after_c)
-                and all(torch.allclose(grads[n], grads_c[n], rtol=0, atol=1e-7) for n in grads))
+    # recomputation replays the same kernels and masks (bitwise equal here); only the order autograd sums a
+    # tensor's several uses may change, a few fp32 ulps: rtol 1e-6 (~8 ulps), floor 1e-6 * max|grad|. A mask
+    # that was not replayed changes gradients by O(1).
+    grad_ratio, message = max(worst(grads_c[n], grads[n], 1e-6, 1e-6, n) for n in grads)
+    return bool(torch.equal(loss, loss_c) and torch.equal(after, after_c)), grad_ratio <= 1, message
 
 
 def test_activation_checkpointing_replays_the_tracker_under_sequence_parallelism(spawn):
-    assert spawn(_compare_checkpointing, 2) == [True, True]
+    for same_loss_and_stream, grads_close, message in spawn(_compare_checkpointing, 2):
+        assert same_loss_and_stream and grads_close, message
 
 
 def test_dropout_differs_from_no_dropout_so_the_tests_above_see_masks():

@@ -15,7 +15,8 @@ from megalite.config import ModelConfig
 from megalite.model import Transformer
 from megalite.pipeline import (Executor, StageHooks, build_stage_model, max_in_flight, partition_balanced,
                                partition_uniform, schedule_steps)
-from megalite.pipeline.partition import block_parameter_counts
+from megalite.model import block_parameter_counts
+from tolerance import assert_close
 
 
 def tiny(**kw) -> ModelConfig:
@@ -122,7 +123,8 @@ def run_threads(cfg, kind, pp, v, tokens, seed=3, partition="uniform"):
     def work(rank):
         try:
             st = stages[rank]
-            hooks = StageHooks(forward=st.forward, first_input=lambda mb: tokens[mb][:, :-1],
+            hooks = StageHooks(forward=lambda chunk, x, **kw: st(x, chunk=chunk, **kw),
+                               first_input=lambda mb: tokens[mb][:, :-1],
                                loss=lambda mb, out: st.loss_from_logits(out, tokens[mb][:, 1:]).mean() / m)
             link, steps = Link(queues, rank, pp), schedule_steps(kind, pp, rank, m, v)
             results[rank] = Executor(hooks, link, rank, pp, v).run(steps)
@@ -160,5 +162,7 @@ def test_threaded_pipeline_matches_the_unsplit_model(kind, pp, v, m, tie, partit
     grads, loss, peaks = run_threads(cfg, kind, pp, v, tokens, partition=partition)
     assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     for name, p in full.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        # fp32: the same products, micro-batches and the tied table's two parts summed in another order: a few
+        # ulps; rtol 1e-4 is generous, floor 1e-5 * max|grad| (not an absolute 1e-6) for elements near 0
+        assert_close(grads[name], p.grad, rtol=1e-4, atol_frac=1e-5, what=name)
     assert peaks == [max_in_flight(kind, pp, r, m, v) for r in range(pp)]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalite.topology import LaunchEnv, LaunchError, discover, expand_nodelist, init_distributed
-from megalite.topology import launcher
+from megalite.distributed import LaunchEnv, LaunchError, discover, expand_nodelist, init_distributed
+from megalite.distributed import launcher
 
 MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}
 

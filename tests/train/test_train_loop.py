@@ -59,14 +59,14 @@ def test_corrupt_checkpoint_is_refused_by_name(counting_data, tmp_path):
 def test_nan_loss_stops_with_step_and_last_checkpoint(counting_data, tmp_path, monkeypatch):
     cfg = load_config("tiny", tiny_overrides(counting_data, tmp_path, steps=6))
     trainer = Trainer(cfg, ProcessGroups.single())
-    real_loss, calls = trainer.model.loss, []
+    real_loss, calls = trainer.model.loss_from_logits, []
 
     def poisoned(*args):
         calls.append(1)
         out = real_loss(*args)
         return out * float("nan") if len(calls) > 4 * 3 else out  # 4 micro-batches a step: NaN in step 4
 
-    monkeypatch.setattr(trainer.model, "loss", poisoned)
+    monkeypatch.setattr(trainer.model, "loss_from_logits", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 4.*step_0+2"):
         trainer.fit()
 
@@ -133,7 +133,7 @@ def test_resume_with_another_rank_count_is_refused_with_the_reshard_command(coun
     messages = spawn(_resume_on_two_ranks, 2, counting_data, str(tmp_path))
     for message in messages:
         assert "written by 1 ranks but this run has 2" in message, message
-        assert "convert_checkpoint.py reshard" in message and "--dp 2" in message, message
+        assert "megalite convert reshard" in message and "--dp 2" in message, message
 
 
 def _train_pp2(prefix, run_dir, steps, partition) -> str:
