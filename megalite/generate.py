@@ -180,8 +180,8 @@ def generate_main(args) -> int:
     """
     import torch.distributed as dist
 
-    from megalite.topology import ProcessGroups, Topology
     from megalite.distributed.launcher import discover, init_distributed
+    from megalite.topology import ProcessGroups, Topology
 
     env = discover()
     if args.tp is not None and args.tp != env.world_size:

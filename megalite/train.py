@@ -184,8 +184,9 @@ class Trainer:
                 f"pp={g.pp_size} dp={g.dp_size}, engine {cfg.engine.backend}"
                 f"{f' ZeRO-{cfg.engine.zero_stage}' if cfg.engine.backend == 'deepspeed' else ''}, schedule {kind} "
                 f"over {self.accum} micro-batch(es) of {t.micro_batch_size}",
-                f"megalite: {total_parameters(cfg.model) / 1e6:.2f}M parameters ({matmul_parameters(cfg.model) / 1e6:.2f}M "
-                f"in matmuls, {self.model.num_parameters() / 1e6:.2f}M on this rank); "
+                f"megalite: {total_parameters(cfg.model) / 1e6:.2f}M parameters "
+                f"({matmul_parameters(cfg.model) / 1e6:.2f}M in matmuls, {self.model.num_parameters() / 1e6:.2f}M on "
+                f"this rank); "
                 f"{tokens:,} tokens per step ({t.global_batch_size} x {cfg.data.seq_len}) for {t.steps} steps",
                 f"megalite: run directory {self.run_dir} (config.yaml, metrics.jsonl, checkpoints in {self.ckpt_dir})"]
 

@@ -42,10 +42,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megalite.distributed.launcher import free_port
 from megalite.pipeline import P2P, Executor, StageHooks, max_in_flight, schedule_steps
 from megalite.pipeline.deadlock import simulate_makespan
 from megalite.pipeline.runner import schedule_kind
-from megalite.distributed.launcher import free_port
 
 SHAPE = (4, 1, 8)  # [s, b, h] of every boundary tensor: tiny, so communication is cheap
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from megalite.config import load_config
-from megalite.preflight import preflight
 from megalite.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megalite.preflight import preflight
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer
 
@@ -58,8 +58,8 @@ def main(argv=None) -> None:
     steady = [r for r in rows if "tokens_per_s" in r][args.warmup:]
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
-    print(f"\n{args.preset} on {trainer.device} ({cfg.train.precision}), seq {seq}, micro {cfg.train.micro_batch_size}, "
-          f"global {gb}, {trainer.model.num_parameters() / 1e6:.1f}M parameters")
+    print(f"\n{args.preset} on {trainer.device} ({cfg.train.precision}), seq {seq}, micro "
+          f"{cfg.train.micro_batch_size}, global {gb}, {trainer.model.num_parameters() / 1e6:.1f}M parameters")
     print(f"tokens/s (median of {len(steady)} steps): {tps:,.0f}")
     print(f"MFU: {statistics.median(mfu):.1%}" if mfu else "MFU: n/a (no known peak FLOP/s for this device)")
     print(f"peak memory: {max(r['peak_mem_gb'] for r in steady):.2f} GB")

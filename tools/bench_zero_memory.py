@@ -59,12 +59,11 @@ OWNERS = {
 
 
 def count_params(preset: str) -> int:
-    """Parameters of a preset's model, built on the meta device (no memory)."""
+    """Parameters of a preset's model (counted on meta-device blocks: no memory, no init)."""
     from megalite.config import load_config
-    from megalite.model import Transformer
+    from megalite.model import total_parameters
 
-    with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(load_config(preset).model).parameters())
+    return total_parameters(load_config(preset).model)
 
 
 def analytic_table(presets: list[str], dps=(2, 4, 8)) -> None:

@@ -19,21 +19,20 @@ half-written output.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from megalite.checkpoint import hf_gpt2, hf_llama
+from megalite.checkpoint.hf_files import write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
-from megalite.checkpoint.hf_llama import hf_config, model_overrides as model_overrides_from_hf
+from megalite.checkpoint.hf_llama import hf_config
+from megalite.checkpoint.hf_llama import model_overrides as model_overrides_from_hf
 from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
-from megalite.checkpoint.hf_files import write_safetensors
 from megalite.checkpoint.io import CheckpointError, fresh_output, step_directory
-from megalite.checkpoint.layout import (StagePlan, fresh_engine_state, layout_of, rank_states, run_config,
-                                        write_offline)
+from megalite.checkpoint.layout import StagePlan, fresh_engine_state, layout_of, rank_states, run_config, write_offline
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.schema import Progress
 from megalite.config import ModelConfig, load_config

@@ -51,7 +51,8 @@ def add_commands(sub) -> None:
 def add_conversions(p: argparse.ArgumentParser) -> None:
     """The to-hf, from-hf and reshard subcommands under parser `p`; each runs convert_command."""
     sub = p.add_subparsers(dest="conversion", required=True, metavar="CONVERSION", title="conversions")
-    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory")
+    to = sub.add_parser("to-hf",
+                        help="megalite checkpoint -> Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory")
     to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
     to.add_argument("out_dir")
     to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")

@@ -158,8 +158,9 @@ def follow_the_run(cfg: Config, written: set[str], origins: dict[str, str]) -> C
         adjust.append(("optim.min_lr", o.min_lr, o.lr, f"optim.lr={o.lr}"))
         o.min_lr = o.lr
     for key, old, new, why in adjust:
-        warnings.warn(ConfigWarning(f"{key}={old} from {origins.get(key, 'the defaults')} exceeds {why}: using {key}={new} "
-                                    f"(set {key} to choose another)"), stacklevel=3)
+        source = origins.get(key, "the defaults")
+        warnings.warn(ConfigWarning(f"{key}={old} from {source} exceeds {why}: using {key}={new} (set {key} to "
+                                    "choose another)"), stacklevel=3)
     return cfg
 
 

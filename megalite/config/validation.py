@@ -120,7 +120,8 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         err(f"data.seq_len={cfg.data.seq_len} must be <= model.max_seq_len={cfg.model.max_seq_len}")
     if o.warmup_steps > t.steps:
-        err(f"optim.warmup_steps={o.warmup_steps} must be <= train.steps={t.steps}; lower optim.warmup_steps or raise train.steps")
+        err(f"optim.warmup_steps={o.warmup_steps} must be <= train.steps={t.steps}; lower optim.warmup_steps or "
+            "raise train.steps")
     if o.lr < o.min_lr:
         err(f"optim.lr={o.lr} must be >= optim.min_lr={o.min_lr}")
     if o.min_lr < 0:

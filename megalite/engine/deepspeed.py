@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import math
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import deepspeed
 from megalite.engine.base import Engine, StepResult
 from megalite.engine.ds_config import build_ds_config
 from megalite.engine.gradients import GradientPolicy, clip_to_norm

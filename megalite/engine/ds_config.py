@@ -124,8 +124,8 @@ OWNED = {
     "zero_optimization.offload_optimizer": (
         "engine.offload_optimizer=true (megalite then checks that DeepSpeed's CPU Adam op can be built)"),
     "zero_optimization.offload_param": "engine.offload_params=true (with engine.zero_stage=3)",
-    "scheduler": ("optim.lr, optim.warmup_steps, optim.decay, optim.decay_steps and optim.min_lr (megalite writes its own "
-                  "schedule's rate into the optimizer before every step, which would overwrite DeepSpeed's)"),
+    "scheduler": ("optim.lr, optim.warmup_steps, optim.decay, optim.decay_steps and optim.min_lr (megalite writes "
+                  "its own schedule's rate into the optimizer before every step, which would overwrite DeepSpeed's)"),
 }
 
 

@@ -112,7 +112,8 @@ def register_python_side(ns: str) -> None:
     ops = getattr(torch.ops, ns)
 
     def rms_fwd_fake(x, weight, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return out, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
     def rms_bwd_fake(dy, x, weight, rstd):
         dw = x.new_empty((0,), dtype=torch.float32) if weight is None else weight.new_empty(weight.shape)

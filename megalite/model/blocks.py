@@ -36,9 +36,18 @@ from torch.utils.checkpoint import checkpoint
 from megalite import kernels
 from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
-from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      copy_to_tp_region, gather_from_sequence_parallel_region, group_size,
-                                      init_shard_, mark, normal_init, scatter_to_sequence_parallel_region)
+from megalite.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    gather_from_sequence_parallel_region,
+    group_size,
+    init_shard_,
+    mark,
+    normal_init,
+    scatter_to_sequence_parallel_region,
+)
 from megalite.tensor_parallel.random import TPRngTracker
 
 

@@ -19,8 +19,7 @@ from torch import nn
 from megalite.config import ModelConfig, choices, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
-from megalite.tensor_parallel import (group_rank, group_size, init_model_weights, mark,
-                                      vocab_parallel_cross_entropy)
+from megalite.tensor_parallel import group_rank, group_size, init_model_weights, mark, vocab_parallel_cross_entropy
 from megalite.tensor_parallel.random import TPRngTracker
 
 

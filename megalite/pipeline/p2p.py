@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.pipeline.schedules import Action
 from megalite.distributed import comm
+from megalite.pipeline.schedules import Action
 
 
 class P2P:

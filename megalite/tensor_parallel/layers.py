@@ -20,11 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.tensor_parallel.init import InitMethod, init_shard_, normal_init
+from megalite.tensor_parallel.mappings import (
+    copy_to_tp_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tp_region,
+    group_rank,
+    group_size,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tp_region,
+)
 from megalite.tensor_parallel.sharding import mark
-from megalite.tensor_parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
-                                               gather_from_tp_region, group_rank, group_size,
-                                               reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
-                                               scatter_to_tp_region)
 
 
 def _divide(n: int, world: int, what: str) -> int:
