@@ -19,10 +19,17 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from megalite.checkpoint.io import CheckpointError, step_directory
+from megalite.checkpoint.layout import pad_rows, run_config, take_shard
+from megalite.checkpoint.reader import CheckpointReader
+from megalite.data.tokenizer import build_tokenizer
+from megalite.distributed import discover, init_distributed
 from megalite.model import Transformer
 from megalite.model.blocks import KVCache
 from megalite.tensor_parallel import gather_from_tp_region, group_rank, group_size, shard_metadata
+from megalite.topology import ProcessGroups, Topology
 
 
 @torch.no_grad()
@@ -31,10 +38,6 @@ def load_model(checkpoint, config: str | None = None, device: str = "cpu", tp_gr
 
     With `tp_group` (size tp) every rank of the group calls this and gets its tp shard.
     """
-    from megalite.checkpoint.io import CheckpointError, step_directory
-    from megalite.checkpoint.layout import pad_rows, run_config, take_shard
-    from megalite.checkpoint.reader import CheckpointReader
-
     step = step_directory(checkpoint)
     cfg = run_config(step, config)
     reader = CheckpointReader(step)
@@ -111,8 +114,6 @@ def _check_args(cfg, prompt: list[int], max_new_tokens: int, temperature: float,
 def _agree(token: torch.Tensor, tp_group) -> torch.Tensor:
     """tp rank 0's token on every tp rank, so the ranks' caches never diverge."""
     if group_size(tp_group) > 1:
-        import torch.distributed as dist
-
         dist.broadcast(token, src=dist.get_global_rank(tp_group, 0), group=tp_group)
     return token
 
@@ -152,14 +153,10 @@ def _prompt_ids(args, tok) -> list[int]:
 
 
 def _run(args, tp_group, rank: int, device: str) -> int:
-    from megalite.checkpoint.io import CheckpointError
-
     try:
         model, cfg = load_model(args.checkpoint, args.config, device, tp_group)
         tok = None
         if cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).exists():
-            from megalite.data.tokenizer import build_tokenizer
-
             tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         prompt = _prompt_ids(args, tok)
         eod = tok.eod if tok is not None else args.eod
@@ -178,11 +175,6 @@ def generate_main(args) -> int:
 
     Under a launcher (torchrun --nproc_per_node N ...) the N ranks decode tensor-parallel with tp = N.
     """
-    import torch.distributed as dist
-
-    from megalite.distributed.launcher import discover, init_distributed
-    from megalite.topology import ProcessGroups, Topology
-
     env = discover()
     if args.tp is not None and args.tp != env.world_size:
         print(f"megalite: --tp {args.tp} needs {args.tp} ranks but this launch has {env.world_size}; "

@@ -25,7 +25,9 @@ from megalite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from megalite.checkpoint.resume import check_resumable, check_world_size, data_order
 from megalite.checkpoint.schema import Layout, Progress, RankState
 from megalite.config import Config, ConfigError, load_config, save_config, to_yaml
+from megalite.data.demo import ensure_demo_data
 from megalite.data.loader import build_dataloader, build_datasets
+from megalite.data.tokenizer import build_tokenizer
 from megalite.distributed import device_index, discover, init_distributed
 from megalite.distributed.comm import take_comm_bytes
 from megalite.distributed.failure import FailureGuard, placement
@@ -107,8 +109,6 @@ def resolve_data(cfg: Config, log) -> Config:
     """With no data path the demo corpus is built (once, cached) and used."""
     if cfg.data.path:
         return cfg
-    from megalite.data.demo import ensure_demo_data
-
     demo = ensure_demo_data(log=log)
     return replace(cfg, data=replace(cfg.data, path=[demo.prefix], tokenizer_model=demo.tokenizer_model))
 
@@ -120,8 +120,6 @@ def document_eod(data) -> int | None:
     if not data.tokenizer_model:
         raise ConfigError("data.reset_attention_mask=true needs the tokenizer's end-of-document id; "
                           "set data.tokenizer_model to the tokenizer the data was preprocessed with")
-    from megalite.data.tokenizer import build_tokenizer
-
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model).eod
 
 

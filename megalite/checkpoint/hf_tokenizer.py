@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from megalite.checkpoint.io import CheckpointError
+from megalite.data.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
 
 
 def sentencepiece_to_tokenizer_json(model_file: str, out_path: Path) -> None:
@@ -56,8 +57,6 @@ def write_tokenizer(tokenizer_type: str, tokenizer_model: str | None, out_dir: P
     SentencePiece .model is copied too. Returns {'bos': id|None, 'eos': id|None}."""
     if not tokenizer_model:
         return {"bos": None, "eos": None}
-    from megalite.data.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
-
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     if tokenizer_type in SENTENCEPIECE_TYPES:
         shutil.copyfile(tok.model_file, out_dir / "tokenizer.model")
