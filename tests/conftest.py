@@ -1,13 +1,16 @@
-"""Shared fixtures: the multi-rank spawn helper and GPU skipping."""
+"""Shared fixtures: the multi-rank spawn helper and GPU skipping.
+
+tests/ is a package mirroring megalite/ (tests.checkpoint.test_io, ...): pytest puts the repository root on
+sys.path, and spawned workers inherit it, so they unpickle test functions by their module names; no
+directory of tests/ shadows an installed package.
+"""
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # workers unpickle test functions by module name
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from distributed import Spawner  # noqa: E402
+from tests.spawn_pool import Spawner  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +39,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def counting_data(tmp_path_factory):
     """Prefix of a synthetic counting corpus (see training_helpers) shared by the training tests."""
-    from training_helpers import write_counting_corpus
+    from tests.training_helpers import write_counting_corpus
 
     return write_counting_corpus(str(tmp_path_factory.mktemp("counting") / "count_text_document"))

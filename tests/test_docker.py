@@ -103,10 +103,12 @@ def test_image_runs_as_a_non_root_user():
 
 # recipe -> (arguments, the launcher it must exec, words its command line must contain)
 RECIPE_CASES = {
-    "torchrun.sh": (["4", "tiny", "train.steps=3"], "torchrun", ["--nproc_per_node 4", "-m megalite train tiny train.steps=3"]),
+    "torchrun.sh": (["4", "tiny", "train.steps=3"], "torchrun",
+                    ["--nproc_per_node 4", "-m megalite train tiny train.steps=3"]),
     "deepspeed.sh": (["2", "tiny"], "deepspeed", ["--num_gpus 2", "--module megalite train tiny"]),
     "mpirun.sh": (["4", "tiny", "parallel.tp=2"], "mpirun", ["-np 4", "-m megalite train tiny parallel.tp=2"]),
-    "slurm.sbatch": (["tiny", "parallel.tp=2"], "srun", ["--kill-on-bad-exit=1", "-m megalite train tiny parallel.tp=2"]),
+    "slurm.sbatch": (["tiny", "parallel.tp=2"], "srun",
+                     ["--kill-on-bad-exit=1", "-m megalite train tiny parallel.tp=2"]),
 }
 
 

@@ -8,7 +8,7 @@ from megalite.config import load_config
 from megalite.generate import _next_logits, generate, load_model, sample
 from megalite.model import Transformer
 from megalite.model.blocks import KVCache
-from tolerance import assert_close
+from tests.tolerance import assert_close
 
 # a large init spreads the logits, so greedy decoding of a random model does not just repeat one token
 LLAMA = ["model.vocab_size=100", "model.hidden_size=48", "model.num_layers=2", "model.num_heads=6",
@@ -20,7 +20,7 @@ GPT2 = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "mo
 
 @pytest.fixture
 def llama_ckpt(tmp_path):
-    from checkpoint.test_hf import write_ckpt
+    from tests.checkpoint.test_hf import write_ckpt
 
     write_ckpt(tmp_path / "ckpt", LLAMA)
     return tmp_path / "ckpt"

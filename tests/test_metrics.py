@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from megalite.config import LoggingConfig
-from megalite.metrics import (MetricsLogger, Throughput, flops_per_token, mfu, peak_flops, peak_flops_for_name,
-                              peak_memory_gb)
+from megalite.metrics import (
+    MetricsLogger,
+    Throughput,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    peak_flops_for_name,
+    peak_memory_gb,
+)
 
 
 def test_flops_per_token_formula():

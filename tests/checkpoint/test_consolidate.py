@@ -4,13 +4,13 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from engine.test_deepspeed import _train, zero  # noqa: E402
 from megalite.checkpoint import load_checkpoint  # noqa: E402
 from megalite.checkpoint.consolidate import consolidate_fp32  # noqa: E402
 from megalite.config import load_config  # noqa: E402
 from megalite.model import Transformer  # noqa: E402
-from tolerance import assert_close  # noqa: E402
-from training_helpers import tiny_overrides  # noqa: E402
+from tests.engine.test_deepspeed import _train, zero  # noqa: E402
+from tests.tolerance import assert_close  # noqa: E402
+from tests.training_helpers import tiny_overrides  # noqa: E402
 
 TP2 = {"parallel.tp": 2, "parallel.sequence_parallel": True, "checkpoint.interval": 0}
 

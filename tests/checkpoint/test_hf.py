@@ -13,10 +13,10 @@ import torch
 from megalite.checkpoint import CheckpointError, save_checkpoint
 from megalite.checkpoint.consolidate import consolidate_fp32
 from megalite.checkpoint.hf import export_hf, import_hf, write_safetensors
-from megalite.tensor_parallel import shard_metadata
 from megalite.config import load_config, save_config
 from megalite.model import Transformer
-from tolerance import assert_close
+from megalite.tensor_parallel import shard_metadata
+from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
 _TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
@@ -96,9 +96,9 @@ def _hf_tensors(hf_dir: Path) -> dict:
 
 
 def test_import_resumes_in_trainer(tmp_path, counting_data):
-    from training_helpers import tiny_overrides
     from megalite.topology import ProcessGroups
     from megalite.train import Trainer
+    from tests.training_helpers import tiny_overrides
 
     write_ckpt(tmp_path / "ckpt", ["model.vocab_size=128", "model.hidden_size=32", "model.num_layers=2",
                                    "model.num_heads=4", "model.num_kv_heads=2", "model.max_seq_len=32"])
@@ -224,9 +224,8 @@ def _train_tp2(overrides: list[str]) -> None:
 
 def test_export_of_trained_tp2_checkpoint(tmp_path, spawn, counting_data):
     """A checkpoint the Trainer wrote at tp=2 exports to the model that megalite's tp=1 reload computes."""
-    from training_helpers import tiny_overrides
-
     from megalite.generate import load_model
+    from tests.training_helpers import tiny_overrides
 
     run = tmp_path / "run"
     spawn(_train_tp2, 2, tiny_overrides(counting_data, run, steps=2, **{"parallel.tp": 2}))

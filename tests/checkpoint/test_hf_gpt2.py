@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from checkpoint.test_hf import _hf_tensors, ours, write_ckpt
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.consolidate import consolidate_fp32
 from megalite.checkpoint.hf import arch_for_model, export_hf, import_hf
-from tolerance import assert_close
+from tests.checkpoint.test_hf import _hf_tensors, ours, write_ckpt
+from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
 RTOL, ATOL_FRAC = 1e-5, 1e-5  # two fp32 implementations of the same math: ulps, a wrong weight ~1e-1
@@ -28,8 +28,8 @@ STYLES = {"mha-bias-tied": ["model.bias=true", "model.tie_embeddings=true", "mod
 def write_random_ckpt(root, overrides: list[str], std: float = 0.1):
     """write_ckpt, with every parameter redrawn (biases and norm gains too, which start at 0 and 1)."""
     from megalite.checkpoint import save_checkpoint
-    from megalite.tensor_parallel import shard_metadata
     from megalite.config import save_config
+    from megalite.tensor_parallel import shard_metadata
 
     cfg, model = write_ckpt(root, overrides)
     gen = torch.Generator().manual_seed(1)

@@ -11,13 +11,13 @@ import weakref
 import pytest
 import torch
 
-from checkpoint.test_hf import hf_logits, ours, write_ckpt
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.consolidate import consolidate_fp32
 from megalite.checkpoint.hf import export_hf, import_hf, megalite_to_hf
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.config import load_config
-from tolerance import assert_close
+from tests.checkpoint.test_hf import hf_logits, ours, write_ckpt
+from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
 RTOL, ATOL_FRAC = 1e-5, 1e-5  # fp32 logits of two implementations, as in test_hf
@@ -105,7 +105,7 @@ def test_reader_names_a_missing_rank_file_and_a_wrong_config(tmp_path, tp2_pp2_c
 def test_zero3_tp2_dp2_export_streams_the_consolidated_model(counting_data, tmp_path, spawn, monkeypatch):
     """ZeRO-3 keeps each parameter only as dp slices of fp32 masters; the reader joins one at a time."""
     pytest.importorskip("deepspeed")
-    from engine.test_deepspeed import _train, zero
+    from tests.engine.test_deepspeed import _train, zero
 
     spawn(_train, 4, counting_data, str(tmp_path / "z3"), zero(3, **{"parallel.tp": 2, "checkpoint.interval": 0}),
           steps=1)

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalite.checkpoint import (CheckpointError, flatten, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                 unflatten)
+from megalite.checkpoint import CheckpointError, flatten, latest_checkpoint, load_checkpoint, save_checkpoint, unflatten
 from megalite.checkpoint import io as ckpt_io
 
 

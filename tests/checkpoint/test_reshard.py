@@ -24,7 +24,7 @@ from megalite.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from megalite.checkpoint.reshard import reshard
 from megalite.config import load_config
 from megalite.train import Trainer, build_groups
-from training_helpers import step_metrics, tiny_overrides
+from tests.training_helpers import step_metrics, tiny_overrides
 
 RTOL = 1e-5
 K, N = 3, 6  # checkpoint step, planned steps (the plan fixes data order and LR schedule)

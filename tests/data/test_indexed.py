@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megalite.data.indexed import (IndexedDataset, IndexedDatasetWriter, IndexFileError, optimal_dtype)
+from megalite.data.indexed import IndexedDataset, IndexedDatasetWriter, IndexFileError, optimal_dtype
 
 mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 

@@ -75,7 +75,7 @@ def test_run_dir_answer_is_what_the_trainer_consumed(counting_data, tmp_path, ca
     from megalite.config import load_config
     from megalite.topology import ProcessGroups
     from megalite.train import Trainer
-    from training_helpers import tiny_overrides, write_counting_corpus
+    from tests.training_helpers import tiny_overrides, write_counting_corpus
 
     other = write_counting_corpus(str(tmp_path / "other_text_document"), docs=200, seed=5)
     run_dir = tmp_path / "run"

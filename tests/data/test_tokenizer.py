@@ -5,8 +5,13 @@ import random
 import pytest
 import sentencepiece as spm
 
-from megalite.data.tokenizer import (TOKENIZER_TYPES, build_tokenizer, sample_documents,
-                                     train_sentencepiece, training_pieces)
+from megalite.data.tokenizer import (
+    TOKENIZER_TYPES,
+    build_tokenizer,
+    sample_documents,
+    train_sentencepiece,
+    training_pieces,
+)
 
 
 def _corpus(path, n_docs=300, seed=0):

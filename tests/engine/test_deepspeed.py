@@ -18,9 +18,8 @@ pytest.importorskip("deepspeed")
 
 from megalite.config import load_config, validate  # noqa: E402
 from megalite.train import Trainer, build_groups  # noqa: E402
-
-from training_helpers import step_metrics as losses  # noqa: E402
-from training_helpers import tiny_overrides  # noqa: E402
+from tests.training_helpers import step_metrics as losses  # noqa: E402
+from tests.training_helpers import tiny_overrides  # noqa: E402
 
 STEPS = 20
 # relative, so another CPU's summation order cannot fail them: observed <= 5e-7 (~1e-7 relative on
@@ -119,7 +118,7 @@ def test_deepspeed_launcher_runs_two_ranks_with_zero2(counting_data, tmp_path):
     import sys
     from pathlib import Path
 
-    from distributed import free_port
+    from tests.spawn_pool import free_port
 
     root = Path(__file__).resolve().parents[2]
     overrides = tiny_overrides(counting_data, tmp_path / "run", steps=2, **{

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from distributed import free_port  # noqa: E402
-from test_deepspeed import _train, zero  # noqa: E402
-from training_helpers import step_metrics as losses  # noqa: E402
-from training_helpers import tiny_overrides  # noqa: E402
+from tests.engine.test_deepspeed import _train, zero  # noqa: E402
+from tests.spawn_pool import free_port  # noqa: E402
+from tests.training_helpers import step_metrics as losses  # noqa: E402
+from tests.training_helpers import tiny_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_STEPS = 40  # enough steps left after the 4th that the kill lands mid-run even on a loaded machine

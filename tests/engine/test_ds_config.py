@@ -4,9 +4,8 @@ import json
 import pytest
 
 from megalite.config import Config, ConfigError, load_config, validate
+from megalite.engine.ds_config import DeepSpeedConfigConflict, build_ds_config, generate_ds_config, merge_raw
 from megalite.preflight import preflight
-from megalite.engine.ds_config import (DeepSpeedConfigConflict, build_ds_config, generate_ds_config,
-                                       merge_raw)
 
 
 def ds_cfg(*overrides):
@@ -17,7 +16,8 @@ def test_generated_config_carries_batch_precision_clip_optimizer_and_zero():
     cfg = ds_cfg("engine.zero_stage=2", "train.micro_batch_size=2", "train.global_batch_size=16",
                  "optim.clip_grad=0.5", "optim.beta2=0.99", "engine.zero_bucket_size=1000", "engine.overlap_comm=true")
     ds = generate_ds_config(cfg, dp_size=4)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
+    batch = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batch == (16, 2, 2)
     assert ds["gradient_clipping"] == 0.5 and ds["managed_gradient_accumulation"] is False
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8,
                                                           "weight_decay": 0.1, "torch_adam": True}}
@@ -101,7 +101,8 @@ def test_bad_engine_combinations_name_the_fix(tmp_path):
         ds_cfg("engine.zero_stage=2", "engine.offload_params=true"))
     assert "engine.overlap_comm=True requires engine.backend='deepspeed'" in errors(
         load_config("tiny", ["engine.overlap_comm=true"]))
-    assert "does not exist" in preflight_errors(ds_cfg("engine.zero_stage=1", f"engine.ds_config={tmp_path / 'nope.json'}"))
+    missing = ds_cfg("engine.zero_stage=1", f"engine.ds_config={tmp_path / 'nope.json'}")
+    assert "does not exist" in preflight_errors(missing)
     assert "zero_bucket_size=0 must be > 0" in errors(ds_cfg("engine.zero_bucket_size=0"))
 
 
@@ -140,7 +141,8 @@ def test_deepspeed_fp16_needs_a_power_of_two_initial_scale_at_config_time():
      "engine.offload_optimizer=true"),
     ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param",
      "engine.offload_params=true"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1}}}, "scheduler", "optim.lr, optim.warmup_steps"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1}}}, "scheduler",
+     "optim.lr, optim.warmup_steps"),
 ])
 def test_raw_json_setting_keys_megalite_owns_is_a_conflict(raw, key, fix, tmp_path):
     """A raw offload section would skip the CPU Adam check; a raw scheduler would be overwritten every step."""

@@ -10,7 +10,7 @@ from torch import nn
 from megalite.checkpoint.state import flatten, unflatten
 from megalite.config import Config, OptimConfig, TrainConfig
 from megalite.engine import NativeEngine, build_engine
-from tolerance import assert_close, worst
+from tests.tolerance import assert_close, worst
 
 OPTIM = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, clip_grad=0.0)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megalite.data.documents import document_ids
 from megalite.kernels.attention import ENV_VAR, DocumentMask, attention, choose_backend
-from tolerance import assert_close
+from tests.tolerance import assert_close
 
 attn_mod = importlib.import_module("megalite.kernels.attention")  # the package attribute is the function
 RTOL, ATOL_FRAC = 1e-5, 1e-5  # fp32, same math in another summation order: a few ulps (1.2e-7), ~100x margin

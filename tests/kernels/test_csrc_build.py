@@ -23,7 +23,7 @@ import torch
 
 from megalite import kernels
 from megalite.kernels import fused, reference
-from tolerance import assert_close
+from tests.tolerance import assert_close
 
 CSRC = fused.CSRC
 ARCH = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]

@@ -17,7 +17,7 @@ import torch
 
 from megalite import kernels
 from megalite.kernels import fused, reference
-from tolerance import assert_close
+from tests.tolerance import assert_close
 
 TWIN = "megalite_twin"
 _twin_lib = None

@@ -7,7 +7,7 @@ import torch
 from megalite import kernels
 from megalite.kernels.attention import attention
 from megalite.kernels.reference import apply_rotary, layer_norm, rms_norm, rope_cos_sin
-from tolerance import assert_close
+from tests.tolerance import assert_close
 
 
 def _t(seed, *shape):

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig, load_config
-from megalite.data.indexed import IndexedDatasetWriter
 from megalite.data.documents import document_ids
+from megalite.data.indexed import IndexedDatasetWriter
 from megalite.model import Transformer
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, build_groups
-from tolerance import assert_close
-from training_helpers import step_metrics, tiny_overrides
+from tests.tolerance import assert_close
+from tests.training_helpers import step_metrics, tiny_overrides
 
 VOCAB, EOD = 64, 0
 LLAMA = ModelConfig(vocab_size=VOCAB, pad_vocab_to=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

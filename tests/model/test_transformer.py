@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalite.config import ModelConfig
-from megalite.model import Transformer
-from megalite.config import padded_vocab_size, resolved_ffn_hidden_size
-from megalite.model import matmul_parameters, total_parameters
+from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.model import Transformer, matmul_parameters, total_parameters
 from megalite.tensor_parallel import sharding_of
-from tolerance import assert_close, worst
+from tests.tolerance import assert_close, worst
 
 VOCAB = 40
 TINY = ModelConfig(vocab_size=VOCAB, pad_vocab_to=16, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

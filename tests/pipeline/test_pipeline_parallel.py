@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 from megalite.config import load_config
 from megalite.pipeline.partition import partition_blocks
+from megalite.tensor_parallel import sharding_of
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, build_groups
-from megalite.tensor_parallel import sharding_of
-from tolerance import assert_close
-from training_helpers import step_metrics, tiny_overrides
+from tests.tolerance import assert_close
+from tests.training_helpers import step_metrics, tiny_overrides
 
 RTOL = 2e-4
 # one step's gradients: the same fp32 products summed in another order (micro-batches, tp partial sums,

@@ -12,11 +12,17 @@ import pytest
 import torch
 
 from megalite.config import ModelConfig
-from megalite.model import Transformer
-from megalite.pipeline import (Executor, StageHooks, build_stage_model, max_in_flight, partition_balanced,
-                               partition_uniform, schedule_steps)
-from megalite.model import block_parameter_counts
-from tolerance import assert_close
+from megalite.model import Transformer, block_parameter_counts
+from megalite.pipeline import (
+    Executor,
+    StageHooks,
+    build_stage_model,
+    max_in_flight,
+    partition_balanced,
+    partition_uniform,
+    schedule_steps,
+)
+from tests.tolerance import assert_close
 
 
 def tiny(**kw) -> ModelConfig:

@@ -14,10 +14,23 @@ from collections import Counter, deque
 
 import pytest
 
-from megalite.pipeline.deadlock import (Op, check_groups, check_schedule, comm_groups, early_posting_groups,
-                                        simulate_makespan)
-from megalite.pipeline.schedules import (Action, all_schedules, build_schedule, comm_steps, max_in_flight,
-                                         schedule_steps, simulate)
+from megalite.pipeline.deadlock import (
+    Op,
+    check_groups,
+    check_schedule,
+    comm_groups,
+    early_posting_groups,
+    simulate_makespan,
+)
+from megalite.pipeline.schedules import (
+    Action,
+    all_schedules,
+    build_schedule,
+    comm_steps,
+    max_in_flight,
+    schedule_steps,
+    simulate,
+)
 
 
 def cases():

@@ -4,9 +4,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megalite.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                      full_weight, normal_init, param_seed, vocab_parallel_cross_entropy)
-from tolerance import assert_close, worst
+from megalite.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    full_weight,
+    normal_init,
+    param_seed,
+    vocab_parallel_cross_entropy,
+)
+from tests.tolerance import assert_close, worst
 
 WORLD = 2
 S, B, H, FFN, V = 4, 2, 8, 12, 20

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megalite.config import load_config
 from megalite.train import Trainer, build_groups
-from training_helpers import step_metrics
+from tests.training_helpers import step_metrics
 
 GOLDEN = Path(__file__).with_name("golden_curves.json")
 STEPS = 20

@@ -7,7 +7,7 @@ from megalite.checkpoint import CheckpointError
 from megalite.config import load_config
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer
-from training_helpers import step_metrics, tiny_overrides
+from tests.training_helpers import step_metrics, tiny_overrides
 
 
 def run(prefix, run_dir, stop_after=None, **extra):

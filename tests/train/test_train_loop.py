@@ -14,8 +14,8 @@ from megalite.checkpoint import CheckpointError
 from megalite.config import load_config
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, TrainingDiverged, build_groups
-from training_helpers import step_metrics as losses
-from training_helpers import tiny_overrides
+from tests.training_helpers import step_metrics as losses
+from tests.training_helpers import tiny_overrides
 
 
 def run_inprocess(prefix, run_dir, stop_after=None, **extra):

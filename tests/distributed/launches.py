@@ -1,13 +1,11 @@
-"""Two "nodes" on one machine: torchrun --nnodes 2 --node_rank 0/1 against a localhost
-rendezvous trains tp=2 x dp=2 with the same losses as one 4-rank torchrun run."""
+"""What the launcher tests share: the tiny tp=2 x dp=2 run every launcher trains, and how losses compare."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from distributed import free_port
-from training_helpers import step_metrics, tiny_overrides
+from tests.training_helpers import step_metrics, tiny_overrides
 
 STEPS = 4
 
@@ -37,17 +35,3 @@ def assert_same_losses(got: dict, want: dict, label: str) -> None:
         # the same tp=2 x dp=2 program on the same CPU, only launched differently: equal to a few fp32 ulps
         # of the loss (~5; rel 1e-6 is ~8 ulps), while a rank on the wrong data or group moves it by >= 1e-3
         assert got[step] == pytest.approx(want[step], rel=1e-6), f"{label}: step {step}"
-
-
-def test_two_nodes_of_two_ranks_match_one_node_of_four(counting_data, tmp_path):
-    port = free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-         *train_cmd(counting_data, tmp_path / "two_nodes")],
-        env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outs = [node.communicate(timeout=240)[0] for node in nodes]
-    for node, out in zip(nodes, outs):
-        assert node.returncode == 0, out[-4000:]
-    want = single_node_losses(counting_data, tmp_path / "one_node")
-    assert_same_losses(step_metrics(tmp_path / "two_nodes"), want, "torchrun --nnodes 2")

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from distributed import free_port
-from test_multinode import assert_same_losses, single_node_losses, train_cmd, worker_env
-from training_helpers import step_metrics
+from tests.distributed.launches import assert_same_losses, train_cmd, worker_env
+from tests.spawn_pool import free_port
+from tests.training_helpers import step_metrics
 
 MPIRUN = shutil.which("mpirun")
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun not on PATH (apt-get install openmpi-bin)")
@@ -66,8 +66,7 @@ def test_an_mpi_launch_without_known_variables_is_found_through_mpi4py(tmp_path)
     assert all(e["master_addr"] == "127.0.0.1" for e in envs)  # one node: localhost
 
 
-def test_mpirun_four_ranks_match_torchrun(counting_data, tmp_path):
+def test_mpirun_four_ranks_match_torchrun(counting_data, torchrun_tp2_dp2_losses, tmp_path):
     proc = _mpirun(4, *train_cmd(counting_data, tmp_path / "mpirun"), MASTER_PORT=free_port())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    want = single_node_losses(counting_data, tmp_path / "torchrun")
-    assert_same_losses(step_metrics(tmp_path / "mpirun"), want, "mpirun -np 4")
+    assert_same_losses(step_metrics(tmp_path / "mpirun"), torchrun_tp2_dp2_losses, "mpirun -np 4")

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from megalite.topology import Topology
 from megalite.distributed.failure import FailureGuard, PeerFailure, Terminated, classify, placement
 from megalite.distributed.faults import InjectedFault, fault_from_env, parse_fault
-from training_helpers import step_metrics, tiny_overrides
+from megalite.topology import Topology
+from tests.training_helpers import step_metrics, tiny_overrides
 
 RANK3 = r"rank 3 \(pipeline stage 0, coordinates tp=1 pp=0 dp=1\)"
 TIMEOUT_S = 20

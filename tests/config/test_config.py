@@ -4,8 +4,21 @@ import typing
 
 import pytest
 
-from megalite.config import (Config, ConfigError, ConfigWarning, ModelConfig, ParallelConfig, head_dim, list_presets, load_config,
-                             padded_vocab_size, resolved_ffn_hidden_size, save_config, to_yaml, validate)
+from megalite.config import (
+    Config,
+    ConfigError,
+    ConfigWarning,
+    ModelConfig,
+    ParallelConfig,
+    head_dim,
+    list_presets,
+    load_config,
+    padded_vocab_size,
+    resolved_ffn_hidden_size,
+    save_config,
+    to_yaml,
+    validate,
+)
 
 PRESET_WORLDS = {"tiny": 1, "gpt2-124m": 1, "llama-1b": 1, "llama-7b": 8, "llama-70b": 32}
 

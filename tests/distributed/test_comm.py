@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig
-from megalite.model import Transformer
 from megalite.distributed import comm
 from megalite.distributed.comm import record, take_comm_bytes, wire_bytes
+from megalite.model import Transformer
 
 S, B, H, L = 16, 2, 32, 3
 CFG = ModelConfig(vocab_size=50, pad_vocab_to=8, hidden_size=H, num_layers=L, num_heads=4, num_kv_heads=2,
@@ -86,7 +86,7 @@ def test_unknown_kind_is_refused_by_name():
 def _train_metrics(prefix, run_dir, extra) -> dict:
     from megalite.config import load_config
     from megalite.train import Trainer, build_groups
-    from training_helpers import tiny_overrides
+    from tests.training_helpers import tiny_overrides
 
     cfg = load_config("tiny", tiny_overrides(prefix, run_dir, steps=2, **extra))
     trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()))

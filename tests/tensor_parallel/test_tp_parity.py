@@ -24,10 +24,10 @@ import torch.distributed as dist
 from megalite.config import ModelConfig, OptimConfig, TrainConfig, load_config
 from megalite.engine import NativeEngine
 from megalite.model import Transformer
-from megalite.train import Trainer, build_groups
 from megalite.tensor_parallel import sharding_of
-from tolerance import worst
-from training_helpers import VOCAB, step_metrics, tiny_overrides
+from megalite.train import Trainer, build_groups
+from tests.tolerance import worst
+from tests.training_helpers import VOCAB, step_metrics, tiny_overrides
 
 RTOL, ATOL_FRAC = 1e-5, 1e-5  # a few fp32 ulps of reduction order (see above): >= 20x margin, 1e-2 errors fail
 CURVE_RTOL = 1e-5

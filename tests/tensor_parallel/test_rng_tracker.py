@@ -9,7 +9,7 @@ from megalite.checkpoint.state import flatten, unflatten
 from megalite.config import ModelConfig
 from megalite.model import Transformer
 from megalite.tensor_parallel.random import TP_SEED_OFFSET, TPRngTracker
-from tolerance import worst
+from tests.tolerance import worst
 
 CFG = ModelConfig(vocab_size=40, pad_vocab_to=8, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_seq_len=16, dropout=0.2)

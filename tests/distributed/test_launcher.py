@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megalite.distributed import LaunchEnv, LaunchError, discover, expand_nodelist, init_distributed
-from megalite.distributed import launcher
+from megalite.distributed import LaunchEnv, LaunchError, discover, expand_nodelist, init_distributed, launcher
 
 MASTER = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "6000"}
 
@@ -277,7 +276,7 @@ def _reinit_through_init_distributed(port, backend):
 
 
 def test_init_distributed_builds_a_working_group(spawn):
-    from distributed import free_port
+    from tests.spawn_pool import free_port
 
     # The default picks nccl on a CUDA machine; this CPU-tensor test asks for gloo there.
     backend = "gloo" if torch.cuda.is_available() else None
