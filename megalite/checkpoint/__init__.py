@@ -2,13 +2,13 @@
 tensors + JSON (state), one reader of any layout (reader), resume checks (resume), and the offline
 converters (reshard, hf)."""
 from megalite.checkpoint.io import (
-                                    CheckpointError,
-                                    latest_checkpoint,
-                                    load_checkpoint,
-                                    read_manifest,
-                                    save_checkpoint,
-                                    step_dir_name,
-                                    step_directory,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    step_dir_name,
+    step_directory,
 )
 from megalite.checkpoint.schema import Layout, Progress, RankState
 from megalite.checkpoint.state import flatten, unflatten

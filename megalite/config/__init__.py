@@ -10,21 +10,21 @@ from megalite.config.blend import is_number, parse_data_path, split_blend_string
 from megalite.config.fields import all_choices, choices, did_you_mean
 from megalite.config.loading import follow_the_run, list_presets, load_config, save_config, to_yaml
 from megalite.config.sections import (
-                                      CheckpointConfig,
-                                      Config,
-                                      ConfigError,
-                                      ConfigWarning,
-                                      DataConfig,
-                                      EngineConfig,
-                                      LoggingConfig,
-                                      ModelConfig,
-                                      OptimConfig,
-                                      ParallelConfig,
-                                      TrainConfig,
-                                      head_dim,
-                                      kv_heads,
-                                      padded_vocab_size,
-                                      resolved_ffn_hidden_size,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    ConfigWarning,
+    DataConfig,
+    EngineConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    head_dim,
+    kv_heads,
+    padded_vocab_size,
+    resolved_ffn_hidden_size,
 )
 from megalite.config.validation import data_parallel_size, split_weights, splits_in_use, validate
 

@@ -1,23 +1,13 @@
 """The decoder model: `Transformer`, an ordered list of blocks built from tensor-parallel layers; one
 class for the whole model and for each pipeline stage."""
-from megalite.model.blocks import (
-                                   MLP,
-                                   Attention,
-                                   BlockSettings,
-                                   Embedding,
-                                   Head,
-                                   KVCache,
-                                   LayerNorm,
-                                   RMSNorm,
-                                   TransformerBlock,
-                                   build_block,
-)
+from megalite.model.blocks import MLP, Attention, BlockSettings, Embedding, Head, KVCache, TransformerBlock, build_block
+from megalite.model.norms import LayerNorm, RMSNorm
 from megalite.model.transformer import (
-                                   Transformer,
-                                   block_parameter_counts,
-                                   check_model,
-                                   matmul_parameters,
-                                   total_parameters,
+    Transformer,
+    block_parameter_counts,
+    check_model,
+    matmul_parameters,
+    total_parameters,
 )
 
 __all__ = ["Attention", "BlockSettings", "Embedding", "Head", "KVCache", "LayerNorm", "MLP", "RMSNorm", "Transformer",

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from megalite import kernels
 from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
+from megalite.model.norms import make_norm
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -81,50 +82,6 @@ def _need_tracker(cfg: ModelConfig, par: BlockSettings) -> None:
         raise ValueError(f"model.dropout={cfg.dropout} with tensor parallelism needs an rng_tracker "
                          "(TPRngTracker), or every tp rank draws the same attention-dropout mask; "
                          "build the model through Transformer, which passes one")
-
-
-# ------------------------------------------------------------------- norms
-class RMSNorm(nn.Module):
-    """RMSNorm with a gain, through the kernels entry point (fp32 math)."""
-
-    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        if sequence_parallel:  # each tp rank sees a different sequence chunk: partial grads
-            mark(self.weight, sequence_parallel=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with a gain and optional bias, through the kernels entry point (fp32 math)."""
-
-    def __init__(self, dim: int, eps: float, bias: bool, sequence_parallel: bool = False):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        for p in (self.weight, self.bias):
-            if p is not None and sequence_parallel:
-                mark(p, sequence_parallel=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, bias={self.bias is not None}"
-
-
-def make_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
-    """The norm cfg.norm names, over the hidden size."""
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.hidden_size, cfg.norm_eps, sequence_parallel)
-    return LayerNorm(cfg.hidden_size, cfg.norm_eps, cfg.bias, sequence_parallel)
 
 
 # ------------------------------------------------------------------ blocks

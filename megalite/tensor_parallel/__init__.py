@@ -8,15 +8,15 @@ from megalite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megalite.tensor_parallel.init import full_weight, init_model_weights, init_shard_, normal_init, param_seed
 from megalite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megalite.tensor_parallel.mappings import (
-                                               copy_to_tp_region,
-                                               gather_from_sequence_parallel_region,
-                                               gather_from_tp_region,
-                                               group_rank,
-                                               group_size,
-                                               reduce_from_tp_region,
-                                               reduce_scatter_to_sequence_parallel_region,
-                                               scatter_to_sequence_parallel_region,
-                                               scatter_to_tp_region,
+    copy_to_tp_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tp_region,
+    group_rank,
+    group_size,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tp_region,
 )
 from megalite.tensor_parallel.sharding import REPLICATED, Sharding, in_grad_norm, mark, shard_metadata, sharding_of
 
