@@ -23,8 +23,13 @@ def run_inprocess(prefix, run_dir, stop_after=None, **extra):
     return Trainer(cfg, ProcessGroups.single()).fit(stop_after=stop_after)
 
 
-def test_run_directory_has_config_metrics_and_checkpoints(counting_data, tmp_path):
+def test_run_directory_has_config_metrics_and_checkpoints(counting_data, tmp_path, capsys):
     final = run_inprocess(counting_data, tmp_path, steps=6, **{"train.eval_interval": 3})
+    first = capsys.readouterr().out.splitlines()[:3]  # what was set up, before the first step
+    assert first[0] == ("megalite: 1 rank(s) on cpu (fp32): tp=1 pp=1 dp=1, engine native, schedule 1f1b over 4 "
+                        "micro-batch(es) of 2"), first
+    assert "M parameters (" in first[1] and "256 tokens per step (8 x 32) for 6 steps" in first[1], first
+    assert first[2].startswith(f"megalite: run directory {tmp_path} "), first
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
