@@ -268,11 +268,34 @@ def test_tiny_trains_in_an_empty_folder_on_the_demo_corpus(tmp_path, demo_cache)
 
 @pytest.mark.slow
 def test_demo_trains_and_ends_with_a_generated_sample(tmp_path, demo_cache):
+    """The demo's last words are one sampled continuation per prompt, after the exact `megalite generate`
+    command that reproduces the first; the command line's overrides win over the demo's own."""
+    import shlex
+
     args = ["demo", "train.steps=4", "train.eval_interval=2", "optim.warmup_steps=1", "logging.interval=1",
             f"train.run_dir={tmp_path}/run"]
     out = megalite(*args, cwd=tmp_path, env={"MEGALITE_CACHE": str(demo_cache)})
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "trained 4 steps" in out.stdout
-    sample = out.stdout.split("for more):\n", 1)[1].strip()
-    assert sample.startswith("def") and len(sample) > len("def "), out.stdout[-2000:]
+    assert "trained 4 steps" in out.stdout and "validation loss" in out.stdout
+    more = re.search(r"^sample 1 again, or more with another --prompt or --seed: (megalite generate .*)$",
+                     out.stdout, re.M)
+    assert more, out.stdout[-3000:]
+    command = shlex.split(more.group(1))
+    assert command[:2] == ["megalite", "generate"] and command[2] == f"{tmp_path}/run/checkpoints"
+    assert command[command.index("--temperature") + 1] == "0.8" and command[command.index("--top-p") + 1] == "0.9"
+    assert command[command.index("--seed") + 1] == "0"
+    blocks = re.split(r"^--- sample (\d) of 3: '(\w+)', seed (\d) ---$", out.stdout[more.end():], flags=re.M)
+    assert "sampled: temperature 0.8, top-p 0.9" in blocks[0]
+    samples = {prompt: text.strip("\n") for prompt, text in zip(blocks[2::4], blocks[4::4])}
+    assert blocks[1::4] == ["1", "2", "3"] and blocks[3::4] == ["0", "1", "2"], out.stdout[-3000:]
+    assert list(samples) == ["def", "import", "class"], out.stdout[-3000:]
+    for prompt, text in samples.items():  # each block is its prompt and a continuation, up to the very end
+        assert text.startswith(prompt) and len(text.strip()) > len(prompt), out.stdout[-3000:]
+    # the printed command prints the first sample; with the last prompt and seed, the demo's very last words
+    for prompt, seed in (("def", "0"), ("class", "2")):
+        flags = command[1:]
+        flags[flags.index("--prompt") + 1], flags[flags.index("--seed") + 1] = prompt, seed
+        again = megalite(*flags, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.rstrip() == samples[prompt].rstrip(), (prompt, again.stdout, out.stdout[-3000:])
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
