@@ -27,7 +27,6 @@ import math
 
 import numpy as np
 
-from megalite.config.blend import is_number, parse_data_path  # noqa: F401 - re-exported until callers move
 from megalite.data.gpt_dataset import CACHE_VERSION, cache_key, cache_paths, cached_arrays, load_array
 
 BLEND_NAMES = ("dataset_index", "dataset_sample_index")

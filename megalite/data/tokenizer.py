@@ -14,9 +14,13 @@ import os
 import random
 from typing import Iterable, Sequence
 
-SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
-HUGGINGFACE_TYPES = ("HuggingFaceTokenizer",)
-TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES
+from megalite.config import choices
+
+# data.tokenizer_type's choices, plus the name Megatron-LM's preprocess_data.py gives SentencePiece models
+MEGATRON_NAMES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+TOKENIZER_TYPES = choices("data.tokenizer_type") + tuple(MEGATRON_NAMES)
+SENTENCEPIECE_TYPES = tuple(t for t in TOKENIZER_TYPES if MEGATRON_NAMES.get(t, t) == "SentencePieceTokenizer")
+HUGGINGFACE_TYPES = tuple(t for t in TOKENIZER_TYPES if MEGATRON_NAMES.get(t, t) == "HuggingFaceTokenizer")
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import megalite.data.blend as bl
-from megalite.data.blend import BlendedDataset, blend_indices, constituent_sizes, parse_data_path
+from megalite.config import parse_data_path
+from megalite.data.blend import BlendedDataset, blend_indices, constituent_sizes
 from megalite.data.gpt_dataset import GPTDataset
 from megalite.data.indexed import IndexedDatasetWriter
 
