@@ -22,9 +22,15 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megalite.checkpoint.resume import check_resumable, check_world_size, data_order
+from megalite.checkpoint.resume import (
+    check_before_resume,
+    check_resumable,
+    check_world_size,
+    data_order,
+    resume_point,
+)
 from megalite.checkpoint.schema import Layout, Progress, RankState
-from megalite.config import Config, ConfigError, load_config, save_config, to_yaml
+from megalite.config import Config, ConfigError, load_config, samples_per_split, save_config, to_yaml
 from megalite.data.demo import ensure_demo_data
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.data.tokenizer import build_tokenizer
@@ -32,6 +38,7 @@ from megalite.distributed import device_index, discover, init_distributed
 from megalite.distributed.comm import take_comm_bytes
 from megalite.distributed.failure import FailureGuard, placement
 from megalite.distributed.faults import fault_from_env
+from megalite.distributed.run_lock import lock_for_all_ranks
 from megalite.distributed.stop import StopSignal
 from megalite.engine import build_engine
 from megalite.engine.checks import build_cpu_adam
@@ -59,9 +66,13 @@ def train_main(config: str, overrides: list[str]) -> int:
         print(f"megalite: invalid config:\n{e}", file=sys.stderr)
         return 2
     init_distributed(env, timeout_s=cfg.parallel.timeout_s)
+    lock = None
     try:
         # Fixed before setup, so that a rank failing while the Trainer is built leaves its record there.
         cfg = replace(cfg, train=replace(cfg.train, run_dir=str(resolve_run_dir(cfg))))
+        # Before anything is written (a failure record included): one run per run directory.
+        run_dir = Path(cfg.train.run_dir)
+        lock = lock_for_all_ranks([run_dir, checkpoint_root(cfg, run_dir)], env.rank, broadcast_from_rank0)
         where = placement(build_topology(cfg, env.world_size), env.rank)
         fault = fault_from_env(env.rank)  # None unless a failure test planned one for this rank
         # A failing rank records where it was and exits; the others follow within the timeout.
@@ -70,13 +81,30 @@ def train_main(config: str, overrides: list[str]) -> int:
                 fault.at_setup()
             cuda = device_index(env, torch.cuda.device_count()) if torch.cuda.is_available() else 0
             trainer = Trainer(cfg, build_groups(cfg, env.world_size), cuda_device=cuda,
-                              step_hooks=[fault.before_step] if fault is not None else ())
+                              step_hooks=[fault.before_step] if fault is not None else (),
+                              save_hooks=[fault.during_save] if fault is not None else ())
             guard.attach(lambda: trainer.step)
             trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def checkpoint_root(cfg: Config, run_dir: Path) -> Path:
+    """checkpoint.dir, else RUN_DIR/checkpoints."""
+    return Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's `value` on every rank (itself in a one-process run)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def build_topology(cfg: Config, world_size: int) -> Topology:
@@ -126,24 +154,31 @@ def document_eod(data) -> int | None:
 class Trainer:
     """Owns the model, the engine, the schedule runner, the data iterators, the logger and checkpointing.
 
-    `step_hooks` are called with the step number at the start of every step (the failure tests
-    plant their faults this way).
+    `step_hooks` are called with the step number at the start of every step, `save_hooks` with the
+    step and the phase of each save (checkpoint.io.PhaseHook); the failure tests plant their faults
+    this way. Nothing is written before the run directory is locked (rank 0 holds the lock until fit
+    ends) and the checkpoint to resume from has passed every check that does not load it.
     """
 
     def __init__(self, cfg: Config, groups: ProcessGroups, cuda_device: int = 0,
-                 step_hooks: Iterable[Callable[[int], None]] = ()):
-        self.groups, self.step_hooks = groups, list(step_hooks)
+                 step_hooks: Iterable[Callable[[int], None]] = (),
+                 save_hooks: Iterable[Callable[[int, str], None]] = ()):
+        self.groups, self.step_hooks, self.save_hooks = groups, list(step_hooks), list(save_hooks)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         self.cfg = cfg = resolve_data(cfg, self.log)
         self.device = pick_device(cfg.train.device, cuda_device)
         self.run_dir = resolve_run_dir(cfg)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.ckpt_dir = checkpoint_root(cfg, self.run_dir)
+        self.lock = lock_for_all_ranks([self.run_dir, self.ckpt_dir], self.rank, broadcast_from_rank0)
+        g = groups
+        self.layout = Layout(g.tp_size, g.pp_size, g.topology.world_size, g.topology.virtual_stages,
+                             g.topology.order, cfg.parallel.partition)
+        self.check_resume()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         seed_everything(cfg.train.seed)
-        p, g = cfg.parallel, groups
+        p = cfg.parallel
         self.model = build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, g.tp_group,
                                        p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
                                        p.partition).to(self.device)
@@ -152,20 +187,12 @@ class Trainer:
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)
         self.runner = PipelineRunner(self.model, groups, self.engine, self.accum, cfg.data.seq_len,
                                      cfg.train.micro_batch_size, p.schedule, self.device, self._autocast)
-        self.datasets = build_datasets(cfg.data, self._samples_needed())
+        self.datasets = build_datasets(cfg.data, samples_per_split(cfg))
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
-        self.layout = Layout(g.tp_size, g.pp_size, g.topology.world_size, g.topology.virtual_stages,
-                             g.topology.order, p.partition)
         self.flops_per_token = flops_per_token(matmul_parameters(cfg.model), cfg.model.num_layers,
                                                cfg.model.num_heads, cfg.model.hidden_size // cfg.model.num_heads,
                                                cfg.data.seq_len)
-
-    def _samples_needed(self) -> dict:
-        t = self.cfg.train
-        evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
-        return {"train": t.steps * t.global_batch_size, "valid": evals * t.eval_steps * t.global_batch_size,
-                "test": t.eval_steps * t.global_batch_size}
 
     def _loader(self, split: str, consumed_samples: int):
         t = self.cfg.train
@@ -191,9 +218,17 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to train.steps (or stop cleanly, with a checkpoint, after step `stop_after`
-        or when SIGTERM/SIGINT arrives); returns the last step's metrics."""
-        with StopSignal(self.device) as stop:
-            return self._fit(stop, stop_after)
+        or when SIGTERM/SIGINT arrives); returns the last step's metrics. The run lock is held
+        throughout and released at the end."""
+        if self.lock is None and self.rank == 0:
+            self.lock = lock_for_all_ranks([self.run_dir, self.ckpt_dir], 0)
+        try:
+            with StopSignal(self.device) as stop:
+                return self._fit(stop, stop_after)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def _fit(self, stop: StopSignal, stop_after: int | None) -> dict:
         for line in self.describe():
@@ -287,14 +322,21 @@ class Trainer:
                                world_size=self.layout.world_size,
                                barrier=dist.barrier if dist.is_initialized() else None,
                                keep_last=self.cfg.checkpoint.keep_last,
-                               extra_files={"config.yaml": to_yaml(self.cfg)})
+                               extra_files={"config.yaml": to_yaml(self.cfg)}, on_phase=self._save_phase)
         self.log(f"step {self.step}: checkpoint saved to {path}")
 
+    def check_resume(self) -> None:
+        """The checkpoint train.resume names passes every check short of loading it (before anything is written)."""
+        path = resume_point(self.ckpt_dir, self.cfg.train.resume)
+        if path is not None:
+            check_before_resume(path, self.rank, self.layout, data_order(self.cfg))
+
+    def _save_phase(self, phase: str) -> None:
+        for hook in self.save_hooks:
+            hook(self.step, phase)
+
     def maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "none":
-            return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else resume
+        path = resume_point(self.ckpt_dir, self.cfg.train.resume)
         if path is None:
             return
         check_world_size(path, self.layout)  # before this rank opens a file of another layout

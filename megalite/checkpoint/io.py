@@ -11,17 +11,21 @@ Layout under a checkpoint root:
         rank_00001.safetensors ...
         config.yaml              the run's resolved config (extra files, written by rank 0)
       step_00000200.tmp/         a save in progress (or killed): ignored, cleaned by the next save
+      .lock                      held (flock) by the run that saves here: megalite.distributed.run_lock
 
 A save becomes visible in three atomic moves, each made durable with fsync
 before the next: every rank's files, then the manifest and the rename of
 `step_N.tmp` to `step_N`, then the `latest` pointer (written to latest.tmp
 and os.replace'd). A crash at any point leaves `latest` naming the previous
-complete checkpoint. Loading reads safetensors and JSON only: nothing is
+complete checkpoint, and every phase is reported to an optional hook (the
+fault tests kill a process there). A full disk removes the partial save and
+says so. Loading reads safetensors and JSON only: nothing is
 unpickled, so a checkpoint from an untrusted source cannot run code.
 All ranks must see the same filesystem under `root`.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,12 +33,14 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from megalite.checkpoint.state import flatten, unflatten
+from megalite.distributed.run_lock import RunLock
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -44,6 +50,25 @@ STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or does not fit this run."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint root needed a decision the user did not write (e.g. resuming without `latest`)."""
+
+
+class SaveFailed(RuntimeError):
+    """A save could not be finished (the disk is full); its partial files are gone, `latest` is unchanged."""
+
+
+# Called with the name of each phase a save passes (the fault tests kill a process there, deterministically):
+# "tensors" (this rank's tensors written), "renamed" (step directory published, pointer not moved yet),
+# "pruning" (an old checkpoint renamed for deletion, not yet deleted).
+PhaseHook = Callable[[str], None] | None
+
+
+def _phase(on_phase: PhaseHook, name: str) -> None:
+    if on_phase is not None:
+        on_phase(name)
 
 
 def step_dir_name(step: int) -> str:
@@ -87,12 +112,18 @@ def _sync(barrier: Callable[[], object] | None) -> None:
         barrier()
 
 
-def write_rank(tmp: Path, rank: int, state: dict) -> None:
+def write_rank(tmp: Path, rank: int, state: dict, on_phase: PhaseHook = None) -> None:
     """Write this rank's tensors and skeleton into the unfinished step directory `tmp`, fsynced, plus a
     digest file that `publish` merges into the manifest."""
     tensors, skeleton = flatten(state)
     st_name, js_name = rank_files(rank)
-    save_file(tensors, tmp / st_name, metadata={"format": "pt", "writer": FORMAT})
+    try:
+        save_file(tensors, tmp / st_name, metadata={"format": "pt", "writer": FORMAT})
+    except SafetensorError as e:  # its own type even for the OS's errors: give a full disk back its errno
+        if "os error 28" in str(e) or "No space left" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / st_name)) from e
+        raise
+    _phase(on_phase, "tensors")  # the tensors are on disk, the skeleton and the digest are not yet
     _fsync_path(tmp / st_name)
     _write_durable(tmp / js_name, json.dumps({"version": 1, "skeleton": skeleton}, allow_nan=False))
     # each rank hashes its own files, in parallel, instead of rank 0 reading the whole checkpoint
@@ -136,7 +167,7 @@ def _point_latest(root: Path, name: str) -> None:
     _fsync_path(root)
 
 
-def publish(root: Path, tmp: Path, final: Path, step: int, world_size: int) -> None:
+def publish(root: Path, tmp: Path, final: Path, step: int, world_size: int, on_phase: PhaseHook = None) -> None:
     """Make the finished step directory `tmp` (every rank written) the checkpoint `final` and point
     `latest` at it, each move durable before the next (see the module docstring)."""
     _write_manifest(tmp, step, world_size)
@@ -147,12 +178,13 @@ def publish(root: Path, tmp: Path, final: Path, step: int, world_size: int) -> N
         os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_path(root)
+    _phase(on_phase, "renamed")  # the step directory is complete, `latest` still names the previous one
     _point_latest(root, final.name)  # LAST: only now does the new checkpoint become the one to resume
     if replaced is not None:
         shutil.rmtree(replaced)
 
 
-def _complete_steps(root: Path) -> list[Path]:
+def complete_checkpoints(root: Path) -> list[Path]:
     """Published step directories (with a manifest), oldest step first."""
     if not root.is_dir():
         return []
@@ -169,24 +201,25 @@ def _remove_stale(root: Path) -> None:
     (root / (LATEST + ".tmp")).unlink(missing_ok=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, on_phase: PhaseHook = None) -> None:
     """Delete complete checkpoints beyond the newest keep_last, never the one `latest` names."""
     if keep_last <= 0:
         return
     pointed = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    for old in _complete_steps(root)[:-keep_last]:
+    for old in complete_checkpoints(root)[:-keep_last]:
         if old.name == pointed:
             continue
         # rename first: a crash mid-delete then leaves a *.tmp (ignored) rather than a
         # directory whose manifest still promises files that are gone
         doomed = root / f"{old.name}.deleting.tmp"
         os.rename(old, doomed)
+        _phase(on_phase, "pruning")
         shutil.rmtree(doomed)
 
 
 def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1,
                     barrier: Callable[[], object] | None = None, keep_last: int = 2,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, on_phase: PhaseHook = None) -> Path:
     """Write this rank's `state` into root/step_{step:08d} and, on rank 0, publish it.
 
     `extra_files` (name -> text; rank 0's are used) go into the step directory
@@ -198,7 +231,9 @@ def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1
     torch.distributed.barrier) is required when world_size > 1; it is called
     three times: after rank 0 cleaned stale saves, after all ranks wrote, and
     after rank 0 published, so every rank returns only once `latest` moved.
-    keep_last <= 0 keeps every checkpoint. Returns the step directory.
+    keep_last <= 0 keeps every checkpoint. `on_phase` is told each phase the save passes (PhaseHook).
+    A full disk raises SaveFailed (after removing what this save wrote) naming the bytes needed, the
+    bytes free and the checkpoint `latest` still names. Returns the step directory.
     """
     if step < 0 or not 0 <= rank < world_size:
         raise ValueError(f"need step >= 0 and 0 <= rank < world_size; got step={step}, rank={rank}, "
@@ -207,49 +242,110 @@ def save_checkpoint(root, step: int, rank: int, state: dict, world_size: int = 1
         raise ValueError(f"world_size={world_size} needs a barrier (e.g. torch.distributed.barrier) so rank 0 "
                          "publishes only after every rank has written")
     root = Path(root)
+    # rank 0 holds the root's lock for the save (re-entrant: the Trainer already holds it), so its cleanup
+    # of unfinished saves below can never remove the save in progress of another run
+    with RunLock([root]) if rank == 0 else nullcontext():
+        return _save(root, step, rank, state, world_size, barrier, keep_last, extra_files, on_phase)
+
+
+def _save(root: Path, step: int, rank: int, state: dict, world_size: int, barrier, keep_last: int,
+          extra_files: dict[str, str] | None, on_phase: PhaseHook) -> Path:
     tmp, final = root / (step_dir_name(step) + ".tmp"), root / step_dir_name(step)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
     _sync(barrier)  # nobody writes into tmp before rank 0 has removed a stale one
-    tmp.mkdir(parents=True, exist_ok=True)
-    write_rank(tmp, rank, state)
-    if rank == 0 and extra_files:
-        write_extra(tmp, extra_files)
-    _sync(barrier)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_rank(tmp, rank, state, on_phase)
+        if rank == 0 and extra_files:
+            write_extra(tmp, extra_files)
+        _sync(barrier)
+        if rank == 0:
+            publish(root, tmp, final, step, world_size, on_phase)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(root, tmp, rank, world_size, state, e) from e
     if rank == 0:
-        publish(root, tmp, final, step, world_size)
-        _prune(root, keep_last)
+        _prune(root, keep_last, on_phase)
     _sync(barrier)
     return final
 
 
+def _disk_full(root: Path, tmp: Path, rank: int, world_size: int, state: dict, error: OSError) -> SaveFailed:
+    """Remove what the failed save wrote (all of it with one rank; this rank's files otherwise, the next
+    save's cleanup takes the rest) and say what the save needed."""
+    if world_size == 1:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        for name in (*rank_files(rank), f"rank_{rank:05d}.digest"):
+            (tmp / name).unlink(missing_ok=True)
+    needed = sum(t.numel() * t.element_size() for t in flatten(state)[0].values())
+    free = shutil.disk_usage(root).free
+    pointer = root / LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else "nothing (no checkpoint was published yet)"
+    return SaveFailed(f"saving {tmp.name[:-4]} to {root} failed: {error.strerror} (rank {rank} needs about "
+                      f"{needed:,} bytes, {free:,} are free); removed the partial save; `latest` still names "
+                      f"{latest}. Free space there (or set checkpoint.dir elsewhere) and resume")
+
+
 def latest_checkpoint(root) -> Path | None:
-    """The step directory `root/latest` names; None when nothing was ever published."""
+    """The step directory to resume from: the one `root/latest` names; None only when `root` holds no
+    checkpoint at all, so that a lost pointer never restarts a run from scratch.
+
+    Without a usable pointer (deleted, or naming a missing directory after a crash between the two
+    renames of a re-saved step) the newest complete step directory is used, with a CheckpointWarning.
+    Step directories that are all incomplete (no manifest), or a pointer that is not a step name,
+    are refused, naming what is there.
+    """
     root = Path(root)
     pointer = root / LATEST
+    complete = complete_checkpoints(root)
     if not pointer.is_file():
+        if complete:
+            warnings.warn(f"{root} has no '{LATEST}' pointer; resuming from the newest complete checkpoint "
+                          f"{complete[-1].name}", CheckpointWarning, stacklevel=2)
+            return complete[-1]
+        _refuse_incomplete(root)
         return None
-    name = pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
     if not STEP_RE.match(name):
-        raise CheckpointError(f"{pointer} holds {name!r}, not a step directory name like step_00000100; "
-                              "fix or delete the file")
+        raise CheckpointError(f"{pointer} holds {name!r}, not a step directory name like step_00000100; write the "
+                              f"name of the checkpoint to resume into it ({_listing(complete)}), or set "
+                              "train.resume to a step directory")
     if (root / name / MANIFEST).is_file():
         return root / name
-    # only a crash between the two renames of a re-saved step leaves the pointer dangling
-    complete = _complete_steps(root)
     if not complete:
-        raise CheckpointError(f"{pointer} names {name}, which is missing, and {root} holds no complete checkpoint")
-    warnings.warn(f"{pointer} names missing {name}; using the newest complete checkpoint {complete[-1].name}")
+        raise CheckpointError(f"{pointer} names {name}, which is missing, and {root} holds no complete checkpoint "
+                              "(no step directory with a manifest.json); restore one, or set train.resume=none in a "
+                              "new train.run_dir to start afresh")
+    warnings.warn(f"{pointer} names missing {name}; using the newest complete checkpoint {complete[-1].name}",
+                  CheckpointWarning, stacklevel=2)
     return complete[-1]
 
 
+def _listing(complete: list[Path]) -> str:
+    return "complete ones here: " + ", ".join(p.name for p in complete[-5:]) if complete else \
+        "none here is complete"
+
+
+def _refuse_incomplete(root: Path) -> None:
+    """Step directories without a manifest (damaged, or copied in part) are not a reason to start afresh."""
+    if not root.is_dir():
+        return
+    damaged = sorted(p.name for p in root.iterdir() if STEP_RE.match(p.name) and p.is_dir())
+    if damaged:
+        raise CheckpointError(f"{root} holds step directories but none is complete (no {MANIFEST}): "
+                              f"{', '.join(damaged[-5:])}; restore a complete checkpoint there, or use a new "
+                              "checkpoint.dir (or train.resume=none) to start afresh")
+
+
 def step_directory(path) -> Path:
-    """A step directory as given, or the one a checkpoint root's `latest` names; CheckpointError otherwise."""
+    """A step directory as given, or the one a checkpoint root resumes from; CheckpointError otherwise."""
     p = Path(path)
     if (p / MANIFEST).is_file():
         return p
-    if (p / LATEST).is_file():
+    if (p / LATEST).is_file() or complete_checkpoints(p):
         return latest_checkpoint(p)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist")
@@ -291,6 +387,15 @@ def verify(d: Path, manifest: dict, rank: int) -> None:
                                   "truncated or overwritten")
         if name in mine and _sha256(path) != info["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupted")
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, from its header alone; CheckpointError when it is not one."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every malformed file
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def read_manifest(path_or_root) -> dict:

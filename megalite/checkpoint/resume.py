@@ -8,8 +8,47 @@ both values and the fix; a layout change names the `megalite convert reshard` co
 """
 from __future__ import annotations
 
-from megalite.checkpoint.io import CheckpointError, read_manifest
+from megalite.checkpoint.io import (
+    MANIFEST,
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    rank_files,
+    read_json,
+    read_manifest,
+    step_directory,
+    tensor_names,
+    verify,
+)
 from megalite.checkpoint.schema import Layout, RankState
+
+
+def resume_point(root, resume: str):
+    """The step directory a run resumes from (train.resume: 'auto', 'none' or a path), or None to start afresh.
+
+    'auto' starts afresh only on a checkpoint root that holds no checkpoint (io.latest_checkpoint)."""
+    if resume == "none":
+        return None
+    return latest_checkpoint(root) if resume == "auto" else step_directory(resume)
+
+
+def check_before_resume(path, rank: int, now: Layout, order_now: dict) -> None:
+    """Everything a resume needs that can fail, checked before the run writes anything: the world size,
+    every file the manifest lists (present, with its size; this rank's also with its sha256), and this
+    rank's saved layout and data order against the run's. Reads this rank's files once, loads nothing."""
+    check_world_size(path, now)
+    try:
+        verify(path, read_json(path / MANIFEST, "the checkpoint manifest"), rank)
+        tensor_names(path / rank_files(rank)[0])
+        doc = read_json(path / rank_files(rank)[1], "this rank's non-tensor state")
+    except CheckpointError as e:
+        earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+        if not earlier:
+            raise
+        raise CheckpointError(f"{e}; to resume from the checkpoint before it instead: train.resume={earlier[-1]}") \
+            from None
+    skeleton = doc.get("skeleton") if isinstance(doc, dict) else None
+    check_resumable(path, RankState.from_dict(skeleton, path / rank_files(rank)[1]), now, order_now)
 
 
 def data_order(cfg) -> dict:

@@ -12,8 +12,10 @@
     megalite inspect --run-dir RUN --batch K
     megalite convert to-hf|from-hf|reshard ...
 
-`megalite COMMAND --help` documents each command. The data commands take Megatron-LM's flag
-names; tools/ keeps Megatron-style wrappers (python tools/preprocess_data.py ...) of the same code.
+`megalite COMMAND --help` documents each command. A failure is one line, `megalite: <what failed,
+the value, the fix>`, and exit code 2 for bad input or 1 for a run-time failure (megalite.cli.errors;
+`megalite --debug COMMAND` shows the traceback). The data commands take Megatron-LM's flag names;
+tools/ keeps Megatron-style wrappers (python tools/preprocess_data.py ...) of the same code.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 import warnings
 
 from megalite.cli import convert, data, run
+from megalite.cli.errors import DEBUG_ENV, report_failures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank=N before the command; the rank comes from the
     # LOCAL_RANK it also exports (distributed.launcher.discover), so the flag is accepted and ignored
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of a failure (also {DEBUG_ENV}=1); without it, one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     run.add_commands(sub)
     data.add_commands(sub)
@@ -39,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_config_warnings() -> None:
-    """A config adjusted to the run (megalite.config.ConfigWarning) is one line, printed by rank 0 only."""
+def _show_own_warnings() -> None:
+    """megalite's own warnings (a config adjusted to the run, a checkpoint chosen without `latest`) are one
+    line each, printed by rank 0 only."""
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if category.__name__ != "ConfigWarning":
+        if not category.__module__.startswith("megalite."):
             return default(message, category, filename, lineno, file, line)
         if os.environ.get("RANK", "0") == "0":
             print(f"megalite: note: {message}", file=sys.stderr)
@@ -54,5 +60,5 @@ def _show_config_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _show_config_warnings()
-    return args.handler(args)
+    _show_own_warnings()
+    return report_failures(lambda: args.handler(args), args.debug)

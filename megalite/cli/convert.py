@@ -10,6 +10,8 @@ import os
 import re
 import sys
 
+from megalite.cli.errors import add_debug_argument, report_failures
+
 CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transformers, or reshard them.
 
     megalite convert to-hf CKPT OUT_DIR [--config RUN/config.yaml]
@@ -105,5 +107,6 @@ def convert_main(argv: list[str] | None = None) -> int:
     conversion (to-hf, from-hf or reshard)."""
     p = argparse.ArgumentParser(description=CONVERT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_conversions(p)
+    add_debug_argument(p)
     args = p.parse_args(argv)
-    return args.handler(args)
+    return report_failures(lambda: args.handler(args), args.debug)

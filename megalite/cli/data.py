@@ -4,13 +4,15 @@ Each command is an argument set (add_*_arguments), a handler that imports its wo
 runs (so `--help` imports neither numpy nor torch) and a standalone `*_main(argv)` that the
 Megatron-style wrappers in tools/ call, so `python tools/preprocess_data.py ...` and
 `megalite preprocess ...` take the same flags and do the same thing. A bad input is one line on
-stderr and exit code 1.
+stderr (megalite.cli.errors): exit code 2 for bad input, 1 for a run-time failure.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from megalite.cli.errors import add_debug_argument, report_failures
 
 PREPROCESS_DOC = """Tokenize a text corpus into Megatron .bin/.idx files (Megatron-LM's flags and output).
 
@@ -86,12 +88,9 @@ def add_commands(sub) -> None:
 def _standalone(doc: str, add_arguments, handler, argv) -> int:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return handler(p.parse_args(argv))
-
-
-def _error(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    add_debug_argument(p)
+    args = p.parse_args(argv)
+    return report_failures(lambda: handler(args), args.debug)
 
 
 # ---- preprocess -------------------------------------------------------------------------------------
@@ -110,19 +109,17 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-interval", type=int, default=100_000, help="documents between progress lines")
     p.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping it")
     p.add_argument("--chunk-mb", type=float, default=2.0, help="raw input per worker task, in MB")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write the output even when no document survives (else that is an error, exit code 2)")
 
 
 def preprocess_command(args: argparse.Namespace) -> int:
-    from megalite.data.corpus import BadInputError
     from megalite.data.preprocess import preprocess
 
-    try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-                             json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
-                             log_interval=args.log_interval, strict=args.strict,
-                             chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))))
-    except (BadInputError, FileNotFoundError, ValueError) as e:
-        return _error(e)
+    summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                         json_keys=args.json_keys, append_eod=args.append_eod, workers=args.workers,
+                         log_interval=args.log_interval, strict=args.strict,
+                         chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))), allow_empty=args.allow_empty)
     print(summary.report(), file=sys.stderr)
     return 0
 
@@ -157,7 +154,7 @@ def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> int:
-    from megalite.data.corpus import BadInputError, InputStats
+    from megalite.data.corpus import InputStats
     from megalite.data.tokenizer import train_sentencepiece
 
     symbols = [s for s in args.user_defined_symbols.split(",") if s]
@@ -171,12 +168,9 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
                                     split_digits=not args.no_split_digits, normalization=args.normalization,
                                     max_bytes=max(1, int(args.max_mb * (1 << 20))), stats=stats,
                                     strict=args.strict)
-    except (BadInputError, FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: trainer's own
-        model, error = None, e
-    for line in InputStats(stats.skipped(), stats.first).lines():
-        print(f"skipped {line}", file=sys.stderr)
-    if model is None:
-        return _error(error)
+    finally:  # what was skipped is worth knowing whether or not the training succeeded
+        for line in InputStats(stats.skipped(), stats.first).lines():
+            print(f"skipped {line}", file=sys.stderr)
     print(f"wrote {model}", file=sys.stderr)
     return 0
 
@@ -196,14 +190,9 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from megalite.data.indexed import IndexFileError
     from megalite.data.merge import merge_datasets, prefixes_in_dir
 
-    try:
-        prefixes = args.input or prefixes_in_dir(args.input_dir)
-        info = merge_datasets(prefixes, args.output_prefix)
-    except (FileNotFoundError, ValueError, IndexFileError) as e:
-        return _error(e)
+    info = merge_datasets(args.input or prefixes_in_dir(args.input_dir), args.output_prefix)
     print(f"merged {info['inputs']} datasets: {info['documents']} documents, {info['sequences']} sequences, "
           f"{info['tokens']} {info['dtype']} tokens -> {args.output_prefix}.bin/.idx", file=sys.stderr)
     return 0
@@ -239,14 +228,11 @@ def inspect_command(args: argparse.Namespace) -> int:
     from megalite.config.blend import parse_data_path
     from megalite.data.inspect import SETTING_KEYS, format_pieces, inspect_batch, load_decoder, settings
 
-    try:
-        s = settings(args.run_dir, args.config, **{key: getattr(args, key) for key in SETTING_KEYS})
-        parse_data_path(s["data_path"])  # fail early on a malformed path
-        pieces = inspect_batch(s["data_path"], s["seq_len"], s["global_batch_size"], args.batch, args.split,
-                               s["seed"], args.train_samples, s["data_split"], s["cache_dir"],
-                               load_decoder(s["tokenizer_type"], s["tokenizer_model"]), args.words)
-    except (ValueError, OSError) as e:  # ConfigError and IndexFileError are ValueErrors
-        return _error(e)
+    s = settings(args.run_dir, args.config, **{key: getattr(args, key) for key in SETTING_KEYS})
+    parse_data_path(s["data_path"])  # fail early on a malformed path
+    pieces = inspect_batch(s["data_path"], s["seq_len"], s["global_batch_size"], args.batch, args.split,
+                           s["seed"], args.train_samples, s["data_split"], s["cache_dir"],
+                           load_decoder(s["tokenizer_type"], s["tokenizer_model"]), args.words, s["run_samples"])
     print(format_pieces(pieces))
     return 0
 

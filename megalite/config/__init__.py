@@ -26,10 +26,11 @@ from megalite.config.sections import (
     padded_vocab_size,
     resolved_ffn_hidden_size,
 )
-from megalite.config.validation import data_parallel_size, split_weights, splits_in_use, validate
+from megalite.config.validation import data_parallel_size, samples_per_split, split_weights, splits_in_use, validate
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "ConfigWarning", "DataConfig", "EngineConfig",
            "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "all_choices", "choices",
            "data_parallel_size", "did_you_mean", "follow_the_run", "head_dim", "is_number", "kv_heads",
            "list_presets", "load_config", "padded_vocab_size", "parse_data_path", "resolved_ffn_hidden_size",
-           "save_config", "split_blend_string", "split_weights", "splits_in_use", "to_yaml", "validate"]
+           "samples_per_split", "save_config", "split_blend_string", "split_weights", "splits_in_use", "to_yaml",
+           "validate"]

@@ -8,6 +8,7 @@ every other list of allowed values in the package comes from `choices`.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import fields
@@ -131,6 +132,8 @@ def _coerce_plain(value, tp, key: str, expected: str | None = None):
         except ValueError:
             raise bad from None
     if tp is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # inf and nan pass every `> 0` rule and diverge at the first step
+            raise ConfigError(f"{key}={value!r} must be a finite number; give a real value (inf and nan are not)")
         return float(value)
     if tp is int and isinstance(value, (int, float)) and float(value).is_integer():
         return int(value)

@@ -16,6 +16,7 @@ Activation = Literal["swiglu", "gelu"]
 GridOrder = Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"]
 Schedule = Literal["1f1b", "interleaved", "afab"]
 Partition = Literal["uniform", "balanced"]
+TokenCheck = Literal["sample", "all", "off"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -125,6 +126,10 @@ class DataConfig:
     """Mask attention across document boundaries inside packed samples."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
+    token_check: TokenCheck = "sample"
+    """Pre-flight check that every token id in the data is below model.vocab_size (else the
+    embedding fails mid-run): 'sample' reads about a million tokens spread over each file
+    (seconds, whatever the size), 'all' reads every token, 'off' reads none."""
 
 
 @dataclass

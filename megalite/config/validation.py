@@ -200,6 +200,14 @@ def splits_in_use(cfg: Config) -> dict[str, str]:
     return used
 
 
+def samples_per_split(cfg: Config) -> dict[str, int]:
+    """Samples the run reads from each split: every step's global batch, every evaluation's batches."""
+    t = cfg.train
+    evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
+    return {"train": t.steps * t.global_batch_size, "valid": evals * t.eval_steps * t.global_batch_size,
+            "test": t.eval_steps * t.global_batch_size}
+
+
 def _check_split_shares(cfg: Config, err) -> None:
     """A split the run reads must have a positive share of data.split."""
     weights = split_weights(cfg.data.split)

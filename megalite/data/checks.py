@@ -2,9 +2,12 @@
 
 A missing or broken dataset, or a tokenizer bigger than the model's vocabulary,
 must fail in seconds with the key, the value and the fix, not after process
-groups, the model and the optimizer exist. The checks read only the header of
-each PREFIX.idx (indexed.read_header), open PREFIX.bin without reading it, and
-load the tokenizer named by data.tokenizer_model; no token file is scanned.
+groups, the model and the optimizer exist. The checks open each PREFIX.idx
+(its header, then its arrays against the size of PREFIX.bin: a truncated token
+file or an index of another dtype fails here) and load the tokenizer named by
+data.tokenizer_model. Token ids are checked against model.vocab_size as
+data.token_check says: about a million sampled tokens per file by default,
+every token with 'all'.
 megalite.preflight runs them after the config's own rules (config.validate) pass.
 """
 from __future__ import annotations
@@ -14,7 +17,14 @@ import os
 from megalite.config import Config, parse_data_path, split_blend_string, split_weights, splits_in_use
 from megalite.config.validation import SPLITS
 from megalite.data.gpt_dataset import split_document_ranges
-from megalite.data.indexed import IndexFileError, bin_path, idx_path, read_header
+from megalite.data.indexed import (
+    IndexedDataset,
+    IndexFileError,
+    bin_path,
+    first_token_at_or_above,
+    idx_path,
+    read_header,
+)
 from megalite.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
@@ -68,6 +78,12 @@ def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
             counts[prefix] = index_document_count(prefix)
         except IndexFileError as e:
             err(f"data.path prefix {prefix!r}: {e}; {_prefix_fix(prefix)}")
+            continue
+        try:
+            check_token_ids(IndexedDataset(prefix), cfg.model.vocab_size, cfg.data.token_check, err)
+        except IndexFileError as e:
+            err(f"data.path prefix {prefix!r}: {e}; re-create it with `megalite preprocess` (or restore both files)")
+            del counts[prefix]
     weights = split_weights(cfg.data.split)
     if len(counts) < len(prefixes) or weights is None:
         return
@@ -80,6 +96,19 @@ def check_data_files(cfg: Config, prefixes: list[str], err) -> None:
             err(f"data.split={cfg.data.split!r} leaves the {name} split without documents (documents per "
                 f"data.path prefix: {held}), but {why}; raise its share in data.split or use more documents"
                 f"{' (or set train.eval_interval=0)' if name == 'valid' else ''}")
+
+
+def check_token_ids(ds: IndexedDataset, vocab_size: int, how: str, err) -> None:
+    """Every token id the data holds (data.token_check='all') or a sample of them ('sample') is below
+    model.vocab_size; an id at or above it would index past the embedding mid-run."""
+    if how == "off":
+        return
+    found = first_token_at_or_above(ds, vocab_size, every=how == "all")
+    if found is not None:
+        token, document = found
+        err(f"data.path prefix {ds.prefix!r} holds token id {token} (document {document}), but model.vocab_size="
+            f"{vocab_size}: the data was tokenized for a bigger vocabulary; set model.vocab_size to the "
+            "tokenizer's size (or more), or preprocess the data with this model's tokenizer")
 
 
 def check_tokenizer_vocab(cfg: Config, err) -> None:

@@ -129,14 +129,14 @@ def iter_line_chunks(path: str, chunk_bytes: int = 2 << 20, stats: InputStats | 
     line_no, carry, want = 1, b"", chunk_bytes
     with opener(path, "rb") as f:
         while True:
-            try:
-                blob, eof = _read_about(f, want, carry)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                where = f"{path}:{line_no}"
-                if stats is None:
-                    raise BadInputError(f"{where}: compressed input is truncated or corrupt ({e}); "
-                                        "re-create or re-download the file") from e
-                stats.add("truncated_gzip", where)
+            blob, eof, damage = _read_about(f, want, carry)
+            if damage is not None:
+                # keep every whole line decompressed before the damage; the line it cut is the one reported
+                cut = blob.rfind(b"\n") + 1
+                if cut:
+                    yield path, line_no, blob[:cut]
+                damaged_line = line_no + blob.count(b"\n", 0, cut)
+                _report_damage(f"{path}:{damaged_line}", damage, stats)
                 return
             if eof:
                 if blob:
@@ -151,16 +151,28 @@ def iter_line_chunks(path: str, chunk_bytes: int = 2 << 20, stats: InputStats | 
             line_no += blob.count(b"\n", 0, cut)
 
 
-def _read_about(f, chunk_bytes: int, carry: bytes) -> tuple[bytes, bool]:
-    """Read roughly chunk_bytes more after `carry`; returns (data, reached_eof)."""
+def _report_damage(where: str, damage: Exception, stats: InputStats | None) -> None:
+    if stats is None:
+        raise BadInputError(f"{where}: compressed input is truncated or corrupt ({damage}); "
+                            "re-create or re-download the file") from damage
+    stats.add("truncated_gzip", where)
+
+
+def _read_about(f, chunk_bytes: int, carry: bytes) -> tuple[bytes, bool, Exception | None]:
+    """Read roughly chunk_bytes more after `carry`: (data, reached_eof, damage). A truncated or corrupt
+    .gz ends the read with its error as `damage`, keeping what was decompressed before it."""
     pieces, size = [carry], len(carry)
     while size < chunk_bytes:
-        piece = f.read(min(_READ_PIECE, chunk_bytes - size))
+        try:
+            # read1: one decompression step per call, so the step that meets the damage loses only its own bytes
+            piece = f.read1(min(_READ_PIECE, chunk_bytes - size))
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            return b"".join(pieces), True, e
         if not piece:
-            return b"".join(pieces), True
+            return b"".join(pieces), True, None
         pieces.append(piece)
         size += len(piece)
-    return b"".join(pieces), False
+    return b"".join(pieces), False, None
 
 
 def _document_text(raw: bytes, text_format: bool, keys: Sequence[str]) -> tuple[dict | None, str | None]:

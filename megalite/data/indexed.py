@@ -67,6 +67,17 @@ def write_index(path, dtype, sequence_lengths, document_indices) -> None:
         f.write(docs.tobytes(order="C"))
 
 
+def make_parent(prefix: str) -> None:
+    """Create the directory PREFIX.bin goes into; a file in the way is bad input, named as such."""
+    parent = Path(prefix).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (parent, *parent.parents) if p.exists() and not p.is_dir())
+        raise ValueError(f"cannot write {prefix}.bin: {blocker} is a file, not a directory; choose another "
+                         "output prefix") from None
+
+
 class IndexedDatasetWriter:
     """Streams documents to PREFIX.bin/.idx, atomically.
 
@@ -82,7 +93,7 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"dtype {self.dtype} has no code in the Megatron format; use one of "
                              f"{sorted(str(d) for d in DTYPE_CODES)}")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.prefix)
         self._tmp_bin = bin_path(self.prefix) + ".tmp"
         self._tmp_idx = idx_path(self.prefix) + ".tmp"
         self._bin = open(self._tmp_bin, "wb")
@@ -210,8 +221,9 @@ class IndexedDataset:
         if len(lengths):
             ends = pointers + lengths.astype(np.int64) * itemsize
             if pointers[0] != 0 or np.any(pointers[1:] != ends[:-1]):
-                raise IndexFileError(f"{path}: sequence pointers do not follow the sequence lengths; "
-                                     "the index is corrupt")
+                raise IndexFileError(f"{path}: sequence pointers do not follow the sequence lengths of "
+                                     f"{self.dtype} tokens; the index is corrupt, or its dtype is not the one "
+                                     f"{b} was written with")
         actual = os.path.getsize(b)
         if actual != expected:
             raise IndexFileError(f"{b}: {actual} bytes, but its index {path} describes {expected}; "
@@ -227,6 +239,10 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.astype(np.int64).sum())
+
+    def flat_tokens(self) -> np.ndarray:
+        """Every token of the file back to back, as one read-only memory-mapped view (nothing is read yet)."""
+        return np.frombuffer(self._bin, dtype=self.dtype, count=self.num_tokens)
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset+length) of sequence idx (to its end when length is None)."""
@@ -258,3 +274,32 @@ class IndexedDataset:
 
 def dataset_exists(prefix: str | os.PathLike) -> bool:
     return os.path.exists(idx_path(prefix)) and os.path.exists(bin_path(prefix))
+
+
+def first_token_at_or_above(ds: IndexedDataset, limit: int, every: bool = False,
+                            windows: int = 64, window_tokens: int = 1 << 14) -> tuple[int, int] | None:
+    """(token id, document) of a token id >= `limit` (or < 0) in `ds`, or None when none was found.
+
+    every=False reads `windows` evenly spaced runs of `window_tokens` tokens (about a million in all,
+    milliseconds whatever the file's size), so it finds a vocabulary mismatch (data tokenized for
+    another model: bad ids everywhere) but may miss a rare bad id; every=True reads every token, in
+    chunks of 16M.
+    """
+    total = ds.num_tokens
+    if total == 0:
+        return None
+    tokens = ds.flat_tokens()
+    step = 1 << 24
+    if every or total <= windows * window_tokens:
+        starts, width = range(0, total, step), step
+    else:
+        starts, width = np.linspace(0, total - window_tokens, windows).astype(np.int64), window_tokens
+    for start in map(int, starts):
+        run = tokens[start:start + width]
+        bad = np.flatnonzero((run >= limit) | (run < 0))
+        if len(bad):
+            at = start + int(bad[0])
+            sequence = int(np.searchsorted(ds.sequence_pointers, at * ds.dtype.itemsize, side="right")) - 1
+            document = int(np.searchsorted(ds.document_indices, sequence, side="right")) - 1
+            return int(run[bad[0]]), document
+    return None

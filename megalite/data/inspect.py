@@ -21,6 +21,10 @@ from megalite.data.indexed import IndexedDataset
 SETTING_KEYS = ("data_path", "seq_len", "global_batch_size", "seed", "data_split", "cache_dir",
                 "tokenizer_type", "tokenizer_model")
 REQUIRED_KEYS = ("data_path", "seq_len", "global_batch_size")
+# The index cache holds, per sample, its start (document, offset: 2 x int64) and its place in the shuffle
+# (int64): megalite.data.gpt_dataset. An unbounded --batch must not write gigabytes without being asked.
+INDEX_BYTES_PER_SAMPLE = 24
+UNASKED_INDEX_BYTES = 1 << 30
 DEFAULTS = {"seed": 1234, "data_split": "969,30,1", "cache_dir": None, "tokenizer_type": None,
             "tokenizer_model": None}
 
@@ -77,23 +81,19 @@ def _preview(tokens: np.ndarray, decode, words: int) -> str:
 
 def inspect_batch(data_path, seq_len: int, global_batch_size: int, batch: int, split: str = "train",
                   seed: int = 1234, train_samples: int | None = None, data_split: str = "969,30,1",
-                  cache_dir: str | None = None, decode=None, words: int = 8) -> list[Piece]:
+                  cache_dir: str | None = None, decode=None, words: int = 8,
+                  run_samples: dict | None = None) -> list[Piece]:
     """The document pieces of every sample of global batch `batch`, in batch order.
 
     Builds the datasets as the trainer does (same split, seed, cache), asking
     `split` for `train_samples` samples (default: just enough for this batch;
     the order is prefix-stable, so any larger count gives the same answer).
+    `run_samples` (split -> samples the run reads, from its config) bounds `batch`.
     """
     from megalite.config import DataConfig
     from megalite.data.loader import build_datasets
 
-    if batch < 0 or global_batch_size <= 0:
-        raise ValueError(f"--batch {batch} must be >= 0 and --global-batch-size {global_batch_size} > 0")
-    needed = (batch + 1) * global_batch_size
-    total = needed if train_samples is None else int(train_samples)
-    if total < needed:
-        raise ValueError(f"--train-samples {total} is too few for global batch {batch} of "
-                         f"{global_batch_size} (needs {needed})")
+    total = samples_to_index(batch, global_batch_size, split, train_samples, run_samples)
     cfg = DataConfig(path=list(data_path), split=data_split, seq_len=seq_len, seed=seed, cache_dir=cache_dir)
     ds = build_datasets(cfg, {split: total})[split]
     if ds is None:
@@ -109,9 +109,33 @@ def inspect_batch(data_path, seq_len: int, global_batch_size: int, batch: int, s
     return pieces
 
 
+def samples_to_index(batch: int, global_batch_size: int, split: str, train_samples: int | None,
+                     run_samples: dict | None) -> int:
+    """How many samples to build the index for, so that global batch `batch` is in it; ValueError when
+    the batch is one the run never reads, or (no run to say) its index would be bigger than a GiB of cache
+    without --train-samples asking for it."""
+    if batch < 0 or global_batch_size <= 0:
+        raise ValueError(f"--batch {batch} must be >= 0 and --global-batch-size {global_batch_size} > 0")
+    needed = (batch + 1) * global_batch_size
+    if run_samples is not None and needed > run_samples.get(split, needed):
+        batches = run_samples[split] // global_batch_size
+        raise ValueError(f"--batch {batch}: the run reads {batches} global batches of the {split} split (0 to "
+                         f"{batches - 1}); ask for one of them")
+    if train_samples is None:
+        if needed * INDEX_BYTES_PER_SAMPLE > UNASKED_INDEX_BYTES and run_samples is None:
+            raise ValueError(f"--batch {batch} needs an index of {needed:,} samples (about "
+                             f"{needed * INDEX_BYTES_PER_SAMPLE / 2**30:.1f} GiB of cache); give --run-dir so the "
+                             f"run bounds it, or --train-samples {needed} to build it anyway")
+        return needed
+    if train_samples < needed:
+        raise ValueError(f"--train-samples {train_samples} is too few for global batch {batch} of "
+                         f"{global_batch_size} (needs {needed})")
+    return int(train_samples)
+
+
 def run_settings(run_dir: str | None = None, config: str | None = None) -> dict:
     """inspect_batch's keyword arguments (data and tokenizer) from a run directory's or a config's YAML."""
-    from megalite.config import load_config
+    from megalite.config import load_config, samples_per_split
 
     path = config if config else os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -123,19 +147,21 @@ def run_settings(run_dir: str | None = None, config: str | None = None) -> dict:
         raise ValueError(f"{path} has no data.path; pass --data-path")
     return {"data_path": list(d.path), "seq_len": d.seq_len, "global_batch_size": cfg.train.global_batch_size,
             "seed": d.seed, "data_split": d.split, "cache_dir": d.cache_dir,
-            "tokenizer_type": d.tokenizer_type, "tokenizer_model": d.tokenizer_model}
+            "tokenizer_type": d.tokenizer_type, "tokenizer_model": d.tokenizer_model,
+            "run_samples": samples_per_split(cfg)}
 
 
 def settings(run_dir: str | None = None, config: str | None = None, **given) -> dict:
     """The run's settings (run_dir / config, else DEFAULTS), overridden by the `given` ones that are not None.
 
-    `given` holds SETTING_KEYS (data_path=..., seq_len=..., ...); raises ValueError when data_path,
+    `given` holds SETTING_KEYS (data_path=..., seq_len=..., ...); "run_samples" is what the run reads
+    of each split (None without a run). Raises ValueError when data_path,
     seq_len or global_batch_size is known from neither.
     """
     unknown = set(given) - set(SETTING_KEYS)
     if unknown:
         raise TypeError(f"settings() got unknown keys {sorted(unknown)}; known: {', '.join(SETTING_KEYS)}")
-    base = run_settings(run_dir, config) if run_dir or config else dict(DEFAULTS)
+    base = run_settings(run_dir, config) if run_dir or config else {**DEFAULTS, "run_samples": None}
     base.update({key: value for key, value in given.items() if value is not None})
     missing = [f"--{k.replace('_', '-')}" for k in REQUIRED_KEYS if not base.get(k)]
     if missing:

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from megalite.data.corpus import EMPTY, InputStats, iter_line_chunks, parse_chunk, resolve_inputs
+from megalite.data.corpus import EMPTY, BadInputError, InputStats, iter_line_chunks, parse_chunk, resolve_inputs
 from megalite.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megalite.data.tokenizer import build_tokenizer
 
@@ -185,15 +185,23 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
+def no_documents_message(paths: Sequence[str], json_keys: Sequence[str], stats: InputStats) -> str:
+    skipped = "; ".join(InputStats(stats.skipped(), stats.first).lines()) or "the input holds no lines"
+    return (f"no document found in {', '.join(paths)} (skipped {skipped}); nothing was written. Check --input "
+            f"and --json-keys {' '.join(json_keys)}, or pass --allow-empty to write empty outputs")
+
+
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                log_interval: int = 100_000, strict: bool = False, chunk_bytes: int = 2 << 20,
-               log=None) -> PreprocessSummary:
+               log=None, allow_empty: bool = False) -> PreprocessSummary:
     """Tokenize `inputs` into PREFIX_{KEY}_document.bin/.idx per key; returns the summary.
 
     Bad input is skipped and counted (see megalite.data.corpus); with strict
     the first bad input raises BadInputError and nothing is written. Outputs
-    appear atomically, only when the whole run succeeds. Progress goes to
+    appear atomically, only when the whole run succeeds; a run in which no
+    document survives (an empty or binary input, the wrong --json-keys) raises
+    BadInputError and writes nothing, unless allow_empty. Progress goes to
     `log` (default stderr) every log_interval documents (0: never).
     """
     log = log or sys.stderr
@@ -223,6 +231,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
         summary.stats.merge(read_stats)
         if strict:
             summary.stats.check_strict()
+        if summary.documents == 0 and not allow_empty:
+            raise BadInputError(no_documents_message(paths, json_keys, summary.stats))
     summary.seconds = time.perf_counter() - start
     return summary
 

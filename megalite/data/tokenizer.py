@@ -241,13 +241,16 @@ def train_sentencepiece(inputs: Sequence[str], output_prefix: str, vocab_size: i
                          "check --input and --json-keys")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     spm.set_random_generator_seed(seed)  # the trainer's own sentence shuffle
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=str(output_prefix), vocab_size=vocab_size,
-        model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
-        user_defined_symbols=list(user_defined_symbols), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        normalization_rule_name=normalization, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=split_digits,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
-        max_sentence_length=max_sentence_length, num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_prefix=str(output_prefix), vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
+            user_defined_symbols=list(user_defined_symbols), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            normalization_rule_name=normalization, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, split_digits=split_digits,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            max_sentence_length=max_sentence_length, num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as e:  # SentencePiece's own refusals, e.g. "Vocabulary size too high (8000). ..."
+        raise ValueError(f"SentencePiece refused to train {output_prefix}.model: {e}") from e
     return f"{output_prefix}.model"

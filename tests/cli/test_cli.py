@@ -40,7 +40,7 @@ COMMANDS = {
     "generate": ["--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--ids",
                  "--eod", "--config", "--device", "--tp"],
     "preprocess": ["--input", "--output-prefix", "--tokenizer-type", "--tokenizer-model", "--json-keys",
-                   "--append-eod", "--workers", "--log-interval", "--strict", "--chunk-mb"],
+                   "--append-eod", "--workers", "--log-interval", "--strict", "--chunk-mb", "--allow-empty"],
     "train-tokenizer": ["--input", "--output-prefix", "--vocab-size", "--model-type", "--byte-fallback",
                         "--character-coverage", "--user-defined-symbols", "--json-keys", "--max-sentences",
                         "--max-mb", "--strict", "--max-sentence-length", "--seed", "--normalization",
@@ -95,7 +95,9 @@ def test_the_tools_take_the_same_flags(command, capsys):
     with pytest.raises(SystemExit) as done:
         module.main([*sub, "--help"])
     assert done.value.code == 0
-    assert options(capsys.readouterr().out) == set(COMMANDS[command])
+    # a wrapper is a program of its own, so it takes --debug itself (megalite, and a wrapper with
+    # subcommands, take it before the command)
+    assert options(capsys.readouterr().out) == set(COMMANDS[command]) | (set() if sub else {"--debug"})
 
 
 def test_help_imports_no_torch():
@@ -198,16 +200,16 @@ def test_merge_and_inspect_run_on_preprocessed_data(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, value, code", [
     (["preprocess", "--input", "{tmp}/nowhere/*.jsonl", "--output-prefix", "{tmp}/o",
-      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{model}"], "{tmp}/nowhere/*.jsonl", 1),
+      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{model}"], "{tmp}/nowhere/*.jsonl", 2),
     (["preprocess", "--input", "{corpus}", "--output-prefix", "{tmp}/o",
-      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{corpus}"], "{corpus}", 1),
+      "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "{corpus}"], "{corpus}", 2),
     (["train-tokenizer", "--input", "{tmp}/none*.jsonl", "--output-prefix", "{tmp}/t", "--vocab-size", "100"],
-     "{tmp}/none*.jsonl", 1),
-    (["merge", "--input", "{prefix}", "{tmp}/missing", "--output-prefix", "{tmp}/m"], "{tmp}/missing", 1),
+     "{tmp}/none*.jsonl", 2),
+    (["merge", "--input", "{prefix}", "{tmp}/missing", "--output-prefix", "{tmp}/m"], "{tmp}/missing", 2),
     (["inspect", "--data-path", "{tmp}/missing", "--seq-len", "8", "--global-batch-size", "2", "--batch", "0"],
-     "{tmp}/missing", 1),
+     "{tmp}/missing", 2),
     (["inspect", "--data-path", "{prefix}", "--seq-len", "8", "--global-batch-size", "2", "--batch", "0",
-      "--tokenizer-model", "{tmp}/nope.model"], "{tmp}/nope.model", 1),
+      "--tokenizer-model", "{tmp}/nope.model"], "{tmp}/nope.model", 2),
     (["convert", "reshard", "{tmp}/no_ckpt", "{tmp}/out", "--tp", "1", "--pp", "1"], "{tmp}/no_ckpt", 2),
 ], ids=["preprocess-input", "preprocess-model", "train-tokenizer", "merge", "inspect-data", "inspect-model",
         "reshard"])
@@ -225,7 +227,7 @@ def test_bad_input_is_one_line_naming_the_value(args, value, code, data, tmp_pat
 
 def test_bad_input_in_a_real_process(tmp_path):
     out = megalite("merge", "--input", str(tmp_path / "missing"), "--output-prefix", str(tmp_path / "m"))
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and str(tmp_path / "missing") in out.stderr, out.stderr
 
 

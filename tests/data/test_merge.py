@@ -65,8 +65,8 @@ def test_cli_input_dir(parts, tmp_path):
     assert prefixes_in_dir(str(root / "parts")) == prefixes  # sorted by name: p0, p1, p2
     assert tool.main(["--input-dir", str(root / "parts"), "--output-prefix", str(tmp_path / "m")]) == 0
     assert _bytes(str(tmp_path / "m")) == _bytes(whole)
-    assert tool.main(["--input", prefixes[0], "--output-prefix", prefixes[0]]) == 1
-    assert tool.main(["--input-dir", str(tmp_path / "nowhere"), "--output-prefix", str(tmp_path / "x")]) == 1
+    assert tool.main(["--input", prefixes[0], "--output-prefix", prefixes[0]]) == 2
+    assert tool.main(["--input-dir", str(tmp_path / "nowhere"), "--output-prefix", str(tmp_path / "x")]) == 2
 
 
 def test_dtype_mismatch_refused(tmp_path):

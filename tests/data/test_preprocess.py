@@ -222,7 +222,7 @@ def test_cli(setup, tmp_path):
     assert _bytes(str(tmp_path / "cli_text_document")) == _bytes(ref.outputs["text"])
     bad = _bad_corpus(tmp_path / "bad.jsonl")
     run = subprocess.run(args[:3] + [bad] + args[4:] + ["--strict"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "malformed_json" in run.stderr and f"{bad}:2" in run.stderr
+    assert run.returncode == 2 and "malformed_json" in run.stderr and f"{bad}:2" in run.stderr
 
 
 def test_writer_add_raw_matches_add_document(tmp_path):

@@ -135,7 +135,7 @@ def test_train_unigram_via_cli_with_sampling(tmp_path):
     text = "kalo Ω  mine\n\n\tru 2024"  # byte fallback covers unseen characters; whitespace survives
     assert tok.decode(tok.encode(text)) == text
     assert tool.main(["--input", str(tmp_path / "none*.jsonl"), "--output-prefix", str(tmp_path / "x"),
-                      "--vocab-size", "100"]) == 1
+                      "--vocab-size", "100"]) == 2
 
 
 def test_reservoir_is_bounded_by_bytes_and_stays_uniform():
@@ -174,5 +174,5 @@ def test_train_tokenizer_cli_skips_a_lone_surrogate_with_its_place(tmp_path, cap
     err = capsys.readouterr().err
     assert f"skipped invalid_utf8: 1 (first at {corpus}:2)" in err
     assert f"skipped malformed_json: 1 (first at {corpus}:4)" in err
-    assert tool.main(args + ["--strict"]) == 1
+    assert tool.main(args + ["--strict"]) == 2
     assert "invalid_utf8" in capsys.readouterr().err

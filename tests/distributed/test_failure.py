@@ -110,11 +110,12 @@ def test_hang_times_out_everywhere_with_stacks_labelled_by_coordinates(counting_
 
 # ------------------------------------------------------------ no processes
 def test_parse_fault_accepts_the_spec_and_names_bad_input():
-    assert parse_fault("rank=3,step=2,mode=kill") == {"rank": 3, "step": 2, "mode": "kill"}
-    assert parse_fault("step=1,rank=0") == {"rank": 0, "step": 1, "mode": "raise"}
-    assert parse_fault("rank=2,step=setup") == {"rank": 2, "step": "setup", "mode": "raise"}
+    assert parse_fault("rank=3,step=2,mode=kill") == {"rank": 3, "step": 2, "mode": "kill", "phase": None}
+    assert parse_fault("step=1,rank=0") == {"rank": 0, "step": 1, "mode": "raise", "phase": None}
+    assert parse_fault("rank=2,step=setup") == {"rank": 2, "step": "setup", "mode": "raise", "phase": None}
+    assert parse_fault("rank=0,step=4,phase=renamed,mode=kill")["phase"] == "renamed"
     for bad in ("rank=3", "rank=x,step=1", "rank=1,step=1,mode=explode", "rank=1,step=1,color=red",
-                "rank=1,step=init"):
+                "rank=1,step=init", "rank=0,step=4,phase=halfway"):
         with pytest.raises(ValueError, match="MEGALITE_FAULT_INJECT"):
             parse_fault(bad)
 
