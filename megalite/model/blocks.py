@@ -42,12 +42,12 @@ from megalite.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tp_region,
-    gather_from_sequence_parallel_region,
     group_size,
     init_shard_,
     mark,
     normal_init,
     scatter_to_sequence_parallel_region,
+    sequence_parallel_linear,
 )
 from megalite.tensor_parallel.random import TPRngTracker
 
@@ -335,11 +335,10 @@ class Head(nn.Module):
         if self.output is not None:
             logits = self.output(x)  # [s, b, Vp/tp]
         else:
-            if self.sequence_parallel:
-                x = gather_from_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h] -> [s, b, h]
+            if self.sequence_parallel:  # [s/tp, b, h] gathered to [s, b, h]; only the local part is kept
+                logits = sequence_parallel_linear(x, self.weight, None, self.tp_group)  # [s, b, Vp/tp]
             else:
-                x = copy_to_tp_region(x, self.tp_group)
-            logits = F.linear(x, self.weight)  # [s, b, Vp/tp]
+                logits = F.linear(copy_to_tp_region(x, self.tp_group), self.weight)  # [s, b, Vp/tp]
         if self.pad_from is not None:
             logits[..., self.pad_from:] = float("-inf")  # safe in place: linear's backward does not need its output
         return logits

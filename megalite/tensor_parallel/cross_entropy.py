@@ -1,9 +1,15 @@
-"""Cross-entropy over vocabulary-parallel logits, without gathering the vocabulary.
+"""Cross-entropy over vocabulary-parallel logits, without gathering the vocabulary, in sequence chunks.
 
 Each rank holds logits for its slice [r*V/tp, (r+1)*V/tp) of the vocabulary.
 The softmax needs only three all-reduces of [s, b]-sized tensors: the max
 (for stability), the sum of exponentials, and the target logit (owned by
-exactly one rank). Math runs in fp32 whatever the logits' dtype.
+exactly one rank). Math runs in fp32 whatever the logits' dtype, but never on
+the whole [s, b, V/tp] at once: forward and backward walk the sequence in
+chunks of about `chunk_elements` logits, so the loss holds one fp32 chunk at a
+time beyond its input and its gradient (at V=128k and s=8k a whole fp32 copy
+would be 4 GiB per micro-batch). Backward recomputes each chunk's softmax from
+the saved logits and the saved per-token max and sum, with the same operations
+as a whole-tensor pass, so the result does not depend on the chunk size.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import torch.distributed as dist
 from megalite.distributed import comm
 from megalite.tensor_parallel.mappings import group_rank, group_size
 
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk: 64 MiB of working memory, whatever V and s are
+
 
 def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group_size(group) > 1:
@@ -21,51 +29,79 @@ def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+def _chunks(seq_len: int, per_position: int, chunk_elements: int) -> list[slice]:
+    """Slices of the sequence dimension holding about chunk_elements logits each (at least one position)."""
+    step = max(1, chunk_elements // max(per_position, 1))
+    return [slice(i, min(i + step, seq_len)) for i in range(0, seq_len, step)]
+
+
+def _shifted(logits: torch.Tensor, rows: slice, start: int, vocab_size, max_logit: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the chunk minus the per-token max, padded ids (>= vocab_size) at -inf."""
+    x = logits[rows].to(torch.float32, copy=True)  # a copy even for fp32 logits: they must not change
+    v_local = logits.shape[-1]
+    if vocab_size is not None and start + v_local > vocab_size:
+        x[..., max(vocab_size - start, 0):] = float("-inf")
+    if max_logit is not None:
+        x -= max_logit[rows].unsqueeze(-1)
+    return x
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, group, vocab_size):
-        v_local = logits.shape[-1]
+    def forward(ctx, logits, labels, group, vocab_size, chunk_elements):
+        s, v_local = logits.shape[0], logits.shape[-1]
         start = group_rank(group) * v_local
-        x = logits.float().clone()  # [s, b, V/tp] fp32 working copy; clone so fp32 input is not modified
-        if vocab_size is not None and start + v_local > vocab_size:
-            x[..., max(vocab_size - start, 0):] = float("-inf")  # padded ids are never predicted
-        x -= _all_reduce_(x.max(dim=-1).values, group, dist.ReduceOp.MAX).unsqueeze(-1)
-
+        chunks = _chunks(s, logits[0].numel(), chunk_elements)
         local = labels - start
         owned = (local >= 0) & (local < v_local)  # [s, b]: this rank holds the target's logit
         local = local.masked_fill(~owned, 0)
-        target = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~owned, 0.0)
-        _all_reduce_(target, group)
 
-        x.exp_()  # x now holds exp(logit - max)
-        sum_exp = _all_reduce_(x.sum(dim=-1), group)
-        loss = sum_exp.log() - target  # [s, b]
-        x /= sum_exp.unsqueeze(-1)  # softmax, kept for backward
-        ctx.save_for_backward(x, local, owned)
-        ctx.in_dtype = logits.dtype
-        return loss
+        max_logit = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        for rows in chunks:
+            max_logit[rows] = _shifted(logits, rows, start, vocab_size, None).max(dim=-1).values
+        _all_reduce_(max_logit, group, dist.ReduceOp.MAX)
+
+        target = torch.empty_like(max_logit)
+        sum_exp = torch.empty_like(max_logit)
+        for rows in chunks:
+            x = _shifted(logits, rows, start, vocab_size, max_logit)
+            target[rows] = x.gather(-1, local[rows].unsqueeze(-1)).squeeze(-1).masked_fill(~owned[rows], 0.0)
+            sum_exp[rows] = x.exp_().sum(dim=-1)  # x now holds exp(logit - max)
+        _all_reduce_(target, group)
+        _all_reduce_(sum_exp, group)
+        ctx.save_for_backward(logits, local, owned, max_logit, sum_exp)
+        ctx.start, ctx.vocab_size, ctx.chunks = start, vocab_size, chunks
+        return sum_exp.log() - target  # [s, b]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, owned = ctx.saved_tensors
-        grad = softmax.clone()  # d loss / d logit = softmax - one_hot(target)
-        grad.scatter_add_(-1, local.unsqueeze(-1), -owned.to(grad.dtype).unsqueeze(-1))
-        grad *= grad_loss.unsqueeze(-1)
-        return grad.to(ctx.in_dtype), None, None, None
+        logits, local, owned, max_logit, sum_exp = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in ctx.chunks:  # d loss / d logit = softmax - one_hot(target), a chunk at a time
+            x = _shifted(logits, rows, ctx.start, ctx.vocab_size, max_logit)
+            x.exp_()
+            x /= sum_exp[rows].unsqueeze(-1)
+            x.scatter_add_(-1, local[rows].unsqueeze(-1), -owned[rows].to(x.dtype).unsqueeze(-1))
+            x *= grad_loss[rows].unsqueeze(-1)
+            grad[rows] = x
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None,
-                                 vocab_size: int | None = None) -> torch.Tensor:
+                                 vocab_size: int | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Per-token loss [s, b] in fp32 from local logits [s, b, V/tp] and global label ids [s, b].
 
     `vocab_size` (optional) is the real vocabulary: logits of padded ids
     (>= vocab_size) are treated as -inf, so they get zero probability and
     zero gradient. Labels must lie in [0, vocab_size); they are not checked
-    here (that would cost a device sync).
+    here (that would cost a device sync). `chunk_elements` bounds the fp32
+    working memory (see the module docstring); the result does not depend on it.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
                          "expected logits [s, b, V/tp] and labels [s, b]")
     if vocab_size is not None and vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size} must be positive")
-    return _VocabParallelCrossEntropy.apply(logits, labels, tp_group, vocab_size)
+    if chunk_elements <= 0:
+        raise ValueError(f"chunk_elements={chunk_elements} must be positive")
+    return _VocabParallelCrossEntropy.apply(logits, labels, tp_group, vocab_size, chunk_elements)

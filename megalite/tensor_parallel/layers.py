@@ -22,13 +22,13 @@ from torch import nn
 from megalite.tensor_parallel.init import InitMethod, init_shard_, normal_init
 from megalite.tensor_parallel.mappings import (
     copy_to_tp_region,
-    gather_from_sequence_parallel_region,
     gather_from_tp_region,
     group_rank,
     group_size,
     reduce_from_tp_region,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tp_region,
+    sequence_parallel_linear,
 )
 from megalite.tensor_parallel.sharding import mark
 
@@ -67,7 +67,8 @@ class ColumnParallelLinear(_ParallelBase):
     Each rank holds W[r*out/tp:(r+1)*out/tp] and the matching bias chunk and
     produces that slice of the output features.
     Forward: input copied in (sequence_parallel: all-gathered along dim 0
-    from [s/tp, b, in] to [s, b, in]); output stays split, [.., out/tp],
+    from [s/tp, b, in] to [s, b, in], keeping only the [s/tp, b, in] part for
+    backward, which gathers it again); output stays split, [.., out/tp],
     unless gather_output, which all-gathers the last dim.
     Backward: the input gradient is all-reduced (sequence_parallel:
     reduce-scattered back to [s/tp, b, in]).
@@ -91,11 +92,10 @@ class ColumnParallelLinear(_ParallelBase):
             self.init_weights(init_seed, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, in] -> [s, b, in]
+        if self.sequence_parallel:  # [s/tp, b, in] gathered to [s, b, in]; only the local part is kept
+            y = sequence_parallel_linear(x, self.weight, self.bias, self.tp_group)
         else:
-            x = copy_to_tp_region(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
+            y = F.linear(copy_to_tp_region(x, self.tp_group), self.weight, self.bias)  # [..., out/tp]
         return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -12,6 +12,11 @@ the gradient of every communication is correct by construction:
     scatter_to_sequence_parallel_region       split dim 0             all-gather dim 0
     gather_from_sequence_parallel_region      all-gather dim 0        reduce-scatter dim 0
     reduce_scatter_to_sequence_parallel_region reduce-scatter dim 0   all-gather dim 0
+    sequence_parallel_linear                  all-gather dim 0, x W^T  all-gather again, reduce-scatter dx
+
+The last one is the column-parallel linear under sequence parallelism as one function: it keeps
+only this rank's [s/tp, b, in] input for backward and gathers it again there (Megatron's trade: one
+more all-gather per linear for 1/tp of the activation memory at every column-parallel input).
 
 `group=None` (or a group of one) means "no tensor parallelism": every
 function returns its input unchanged, so a single process runs exactly the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megalite.distributed import comm
 
@@ -47,7 +53,9 @@ def group_rank(group) -> int:
 
 # ------------------------------------------------------------ raw collectives
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.contiguous().clone()  # all_reduce is in place; autograd inputs must stay untouched
+    """Sum over the group, in place when `x` is contiguous (no [s, b, h] copy per all-reduce): every caller
+    passes a tensor only the collective uses, a row-parallel partial output or a freshly computed gradient."""
+    out = x.contiguous()
     comm.record("all_reduce", out)
     dist.all_reduce(out, group=group)
     return out
@@ -71,6 +79,15 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+    out, pending = _start_reduce_scatter_first(x, group)
+    if pending is not None:
+        pending.wait()
+    return out
+
+
+def _start_reduce_scatter_first(x: torch.Tensor, group):
+    """(output, handle to wait on or None): the reduce-scatter of dim 0 launched asynchronously where the
+    backend has one (NCCL), so the caller can compute meanwhile; done at once on gloo, which has none."""
     world = group_size(group)
     if x.shape[0] % world:
         raise ValueError(f"cannot reduce-scatter dim 0 of size {x.shape[0]} over {world} ranks; "
@@ -79,10 +96,9 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
     if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
         summed = x.contiguous().clone()
         dist.all_reduce(summed, group=group)  # not _all_reduce: it is counted as the reduce-scatter above
-        return _split(summed, 0, group)
+        return _split(summed, 0, group), None
     out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
+    return out, dist.reduce_scatter_tensor(out, x.contiguous(), group=group, async_op=True)
 
 
 # ------------------------------------------------------- autograd functions
@@ -100,7 +116,10 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        out = _all_reduce(x, group)
+        if out is x:
+            ctx.mark_dirty(x)  # summed in place: autograd refuses a later use of the partial sum it replaced
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -162,6 +181,28 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _all_gather(grad, 0, ctx.group), None
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """y = all_gather_0(x) W^T + b, saving x (this rank's [s/tp, ...]) rather than the gathered input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_all_gather(x, 0, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gathered = _all_gather(x, 0, ctx.group)  # again: the price of keeping 1/tp of it
+        # the input gradient's reduce-scatter runs (on NCCL) while the weight gradient is computed
+        grad_input, pending = _start_reduce_scatter_first(grad.matmul(weight), ctx.group)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(gathered.reshape(-1, gathered.shape[-1]))
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        if pending is not None:
+            pending.wait()
+        return grad_input, grad_weight, grad_bias, None
+
+
 # ------------------------------------------------------------- public entry
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """Enter a column-parallel region: identity forward, all-reduce of the gradient backward."""
@@ -200,3 +241,11 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Partial [s, ...] -> summed [s/tp, ...] forward; all-gather the gradient along dim 0 backward."""
     return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+
+
+def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+    """The column-parallel linear of [s/tp, b, in] under sequence parallelism: [s, b, out/tp], with the
+    gradient of x reduce-scattered back to [s/tp, b, in]; only x is kept for backward (see the table)."""
+    if group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _SequenceParallelLinear.apply(x, weight, bias, group)

@@ -189,7 +189,7 @@ def test_bad_paths_and_ranks_are_refused(tmp_path):
 def test_keep_last_prunes_old_but_never_latest(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, 0, _state(step), keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest", "step_00000003", "step_00000004"]
     save_checkpoint(tmp_path, 2, 0, _state(2), keep_last=1)  # an older step saved last (resumed from 2)
     assert latest_checkpoint(tmp_path).name == "step_00000002" and (tmp_path / "step_00000004").exists()
     assert not (tmp_path / "step_00000003").exists()
@@ -201,7 +201,7 @@ def test_resaving_a_step_replaces_it(tmp_path):
     save_checkpoint(tmp_path, 4, 0, _state(4))
     save_checkpoint(tmp_path, 4, 0, _state(40))
     assert load_checkpoint(tmp_path, 0)["model"]["w"][0].item() == 40.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest", "step_00000004"]  # .lock: the save held it
 
 
 def test_dangling_latest_falls_back_to_newest_complete(tmp_path):

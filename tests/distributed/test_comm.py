@@ -2,7 +2,9 @@
 
 Payload bytes (see megalite/distributed/comm.py): per layer, without
 sequence parallelism, 4 all-reduces of s*b*h fp32 values (2 forward, 2
-backward); with it, 4 all-gathers and 4 reduce-scatters of the same size.
+backward); with it, 6 all-gathers and 4 reduce-scatters of the same size (the
+two column-parallel linears gather their input again in backward, having kept
+only their [s/tp, b, h] part: tensor_parallel.mappings.sequence_parallel_linear).
 Data-parallel gradients, pipeline sends and the tied embedding are counted
 under their own group, each equal to its analytic amount in a real run.
 """
@@ -41,11 +43,13 @@ def _measure(sp: bool) -> dict:
 @pytest.mark.parametrize("sp", [False, True])
 def test_measured_tp_bytes_equal_the_analytic_amount(spawn, sp):
     sbh = S * B * H * ELEM
-    per_layer = ({"tp_all_reduce": 0, "tp_all_gather": 4 * sbh, "tp_reduce_scatter": 4 * sbh} if sp
+    per_layer = ({"tp_all_reduce": 0, "tp_all_gather": 6 * sbh, "tp_reduce_scatter": 4 * sbh} if sp
                  else {"tp_all_reduce": 4 * sbh, "tp_all_gather": 0, "tp_reduce_scatter": 0})
-    # the model adds the embedding (forward reduce) and the head (backward reduce) to L layers,
-    # and the vocab-parallel loss three [s, b] fp32 all-reduces (max, target logit, sum of exp)
-    whole = {kind: n * (4 * L + 2) // 4 for kind, n in per_layer.items()}
+    # the model adds to L layers the embedding (forward reduce; with SP a reduce-scatter and its backward
+    # gather) and the head (backward reduce; with SP a gather, its backward reduce-scatter and the gather
+    # again), and the vocab-parallel loss three [s, b] fp32 all-reduces (max, target logit, sum of exp)
+    whole = ({"tp_all_reduce": 0, "tp_all_gather": (6 * L + 3) * sbh, "tp_reduce_scatter": (4 * L + 2) * sbh} if sp
+             else {"tp_all_reduce": (4 * L + 2) * sbh, "tp_all_gather": 0, "tp_reduce_scatter": 0})
     whole["tp_all_reduce"] += 3 * S * B * 4
     for rank_bytes in spawn(_measure, 2, sp):  # workers are reused: other groups' keys may be present (zero)
         assert {k: rank_bytes["block"][k] for k in per_layer} == per_layer
@@ -53,11 +57,12 @@ def test_measured_tp_bytes_equal_the_analytic_amount(spawn, sp):
         assert all(n == 0 for k, n in rank_bytes["model"].items() if k not in per_layer)
 
 
-def test_sequence_parallel_moves_the_same_volume_on_the_wire():
+def test_sequence_parallel_moves_a_quarter_more_on_the_wire_for_its_memory():
     sbh, tp = S * B * H * ELEM, 4
     plain = 4 * wire_bytes("all_reduce", sbh, tp)
-    sp = 4 * wire_bytes("all_gather", sbh, tp) + 4 * wire_bytes("reduce_scatter", sbh, tp)
-    assert plain == sp == 6 * sbh  # 8 collectives x (n-1)/n of the payload
+    sp = 6 * wire_bytes("all_gather", sbh, tp) + 4 * wire_bytes("reduce_scatter", sbh, tp)
+    assert plain == 6 * sbh  # 4 all-reduces = 8 collectives x (n-1)/n of the payload
+    assert sp == 7.5 * sbh  # two more all-gathers (the backward re-gathers), as Megatron's SP pays
     assert wire_bytes("all_reduce", sbh, 1) == 0
 
 

@@ -115,6 +115,29 @@ def test_column_then_row_parallel_matches_unsharded(spawn, sp, gather):
         assert all(ratio <= 1 for ratio, _ in errors), [m for ratio, m in errors if ratio > 1]
 
 
+def _saved_activation_bytes(sp):
+    """Bytes a column-parallel linear keeps for backward besides its weight (x is [s/tp, b, h] under SP)."""
+    col = _mlp_pair(dist.group.WORLD, sp, False)[0]
+    x = _t(0, S // WORLD if sp else S, B, H).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.data_ptr() != col.weight.data_ptr():
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        col(x).sum().backward()
+    return sum(saved), x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_column_parallel_linear_keeps_only_its_own_input(spawn, sp):
+    """Under SP it keeps the local [s/tp, b, h] and gathers it again in backward, not the gathered [s, b, h]."""
+    for saved, local_input in spawn(_saved_activation_bytes, WORLD, sp):
+        assert saved == local_input
+
+
 def _embedding_match(sp):
     group, r = dist.group.WORLD, dist.get_rank()
     ids = torch.randint(0, V, (S, B), generator=torch.Generator().manual_seed(2))

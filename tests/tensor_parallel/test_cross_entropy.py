@@ -1,0 +1,54 @@
+"""The chunked vocabulary-parallel loss: the same numbers whatever the chunk, and no fp32 tensor bigger than one
+chunk, forward or backward (counted exactly: every tensor any op produces passes through a dispatch mode)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megalite.tensor_parallel import vocab_parallel_cross_entropy
+
+
+class LargestFloat32(TorchDispatchMode):
+    """Records the size in bytes of the largest fp32 tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def _loss_and_grad(logits, labels, chunk):
+    loss = vocab_parallel_cross_entropy(logits, labels, None, vocab_size=90, chunk_elements=chunk)
+    grad, = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, labels.shape[1])).sum(), logits)
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_chunk_gives_the_same_bits(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(33, 3, 96, dtype=dtype, requires_grad=True)  # 6 padded ids beyond vocab_size=90
+    labels = torch.randint(0, 90, (33, 3))
+    whole = _loss_and_grad(logits, labels, logits.numel())
+    for chunk in (1, 3 * 96 * 5, 10_000):  # one position per chunk, 5 positions, an uneven split
+        loss, grad = _loss_and_grad(logits, labels, chunk)
+        assert torch.equal(loss, whole[0]) and torch.equal(grad, whole[1]), chunk
+    reference = torch.nn.functional.cross_entropy(logits.float()[..., :90].reshape(-1, 90), labels.reshape(-1),
+                                                  reduction="none").reshape(33, 3)
+    # fp32 math on both sides; the two differ only in summation order: a few ulps of values near 5
+    torch.testing.assert_close(whole[0], reference, rtol=1e-6, atol=0)
+    assert torch.all(whole[1][..., 90:] == 0)  # padded ids get no gradient
+
+
+def test_no_fp32_tensor_is_bigger_than_a_chunk():
+    logits = torch.randn(64, 2, 512, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 90, (64, 2))
+    chunk = 8 * 2 * 512  # 8 positions
+    for chunk_elements, bound in ((chunk, chunk * 4), (logits.numel(), logits.numel() * 4)):
+        with LargestFloat32() as seen:
+            _loss_and_grad(logits, labels, chunk_elements)
+        assert seen.largest == bound, (chunk_elements, seen.largest)  # one chunk of fp32 logits, never more
