@@ -55,6 +55,15 @@ from megalite.optim import LRSchedule, param_groups
 from megalite.tensor_parallel import shard_metadata, sharding_of
 
 
+def _skip_shared_memory_collectives(device_type: str) -> None:
+    """On the CPU DeepSpeed would JIT-build its shared-memory collectives op (a minute or more of g++ on the first
+    run in each environment) to speed up all-reduce; megalite's process groups already run on gloo, which
+    DeepSpeed then uses. Its op table (deepspeed.ops.__compatible_ops__, one dict that keeps edits) is where
+    an op is marked unavailable."""
+    if device_type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _tell_deepspeed(model: nn.Module) -> None:
     """Each parameter's sharding record, in the attribute names DeepSpeed's norm and clipping read."""
     for p in model.parameters():
@@ -81,6 +90,7 @@ class DeepSpeedEngine(Engine):
         self.shard_meta = shard_metadata(model, groups.tp_size)  # before ZeRO-3 empties the parameters
         self.aliases = _tied_aliases(model)
         self._hooks = GradientPolicy(list(model.parameters()), groups.tp_group).sequence_parallel_hooks()
+        _skip_shared_memory_collectives(device_type)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             mpu=groups if dist.is_initialized() else None, dist_init_required=False)
