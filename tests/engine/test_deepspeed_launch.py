@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("deepspeed")
@@ -17,7 +16,7 @@ from tests.training_helpers import step_metrics as losses  # noqa: E402
 from tests.training_helpers import tiny_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KILL_STEPS = 40  # enough steps left after the 4th that the kill lands mid-run even on a loaded machine
+KILL_STEPS = 8  # the crash is planted at step 4 (a fault that holds rank 0 there), so a short run suffices
 
 
 def _env(**extra) -> dict:
@@ -25,40 +24,58 @@ def _env(**extra) -> dict:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
-def _torchrun(prefix, run_dir, extra) -> subprocess.Popen:
-    """2 ranks under torchrun, in a session of their own so that one killpg takes the launcher and both ranks."""
+def _torchrun(prefix, run_dir, extra, env=None) -> subprocess.Popen:
+    """2 ranks under torchrun (which starts each rank in a session of its own: see `_crash`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "megalite", "train", "tiny",
            *tiny_overrides(prefix, run_dir, steps=KILL_STEPS, **{"train.device": "cpu", **extra})]
-    return subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(cmd, env=_env(**(env or {})), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout=240) -> None:
+def _crash(launcher: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once, as a node crash does. torchrun starts each rank in a
+    session of its own, so killing the launcher's process group would leave the ranks running (still
+    writing to the run directory, whose lock then refuses the resumed run): each process is killed."""
+    import psutil
+
+    procs = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    launcher.wait()
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, timeout=240) -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= n:
-            return
+    while not path.exists():
         if proc.poll() is not None:
             raise AssertionError(f"training ended early:\n{proc.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            _crash(proc)
+            raise AssertionError("training made no progress")
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("training made no progress")
+
+
+# where the node crashes: ZeRO-1 inside step 4's save (the step directory published, `latest` not yet moved),
+# ZeRO-3 in the middle of step 5 (rank 1 inside its forward, rank 0 held before it)
+CRASH_AT = {1: ("rank=0,step=4,phase=renamed,mode=hang", "step_00000004"),
+            3: ("rank=0,step=5,mode=hang", "step_00000004")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_after_kill_9_is_exact(stage, counting_data, tmp_path, spawn):
-    """SIGKILL the launcher and both ranks at once mid-run (a node crash), resume with train.resume=auto:
-    every step's loss equals the uninterrupted run's exactly."""
+    """SIGKILL the launcher and both ranks at once (a node crash) at a planted point, resume with
+    train.resume=auto: every step's loss equals the uninterrupted run's exactly."""
     extra = zero(stage, **{"checkpoint.interval": 1, "train.resume": "auto"})
     straight = spawn(_train, 2, counting_data, str(tmp_path / "straight"), extra, steps=KILL_STEPS)[0]
     run_dir = tmp_path / "killed"
-    killed = _torchrun(counting_data, run_dir, extra)
-    _wait_for_steps(run_dir, 4, killed)
-    time.sleep(np.random.default_rng().uniform(0, 0.3))  # somewhere inside a step or a save
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    fault, reached = CRASH_AT[stage]
+    killed = _torchrun(counting_data, run_dir, extra, env={"MEGALITE_FAULT_INJECT": fault})
+    _wait_for_file(run_dir / "checkpoints" / reached / "manifest.json", killed)
+    time.sleep(1.0)  # let rank 0 reach the planted hang (a kill before it is a crash all the same)
+    _crash(killed)
     assert len(losses(run_dir)) < KILL_STEPS, "the run finished before the kill; nothing was tested"
     resumed = _torchrun(counting_data, run_dir, extra)
     out = resumed.communicate(timeout=300)[0]
