@@ -116,6 +116,9 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
+        if x.requires_grad and (x.is_leaf or x._base is not None):
+            # a leaf or a view cannot be summed in place under autograd (never so in the model)
+            return _all_reduce(x.clone(), group)
         out = _all_reduce(x, group)
         if out is x:
             ctx.mark_dirty(x)  # summed in place: autograd refuses a later use of the partial sum it replaced

@@ -57,23 +57,18 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, timeout=240) -> None:
         time.sleep(0.05)
 
 
-# where the node crashes: ZeRO-1 inside step 4's save (the step directory published, `latest` not yet moved),
-# ZeRO-3 in the middle of step 5 (rank 1 inside its forward, rank 0 held before it)
-CRASH_AT = {1: ("rank=0,step=4,phase=renamed,mode=hang", "step_00000004"),
-            3: ("rank=0,step=5,mode=hang", "step_00000004")}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_resume_after_kill_9_is_exact(stage, counting_data, tmp_path, spawn):
-    """SIGKILL the launcher and both ranks at once (a node crash) at a planted point, resume with
-    train.resume=auto: every step's loss equals the uninterrupted run's exactly."""
-    extra = zero(stage, **{"checkpoint.interval": 1, "train.resume": "auto"})
+def test_resume_after_kill_9_is_exact(counting_data, tmp_path, spawn):
+    """SIGKILL the launcher and both ranks at once (a node crash) inside step 4's save (its step directory
+    published, `latest` not yet moved), resume with train.resume=auto: every step's loss equals the
+    uninterrupted run's exactly. ZeRO-3, whose state is sliced over the ranks; the other stages' resume
+    is test_deepspeed.py::test_resume_is_exact, and kills at every save phase are tests/faults'."""
+    extra = zero(3, **{"checkpoint.interval": 1, "train.resume": "auto"})
     straight = spawn(_train, 2, counting_data, str(tmp_path / "straight"), extra, steps=KILL_STEPS)[0]
     run_dir = tmp_path / "killed"
-    fault, reached = CRASH_AT[stage]
-    killed = _torchrun(counting_data, run_dir, extra, env={"MEGALITE_FAULT_INJECT": fault})
-    _wait_for_file(run_dir / "checkpoints" / reached / "manifest.json", killed)
+    killed = _torchrun(counting_data, run_dir, extra,
+                       env={"MEGALITE_FAULT_INJECT": "rank=0,step=4,phase=renamed,mode=hang"})
+    _wait_for_file(run_dir / "checkpoints" / "step_00000004" / "manifest.json", killed)
     time.sleep(1.0)  # let rank 0 reach the planted hang (a kill before it is a crash all the same)
     _crash(killed)
     assert len(losses(run_dir)) < KILL_STEPS, "the run finished before the kill; nothing was tested"
