@@ -24,8 +24,6 @@ import torch.distributed as dist
 from megalite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megalite.checkpoint.resume import (
     check_before_resume,
-    check_resumable,
-    check_world_size,
     data_order,
     resume_point,
 )
@@ -174,6 +172,7 @@ class Trainer:
         g = groups
         self.layout = Layout(g.tp_size, g.pp_size, g.topology.world_size, g.topology.virtual_stages,
                              g.topology.order, cfg.parallel.partition)
+        self._checked_resume: Path | None = None
         self.check_resume()
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -325,23 +324,24 @@ class Trainer:
                                extra_files={"config.yaml": to_yaml(self.cfg)}, on_phase=self._save_phase)
         self.log(f"step {self.step}: checkpoint saved to {path}")
 
-    def check_resume(self) -> None:
-        """The checkpoint train.resume names passes every check short of loading it (before anything is written)."""
+    def check_resume(self) -> Path | None:
+        """The checkpoint train.resume names, having passed every check short of loading it; None to start
+        afresh. Runs before anything is written, and again only if the answer changed by the time fit starts."""
         path = resume_point(self.ckpt_dir, self.cfg.train.resume)
-        if path is not None:
+        if path is not None and path != self._checked_resume:
             check_before_resume(path, self.rank, self.layout, data_order(self.cfg))
+        self._checked_resume = path
+        return path
 
     def _save_phase(self, phase: str) -> None:
         for hook in self.save_hooks:
             hook(self.step, phase)
 
     def maybe_resume(self) -> None:
-        path = resume_point(self.ckpt_dir, self.cfg.train.resume)
+        path = self.check_resume()  # world size, files, layout and data order: checked, not again
         if path is None:
             return
-        check_world_size(path, self.layout)  # before this rank opens a file of another layout
-        state = RankState.from_dict(load_checkpoint(path, self.rank), path)
-        check_resumable(path, state, self.layout, data_order(self.cfg))
+        state = RankState.from_dict(load_checkpoint(path, self.rank, verified=True), path)
         self.model.load_state_dict(state.model)
         self.engine.load_state_dict(state.engine)
         set_rng_state(state.rng)

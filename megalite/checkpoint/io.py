@@ -403,14 +403,15 @@ def read_manifest(path_or_root) -> dict:
     return read_json(step_directory(path_or_root) / MANIFEST, "the checkpoint manifest")
 
 
-def load_checkpoint(path_or_root, rank: int = 0) -> dict:
+def load_checkpoint(path_or_root, rank: int = 0, verified: bool = False) -> dict:
     """This rank's state from a step directory, or from a root (following `latest`).
 
-    Verifies the manifest first; every failure is a CheckpointError naming the file.
+    Verifies the manifest first (sizes, and this rank's sha256), unless the caller just did
+    (`verified`: checkpoint.resume.check_before_resume); every failure is a CheckpointError naming the file.
     """
     d = step_directory(path_or_root)
-    manifest = read_json(d / MANIFEST, "the checkpoint manifest")
-    verify(d, manifest, rank)
+    if not verified:
+        verify(d, read_json(d / MANIFEST, "the checkpoint manifest"), rank)
     st_name, js_name = rank_files(rank)
     try:
         tensors = load_file(d / st_name, device="cpu")
