@@ -47,6 +47,8 @@ from megalite.preflight import preflight
 from megalite.rng import rng_state, seed_everything, set_rng_state
 from megalite.topology import ProcessGroups, Topology
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision ->
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -180,12 +182,13 @@ class Trainer:
         p = cfg.parallel
         self.model = build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, g.tp_group,
                                        p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
-                                       p.partition).to(self.device)
+                                       p.partition, cfg.train.recompute_num_layers).to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)
         self.runner = PipelineRunner(self.model, groups, self.engine, self.accum, cfg.data.seq_len,
-                                     cfg.train.micro_batch_size, p.schedule, self.device, self._autocast)
+                                     cfg.train.micro_batch_size, p.schedule, self.device, self._autocast,
+                                     self.compute_dtype)
         self.datasets = build_datasets(cfg.data, samples_per_split(cfg))
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
@@ -259,11 +262,14 @@ class Trainer:
         return {**last, **final}
 
     def _autocast(self):
-        precision = self.cfg.train.precision
-        if precision == "fp32":
+        if self.compute_dtype == torch.float32:
             return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations and of everything between blocks (pipeline sends included)."""
+        return COMPUTE_DTYPES[self.cfg.train.precision]
 
     def train_step(self, train_iter) -> dict:
         start = time.perf_counter()

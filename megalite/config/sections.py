@@ -19,6 +19,7 @@ Partition = Literal["uniform", "balanced"]
 TokenCheck = Literal["sample", "all", "off"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant"]
+Recompute = Literal["none", "selective", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cuda", "cpu"]
 Backend = Literal["native", "deepspeed"]
@@ -172,8 +173,13 @@ class TrainConfig:
     """'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling)."""
     seed: int = 1234
     """Seed for weights, dropout and everything random except the data order."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them."""
+    activation_checkpointing: Recompute = "none"
+    """What transformer blocks recompute in backward instead of storing (Megatron's
+    --recompute-granularity): 'none'; 'selective' (the attention core and SwiGLU's activation:
+    cheap to redo, large to keep; the matmul inputs stay); 'full' (keep only each block's input)."""
+    recompute_num_layers: int = 0
+    """With 'full': recompute only the first this many transformer blocks of each pipeline chunk
+    (Megatron's --recompute-method block --recompute-num-layers); 0 recomputes all of them."""
     eval_interval: int = 50
     """Evaluate every this many steps (and at the end); 0 disables."""
     eval_steps: int = 5

@@ -117,6 +117,12 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         err(f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
             "parallel.sequence_parallel=True (each tp rank holds an equal slice of the sequence)")
+    if t.recompute_num_layers < 0 or t.recompute_num_layers > cfg.model.num_layers:
+        err(f"train.recompute_num_layers={t.recompute_num_layers} must be in 0..model.num_layers="
+            f"{cfg.model.num_layers} (0: every layer)")
+    if t.recompute_num_layers and t.activation_checkpointing != "full":
+        err(f"train.recompute_num_layers={t.recompute_num_layers} needs train.activation_checkpointing='full' "
+            f"(got {t.activation_checkpointing!r}); set it to 0 or choose 'full'")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         err(f"data.seq_len={cfg.data.seq_len} must be <= model.max_seq_len={cfg.model.max_seq_len}")
     if o.warmup_steps > t.steps:

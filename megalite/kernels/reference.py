@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2, last dim) + eps) * weight, in fp32, returned in x's dtype."""
+    """x / sqrt(mean(x^2, last dim) + eps) * weight, in fp32, returned in x's dtype.
+
+    A 16-bit x goes through `_LowPrecisionRMSNorm`, which keeps x itself and the fp32 1/rms for
+    backward (2 + 4/h bytes per element) instead of autograd's two fp32 copies (8 bytes); fp32 x
+    keeps plain autograd, whose graph saves x itself and is bitwise what it always was.
+    """
+    if x.dtype != torch.float32:
+        return _LowPrecisionRMSNorm.apply(x, weight, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
@@ -19,11 +26,59 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.to(x.dtype)
 
 
+class _LowPrecisionRMSNorm(torch.autograd.Function):
+    """RMSNorm of a 16-bit x with fp32 math, saving x (16-bit) and 1/rms (fp32) only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+        y = xf * rstd
+        if weight is not None:
+            y = y * weight.float()
+        ctx.save_for_backward(x, rstd, weight)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.float() * rstd  # recomputed: cheaper to redo than to keep in fp32
+        g = dy.float() if weight is None else dy.float() * weight.float()
+        dx = rstd * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+        dw = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (dy.float() * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        return dx.to(x.dtype), dw, None
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim in fp32, returned in x's dtype."""
+    """LayerNorm over the last dim in fp32, returned in x's dtype (16-bit x: see `_LowPrecisionLayerNorm`)."""
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
+    if x.dtype != torch.float32:
+        return _LowPrecisionLayerNorm.apply(x, w, b, eps)
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+class _LowPrecisionLayerNorm(torch.autograd.Function):
+    """LayerNorm of a 16-bit x with fp32 math, saving x (16-bit), mean and 1/std (fp32) only;
+    backward is ATen's own LayerNorm backward on x upcast again."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        shape = (x.shape[-1],)
+        y, mean, rstd = torch.native_layer_norm(x.float(), shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dy.float(), x.float(), (x.shape[-1],), mean, rstd,
+                                                               weight, bias, mask)
+        return (None if dx is None else dx.to(x.dtype)), dw, db, None
 
 
 def rope_cos_sin(seq_len: int, rot_dim: int, theta: float = 10000.0,

@@ -46,10 +46,23 @@ from megalite.tensor_parallel import (
     init_shard_,
     mark,
     normal_init,
+    compute_dtype,
     scatter_to_sequence_parallel_region,
     sequence_parallel_linear,
 )
 from megalite.tensor_parallel.random import TPRngTracker
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_mode(value: str | bool | None) -> str:
+    """train.activation_checkpointing as one of RECOMPUTE_MODES (True/False, the old switch: 'full'/'none')."""
+    if value is True or value is False or value is None:
+        return "full" if value else "none"
+    if value not in RECOMPUTE_MODES:
+        raise ValueError(f"activation_checkpointing={value!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -58,14 +71,18 @@ class BlockSettings:
 
     tp_group: the tensor-parallel group (None: one process). sequence_parallel: activations
     between blocks are [s/tp, b, h] chunks (only meaningful with tp > 1). activation_checkpointing:
-    transformer blocks recompute their activations in backward. rng_tracker: the per-tp-rank dropout
-    stream (needed with dropout under tp; Transformer makes one).
+    what transformer blocks recompute in backward instead of keeping (see TransformerBlock;
+    True/False mean 'full'/'none'). rng_tracker: the per-tp-rank dropout stream (needed with dropout
+    under tp; Transformer makes one).
     """
 
     tp_group: object = None
     sequence_parallel: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = "none"
     rng_tracker: TPRngTracker | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
 
     @property
     def tp(self) -> int:
@@ -75,6 +92,12 @@ class BlockSettings:
 def _sharded_rng(tracker: TPRngTracker | None):
     """Context for dropout on activations that differ per tp rank: the tracker's stream, if any."""
     return tracker.fork() if tracker is not None else nullcontext()
+
+
+def _replay_tracker(tracker: TPRngTracker | None) -> dict:
+    """checkpoint() kwargs that replay the tracker like the default generators, so recomputed dropout
+    draws the same masks."""
+    return {} if tracker is None else {"context_fn": tracker.checkpoint_context}
 
 
 def _need_tracker(cfg: ModelConfig, par: BlockSettings) -> None:
@@ -119,6 +142,7 @@ class Embedding(nn.Module):
             if self.sequence_parallel:  # this rank's rows; backward all-gathers, so the grad is complete
                 pos = scatter_to_sequence_parallel_region(pos, self.tp_group)  # -> [s/tp, 1, h]
             x = x + pos
+        x = x.to(compute_dtype(x))  # the residual stream is in the compute dtype (autocast: 16-bit)
         if not (self.training and self.dropout.p):
             return x
         with _sharded_rng(self.rng_tracker if self.sequence_parallel else None):  # SP: own sequence chunk
@@ -173,6 +197,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.q_per_kv, self.kv_local = cfg.num_heads // n_kv, n_kv // tp
         self.dropout = cfg.dropout
+        self.recompute_core = par.activation_checkpointing == "selective"
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual-branch outputs add up over 2L branches
         self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * n_kv) * self.head_dim, tp_group,
                                         bias=cfg.bias, sequence_parallel=sequence_parallel,
@@ -196,7 +221,8 @@ class Attention(nn.Module):
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
         q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, -1, self.head_dim)  # -> [s, b, hq/tp, d]
-        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]  # [s, b, hkv/tp, d] each
+        # own copies: a view would keep the whole qkv output alive for attention's backward
+        k, v = (qkv[:, :, :, self.q_per_kv + i].contiguous() for i in (0, 1))  # [s, b, hkv/tp, d] each
         if kv_cache is not None:
             if documents is not None:
                 raise ValueError("document masking is for training on packed samples; "
@@ -206,9 +232,17 @@ class Attention(nn.Module):
             q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
             k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
         dropout_p = self.dropout if self.training else 0.0
-        with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
-            out = attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents)  # [s, b, hq/tp * d]
+        if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the probabilities
+            out = checkpoint(self._core, q, k, v, dropout_p, documents, use_reentrant=False,
+                             **_replay_tracker(self.rng_tracker))
+        else:
+            out = self._core(q, k, v, dropout_p, documents)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
+
+    def _core(self, q, k, v, dropout_p: float, documents: DocumentMask | None) -> torch.Tensor:
+        """The attention kernel on this rank's heads -> [s, b, hq/tp * d]."""
+        with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
+            return attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents)
 
     def _cached_attention(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
@@ -221,18 +255,73 @@ class Attention(nn.Module):
         return attention(q, k, v, causal=True)  # [s, b, hq/tp * d]
 
 
+def _gate_up(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's interleaved output [.., 2f] -> (gate, up) views [.., f] each."""
+    pairs = y.unflatten(-1, (-1, 2))  # [.., f, 2]
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _swiglu_grad(d_act: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gradient of silu(gate) * up for d_act [.., f] -> [.., 2f] interleaved like fc1's output; the
+    same ops autograd would run (mul's, then silu's backward), so the same bits."""
+    d_gate = torch.ops.aten.silu_backward(d_act * up, gate)
+    return torch.stack((d_gate, d_act * F.silu(gate)), dim=-1).flatten(-2)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only fc1's output y for backward (autograd would also keep
+    silu(gate), [.., f]): silu is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        gate, up = _gate_up(y)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, d_act):
+        gate, up = _gate_up(ctx.saved_tensors[0])
+        return _swiglu_grad(d_act, gate, up)
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    """This rank's fc2 partial product swiglu(y) W^T, keeping y and W only (selective recompute):
+    the activation [.., f] fc2's backward needs is recomputed from y. The product runs in y's dtype
+    (under autocast, fc1's 16-bit output), as F.linear under autocast would."""
+
+    @staticmethod
+    def forward(ctx, y, weight):
+        w = weight.to(y.dtype)  # the 16-bit copy autocast would have made; what backward keeps
+        ctx.save_for_backward(y, w)
+        ctx.weight_dtype = weight.dtype
+        gate, up = _gate_up(y)
+        with torch.autocast(y.device.type, enabled=False):
+            return F.linear(F.silu(gate) * up, w)  # [.., h]
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y, w = ctx.saved_tensors
+        gate, up = _gate_up(y)
+        act = F.silu(gate) * up  # [.., f], recomputed
+        d_out = d_out.to(y.dtype)
+        d_w = d_out.reshape(-1, d_out.shape[-1]).t().matmul(act.reshape(-1, act.shape[-1]))  # [h, f]
+        return _swiglu_grad(d_out.matmul(w), gate, up), d_w.to(ctx.weight_dtype)
+
+
 class MLP(nn.Module):
     """SwiGLU or GELU MLP: column-parallel up projection, row-parallel down projection.
 
     SwiGLU fuses gate and up into one weight whose rows alternate
     (gate_0, up_0, gate_1, up_1, ...), so any contiguous tp shard holds
-    matching gate/up pairs and the full matrix does not depend on tp.
+    matching gate/up pairs and the full matrix does not depend on tp. Backward keeps fc1's output
+    and fc2's input; under selective recompute SwiGLU's activation (fc2's input) is recomputed.
     """
 
     def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
         tp_group, sequence_parallel, ffn = par.tp_group, par.sequence_parallel, resolved_ffn_hidden_size(cfg)
         self.swiglu = cfg.activation == "swiglu"
+        self.recompute_act = self.swiglu and par.activation_checkpointing == "selective"
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, tp_group, bias=cfg.bias,
                                         sequence_parallel=sequence_parallel,
@@ -243,9 +332,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc1(x)  # [s, b, 2f/tp] (swiglu) or [s, b, f/tp]
+        if self.recompute_act and torch.is_grad_enabled():
+            return self.fc2.reduce(_SwiGLULinear.apply(y, self.fc2.weight))  # [s, b, h] (SP: [s/tp, b, h])
         if self.swiglu:
-            y = y.unflatten(-1, (-1, 2))  # -> [s, b, f/tp, 2]: (gate, up) pairs
-            y = F.silu(y[..., 0]) * y[..., 1]  # -> [s, b, f/tp]
+            y = _SwiGLU.apply(y)  # [s, b, 2f/tp] (gate, up) pairs -> [s, b, f/tp]
         else:
             y = F.gelu(y, approximate="tanh")
         return self.fc2(y)  # [s, b, h] (SP: [s/tp, b, h])
@@ -254,14 +344,17 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block [s, b, h] -> [s, b, h]: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    With activation_checkpointing the block keeps only its input in forward
-    and recomputes the rest in backward (non-reentrant checkpoint, RNG state
-    replayed so dropout masks match).
+    What backward keeps, by BlockSettings.activation_checkpointing (bytes per s*b*h in
+    megalite.memory.model): 'none' every matmul input, q/k/v and the attention output, fc1's
+    output, norms' inputs; 'selective' the same less the attention core's internals (the
+    probabilities on the math path) and SwiGLU's activation, recomputed in backward from what is
+    kept; 'full' only the block input (non-reentrant checkpoint, RNG state replayed so dropout
+    masks match).
     """
 
     def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
         super().__init__()
-        self.activation_checkpointing = par.activation_checkpointing
+        self.recompute_all = par.activation_checkpointing == "full"
         self.rng_tracker = par.rng_tracker
         # residual dropout: the same mask on every tp rank, unless each rank holds its own sequence chunk
         self.residual_rng = par.rng_tracker if par.sequence_parallel else None
@@ -288,10 +381,9 @@ class TransformerBlock(nn.Module):
         attention at document boundaries of packed samples (see Attention.forward)."""
         if kv_cache is not None:
             return self._forward(x, kv_cache, documents)
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            # the tracker is replayed like the default generators, so recomputed masks match
-            kwargs = {} if self.rng_tracker is None else {"context_fn": self.rng_tracker.checkpoint_context}
-            return checkpoint(self._forward, x, None, documents, use_reentrant=False, **kwargs)
+        if self.recompute_all and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, None, documents, use_reentrant=False,
+                              **_replay_tracker(self.rng_tracker))
         return self._forward(x, None, documents)
 
 

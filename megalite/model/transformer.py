@@ -13,6 +13,8 @@ tensor-parallel size, the pipeline layout or the partition.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -49,6 +51,15 @@ def check_model(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 
 
+def _recompute_first(par: BlockSettings, num_layers: int, position: int) -> BlockSettings:
+    """The settings of the transformer block at `position` (0-based) in its chunk: under 'full'
+    recompute with `num_layers` > 0 only the chunk's first num_layers blocks recompute (Megatron's
+    block method: the rest keep their activations, trading memory for less recompute)."""
+    if par.activation_checkpointing == "full" and 0 < num_layers <= position:
+        return replace(par, activation_checkpointing="none")
+    return par
+
+
 class Blocks(nn.ModuleDict):
     """The blocks a model holds, keyed by global index ('0' .. str(L+1)); blocks[i] takes an int too,
     negative ones counting from the end of the whole model (blocks[-1] is the head)."""
@@ -73,7 +84,8 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
-                 activation_checkpointing: bool = False, seed: int = 1234, chunks: list[range] | None = None):
+                 activation_checkpointing: str | bool = "none", seed: int = 1234, chunks: list[range] | None = None,
+                 recompute_num_layers: int = 0):
         super().__init__()
         tp = group_size(tp_group)
         check_model(cfg, tp)
@@ -85,8 +97,11 @@ class Transformer(nn.Module):
         self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
         par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker)
         self.blocks = Blocks(last + 1)
-        for i in (i for r in self.chunks for i in r):
-            self.blocks[str(i)] = build_block(cfg, i, par, tied=self._tied_table(par, seed) if i == last else None)
+        for chunk in self.chunks:
+            for i in chunk:
+                block_par = _recompute_first(par, recompute_num_layers, i - max(chunk.start, 1))
+                self.blocks[str(i)] = build_block(cfg, i, block_par,
+                                                  tied=self._tied_table(par, seed) if i == last else None)
         init_model_weights(self, seed)  # keys are global ids: names, hence weights, match the whole model
 
     def _tied_table(self, par: BlockSettings, seed: int):

@@ -29,24 +29,26 @@ class PipelineRunner:
     """Runs training and evaluation batches of `micro_batches` micro-batches through the schedule.
 
     `groups` is the ProcessGroups object; `engine` provides `backward(loss)` (loss scaling);
-    `context` wraps every forward (autocast); `seq_len`, `micro_batch` size the boundary tensors
-    [s (/tp under SP), b, h] a pipeline sends. A batch dict holds "tokens" [b, s + 1] and, for
+    `context` wraps every forward (autocast); `seq_len`, `micro_batch` and `dtype` (the compute
+    dtype: 16-bit under autocast) describe the boundary tensors [s (/tp under SP), b, h] a pipeline
+    sends and receives, activations forward and their gradients backward. A batch dict holds "tokens" [b, s + 1] and, for
     packed samples with data.reset_attention_mask, "doc_ids" [b, s] of the inputs, which every
     stage reads from the batch itself rather than receiving them over p2p.
     """
 
     def __init__(self, model: Transformer, groups, engine, micro_batches: int, seq_len: int, micro_batch: int,
-                 schedule: str = "1f1b", device: torch.device | str = "cpu", context=nullcontext):
+                 schedule: str = "1f1b", device: torch.device | str = "cpu", context=nullcontext,
+                 dtype: torch.dtype = torch.float32):
         topo, self.groups, self.model, self.engine = groups.topology, groups, model, engine
         self.pp, self.stage, self.v, self.m = groups.pp_size, groups.pp_rank, topo.virtual_stages, micro_batches
         self.kind, self.device, self.context = schedule_kind(schedule, self.v), torch.device(device), context
         # fail now, not at the first step: the schedule checks (pp, m, v) and names the fix
         self.train_steps = schedule_steps(self.kind, self.pp, self.stage, self.m, self.v)
         self.eval_steps = schedule_steps(self.kind, self.pp, self.stage, self.m, self.v, forward_only=True)
-        self.p2p = None if self.pp == 1 else self._p2p(seq_len, micro_batch)
+        self.p2p = None if self.pp == 1 else self._p2p(seq_len, micro_batch, dtype)
         self.last_peak_stashed = 0
 
-    def _p2p(self, seq_len: int, micro_batch: int) -> P2P:
+    def _p2p(self, seq_len: int, micro_batch: int, dtype: torch.dtype) -> P2P:
         groups, topo, tp = self.groups, self.groups.topology, self.groups.tp_size
         if self.model.sequence_parallel and seq_len % tp:
             raise ValueError(f"data.seq_len={seq_len} must be divisible by tp={tp} under sequence parallelism")
@@ -54,7 +56,7 @@ class PipelineRunner:
         c = groups.coords
         self.last_rank = topo.rank(tp=c.tp, pp=self.pp - 1, dp=c.dp)
         p2p = P2P(groups.prev_rank, groups.next_rank, (s, micro_batch, self.model.cfg.hidden_size),
-                  torch.float32, self.device, self.pp, groups.pp_group)
+                  dtype, self.device, self.pp, groups.pp_group)
         # batched p2p must not be the first call on a NCCL group unless every rank joins it: one
         # collective over the pipeline group first sets its communicator up on all of them
         dist.all_reduce(torch.zeros(1, device=self.device), group=groups.pp_group)

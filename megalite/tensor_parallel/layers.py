@@ -141,12 +141,19 @@ class RowParallelLinear(_ParallelBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)  # [..., in] -> [..., in/tp]
-        partial = F.linear(x, self.weight)  # [s, b, out], summed over ranks below
+        return self.reduce(F.linear(x, self.weight))  # [s, b, out], summed over ranks in reduce
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product [s, b, out] -> the summed output (SP: [s/tp, b, out]) plus bias.
+
+        Public so a caller that computes the product itself (the MLP fusing SwiGLU into it) shares
+        the reduction; the bias is added in the activations' dtype (a 16-bit stream stays 16-bit).
+        """
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(partial, self.tp_group)  # -> [s/tp, b, out]
         else:
             y = reduce_from_tp_region(partial, self.tp_group)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} (this rank: in {self.in_local}, "

@@ -185,17 +185,26 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 
 class _SequenceParallelLinear(torch.autograd.Function):
-    """y = all_gather_0(x) W^T + b, saving x (this rank's [s/tp, ...]) rather than the gathered input."""
+    """y = all_gather_0(x) W^T + b, saving x (this rank's [s/tp, ...]) rather than the gathered input.
+
+    Under autocast the product runs in the autocast dtype, as F.linear's would: the weight is cast
+    here (that copy is what backward keeps) and its gradient handed back in the weight's own dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
-        ctx.group, ctx.has_bias = group, bias is not None
+        dtype = compute_dtype(x)
+        ctx.group, ctx.has_bias, ctx.dtypes = group, bias is not None, (x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
-        return F.linear(_all_gather(x, 0, group), weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(_all_gather(x, 0, group), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         gathered = _all_gather(x, 0, ctx.group)  # again: the price of keeping 1/tp of it
         # the input gradient's reduce-scatter runs (on NCCL) while the weight gradient is computed
         grad_input, pending = _start_reduce_scatter_first(grad.matmul(weight), ctx.group)
@@ -203,7 +212,15 @@ class _SequenceParallelLinear(torch.autograd.Function):
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         if pending is not None:
             pending.wait()
-        return grad_input, grad_weight, grad_bias, None
+        x_dtype, w_dtype = ctx.dtypes
+        grad_bias = None if grad_bias is None else grad_bias.to(w_dtype)
+        return grad_input.to(x_dtype), grad_weight.to(w_dtype), grad_bias, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations on x's device are computed in: autocast's when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 # ------------------------------------------------------------- public entry
