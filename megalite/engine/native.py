@@ -9,8 +9,12 @@ separate master copy, no dtype bookkeeping in the optimizer, and keeps
 bf16 and fp16 on one code path; fp16 adds dynamic loss scaling to keep small
 gradients above fp16's underflow threshold.
 
-Gradients are reduced once per global batch (in `step`), never per
-micro-batch, so accumulation costs no communication.
+Gradients are reduced once per global batch, never per micro-batch, so
+accumulation costs no communication. With dp > 1 the reduction overlaps
+backward by default (gradients.OverlappedAllReduce: a bucket's all_reduce
+starts in the last micro-batch's backward as soon as its gradients are
+complete, and `step` waits for it); `overlap=False` keeps the blocking
+reduction inside `step` (the benchmark's baseline, tools/bench_overlap.py).
 
 Tensor and pipeline parallelism follow the one gradient policy
 (megalite.engine.gradients): sequence-parallel partial gradients are summed over
@@ -26,9 +30,21 @@ from torch import nn
 
 from megalite.config import OptimConfig, TrainConfig
 from megalite.engine.base import Engine, StepResult
-from megalite.engine.gradients import DEFAULT_BUCKET_ELEMS, GradientPolicy, allreduce_mean, clip_to_norm
+from megalite.engine.gradients import (
+    DEFAULT_BUCKET_ELEMS,
+    GradientPolicy,
+    OverlappedAllReduce,
+    allreduce_mean,
+    clip_to_norm,
+)
 from megalite.engine.loss_scaler import build_scaler
 from megalite.optim import LRSchedule, build_optimizer
+from megalite.tensor_parallel import group_size
+
+
+def accumulation_steps(train_cfg: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each dp rank, as the trainer computes them (at least 1)."""
+    return max(1, train_cfg.global_batch_size // (train_cfg.micro_batch_size * dp_size))
 
 
 class NativeEngine(Engine):
@@ -40,11 +56,16 @@ class NativeEngine(Engine):
     `tp_group`: the tensor-parallel group, over which gradients of
     parameters marked `sequence_parallel` are summed and replicated
     parameters are counted once in the grad norm (None: no tensor parallelism).
+    `overlap`: with dp > 1, all-reduce buckets during the last micro-batch's backward (False: blocking,
+    in `step`). `micro_batches`: backward calls per optimizer step that every parameter receives
+    (None: train.global_batch_size / (micro_batch_size x dp), what the trainer runs); the overlapped
+    reduction launches a bucket at its parameters' last one.
     """
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, total_steps: int,
                  dp_group=None, model_parallel_group=None, device_type: str = "cpu",
-                 bucket_elems: int = DEFAULT_BUCKET_ELEMS, tp_group=None):
+                 bucket_elems: int = DEFAULT_BUCKET_ELEMS, tp_group=None, overlap: bool = True,
+                 micro_batches: int | None = None):
         low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
         if low:
             raise ValueError(f"NativeEngine keeps fp32 master weights in the model, but {low[:3]} are "
@@ -63,6 +84,16 @@ class NativeEngine(Engine):
         self.bucket_elems = bucket_elems
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.gradients = GradientPolicy(self.params, tp_group, model_parallel_group)
+        self.micro_batches = micro_batches or accumulation_steps(train_cfg, group_size(dp_group))
+        self.reducer = self._overlapped_reducer(model) if overlap and group_size(dp_group) > 1 else None
+
+    def _overlapped_reducer(self, model: nn.Module) -> OverlappedAllReduce:
+        """Hooks on this engine's parameters; the tied table waits for the pipeline's first+last-stage sum."""
+        mine = {id(p) for p in self.params}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in mine]  # registration order
+        tied = getattr(model, "tied_weight", None)
+        return OverlappedAllReduce(named, self.dp_group, self.micro_batches, self.bucket_elems,
+                                   deferred=() if tied is None else (tied,))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scale (fp16) and backpropagate one micro-batch loss; gradients accumulate."""
@@ -76,9 +107,13 @@ class NativeEngine(Engine):
 
         Every dp rank must hold gradients for the same parameters (true for
         replicas running the same model); a parameter without a gradient is
-        left out of the reduction.
+        left out of the reduction. Overlapped: waits for the buckets backward launched and reduces
+        the rest. Either way the sequence-parallel partial gradients are then summed over tp.
         """
-        allreduce_mean(self._grads(), self.dp_group, self.bucket_elems)
+        if self.reducer is None:
+            allreduce_mean(self._grads(), self.dp_group, self.bucket_elems)
+        else:
+            self.reducer.finish()
         self.gradients.sum_sequence_parallel(self.bucket_elems)
 
     def clip_gradients(self) -> float:
@@ -106,7 +141,10 @@ class NativeEngine(Engine):
         return StepResult(grad_norm=norm, skipped=False, lr=lr, loss_scale=scale)
 
     def zero_grad(self) -> None:
-        """Drop gradients (set to None, so the next backward allocates instead of adding)."""
+        """Drop gradients (set to None, so the next backward allocates instead of adding) and the
+        overlapped reduction's count of this global batch."""
+        if self.reducer is not None:
+            self.reducer.reset()
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:

@@ -41,17 +41,16 @@ from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    compute_dtype,
     copy_to_tp_region,
     group_size,
     init_shard_,
     mark,
     normal_init,
-    compute_dtype,
     scatter_to_sequence_parallel_region,
     sequence_parallel_linear,
 )
 from megalite.tensor_parallel.random import TPRngTracker
-
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 

@@ -26,7 +26,8 @@ __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "copy_to_tp_region", "reduce_from_tp_region", "scatter_to_tp_region", "gather_from_tp_region",
     "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
-    "reduce_scatter_to_sequence_parallel_region", "sequence_parallel_linear", "compute_dtype", "group_size", "group_rank",
+    "reduce_scatter_to_sequence_parallel_region", "sequence_parallel_linear", "compute_dtype",
+    "group_size", "group_rank",
     "full_weight", "init_model_weights", "init_shard_", "normal_init", "param_seed",
     "REPLICATED", "Sharding", "in_grad_norm", "mark", "shard_metadata", "sharding_of",
 ]
