@@ -32,8 +32,8 @@ class PipelineRunner:
     `context` wraps every forward (autocast); `seq_len`, `micro_batch` and `dtype` (the compute
     dtype: 16-bit under autocast) describe the boundary tensors [s (/tp under SP), b, h] a
     pipeline sends and receives, activations forward and their gradients backward. A batch dict
-    holds "tokens" [b, s + 1] and, for packed samples with data.reset_attention_mask, "doc_ids" [b, s] of the inputs, which every
-    stage reads from the batch itself rather than receiving them over p2p.
+    holds "tokens" [b, s + 1] and, for packed samples with data.reset_attention_mask, "doc_ids"
+    [b, s] of the inputs, which every stage reads from the batch itself rather than receiving them over p2p.
     """
 
     def __init__(self, model: Transformer, groups, engine, micro_batches: int, seq_len: int, micro_batch: int,
