@@ -147,9 +147,9 @@ class OverlappedAllReduce:
         if n > self.micro_batches:
             raise RuntimeError(
                 f"parameter {self.names[id(p)]} received gradient {n} of this global batch, but the engine "
-                f"expects {self.micro_batches} backward call(s) per step and has already launched its "
-                f"bucket's all-reduce; pass NativeEngine(micro_batches={n}) (or set train.global_batch_size "
-                "to micro_batch_size x accumulation x dp), or overlap=False")
+                f"expects {self.micro_batches} backward call(s) per step and all-reduces a bucket at its "
+                f"parameters' last one, so later gradients would be lost; pass NativeEngine(micro_batches={n}) "
+                "(or set train.global_batch_size to micro_batch_size x accumulation x dp), or overlap=False")
         if n == self.micro_batches:
             b = self.bucket_of[id(p)]
             self.ready[b] += 1
