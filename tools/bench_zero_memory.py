@@ -35,12 +35,9 @@ import os
 
 import torch
 
-RULES = {  # (weights, grads, optimizer states) bytes per parameter, as functions of dp
-    "native": lambda dp: (4, 4, 8),
-    "zero-1": lambda dp: (2, 2, 12 / dp),
-    "zero-2": lambda dp: (2, 2 / dp, 12 / dp),
-    "zero-3": lambda dp: (2 / dp, 2 / dp, 12 / dp),
-}
+from megalite.memory import STATE_BYTES
+
+RULES = STATE_BYTES  # (weights, grads, optimizer states) bytes per parameter, as functions of dp
 TOLERANCE = 0.10
 BUCKET = 1_000_000  # engine.zero_bucket_size for the measurement: the fixed buffers stay small beside 16P
 # the tiny preset made deep and narrow (P = 4.9M in ~1000 parameters of <= 50K elements): under ZeRO-2,

@@ -81,11 +81,13 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_activation_checkpointing_gives_identical_loss_and_grads():
+@pytest.mark.parametrize("mode, layers", [(True, 0), ("full", 1), ("selective", 0)])
+def test_activation_checkpointing_gives_identical_loss_and_grads(mode, layers):
     cfg = replace(TINY, dropout=0.1)
     tokens = _tokens()
     loss, grads = _loss_and_grads(Transformer(cfg, seed=4), tokens)
-    loss_ckpt, grads_ckpt = _loss_and_grads(Transformer(cfg, seed=4, activation_checkpointing=True), tokens)
+    model = Transformer(cfg, seed=4, activation_checkpointing=mode, recompute_num_layers=layers)
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, tokens)
     assert torch.equal(loss, loss_ckpt)
     for name, g in grads.items():
         # recomputation runs the same kernels (bitwise equal here); only the order autograd sums a tensor's

@@ -1,0 +1,143 @@
+"""The memory model: bytes one rank holds, predicted from the config alone.
+
+Activations (what autograd keeps for backward) of one transformer block, per token of a
+micro-batch on one tensor-parallel rank, with e the compute dtype's bytes (2 under bf16/fp16
+autocast, 4 in fp32), h_sp = h/tp under sequence parallelism (else h), and q = hq*d/tp, kv = hkv*d/tp,
+f = ffn/tp this rank's widths:
+
+    norms (x2)       e*h_sp + stats     16-bit: the input and fp32 1/rms (4 bytes; LayerNorm mean too, 8;
+                                        under SP per token this rank holds: 4/tp)
+                                        fp32 RMSNorm: autograd keeps the input and x/rms, 8*h_sp + 4
+                                        fp32 LayerNorm: the input, mean and 1/std, 4*h_sp + 8
+    matmul inputs    2 * e*h_sp         qkv's and fc1's (norm outputs; under SP the local chunk, see
+                                        tensor_parallel.sequence_parallel_linear); proj's and fc2's below
+    attention        e*(2q + 2kv)       rotated q, k, own v, the output (proj's input, the same storage)
+                     + 4*hq/tp          sdpa/flash: fp32 log-sum-exp per head
+                     + e*hq*s/tp        math path instead: the softmax probabilities (plus one [s, s]
+                                        bool mask per micro-batch, not per token)
+    MLP              e*(2f + f)         SwiGLU: fc1's output and fc2's input; GELU: e*(f + f)
+
+'selective' keeps the same less the attention core's internals (lse or the probabilities) and
+SwiGLU's activation (e*f); 'full' keeps only the block input, e*h_sp, in each recomputed block.
+Under autocast every micro-batch's graph also holds the 16-bit copies of the block's matmul
+weights (e bytes per matmul parameter on this rank), which do not grow with the batch.
+
+A pipeline stage holds as many (micro-batch, chunk) graphs at once as its schedule leaves in
+flight (`in_flight`); parameters, gradients and optimizer state follow `STATE_BYTES`.
+
+The figures are checked against exact measurements in tools/bench_memory.py (saved-tensor bytes
+per layer) and tools/bench_zero_memory.py (state bytes per parameter). Not modelled (refused by
+name): dropout (its masks), which the predictions assume off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalite.config import ModelConfig, resolved_ffn_hidden_size
+from megalite.pipeline.schedules import compute_order  # the very schedule the executor runs
+
+# (weights, gradients, optimizer state) bytes per parameter on one rank, functions of dp (mixed
+# precision Adam; the ZeRO paper's rules). The native engine keeps fp32 weights, grads and moments.
+STATE_BYTES = {
+    "native": lambda dp: (4, 4, 8),
+    "zero-1": lambda dp: (2, 2, 12 / dp),
+    "zero-2": lambda dp: (2, 2 / dp, 12 / dp),
+    "zero-3": lambda dp: (2 / dp, 2 / dp, 12 / dp),
+}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ATTENTION_BACKENDS = ("flash", "sdpa", "math")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the activation bytes depend on besides the model: parallelism, recompute, dtype, kernel."""
+
+    tp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"        # train.activation_checkpointing
+    precision: str = "fp32"        # train.precision
+    attention: str = "sdpa"        # the attention backend the run uses (megalite.kernels.attention)
+
+
+def _check(cfg: ModelConfig, lay: Layout) -> None:
+    if cfg.dropout:
+        raise ValueError(f"model.dropout={cfg.dropout}: the memory model leaves dropout masks out; "
+                         "predict with model.dropout=0")
+    if lay.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {lay.attention!r} is not one of {ATTENTION_BACKENDS}")
+    if lay.recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute {lay.recompute!r} is not one of none, selective, full")
+    if lay.precision not in DTYPE_BYTES:
+        raise ValueError(f"precision {lay.precision!r} is not one of {tuple(DTYPE_BYTES)}")
+
+
+def _norm_bytes(cfg: ModelConfig, e: int, h_sp: float, share: float) -> float:
+    """One norm's bytes per token; `share` is the fraction of the tokens this rank holds (1/tp under SP)."""
+    rms = cfg.norm == "rmsnorm"
+    if e == 4:  # fp32: plain autograd graphs
+        return 8 * h_sp + 4 * share if rms else 4 * h_sp + 8 * share
+    return e * h_sp + (4 if rms else 8) * share
+
+
+def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int) -> float:
+    """Bytes one transformer block keeps for backward per token of a micro-batch on one tp rank."""
+    _check(cfg, lay)
+    e, tp = DTYPE_BYTES[lay.precision], lay.tp
+    h = cfg.hidden_size
+    share = 1 / tp if lay.sequence_parallel and tp > 1 else 1  # of the micro-batch's tokens
+    h_sp = h * share
+    if lay.recompute == "full":
+        return e * h_sp
+    d = h // cfg.num_heads
+    hq, hkv = cfg.num_heads / tp, (cfg.num_kv_heads or cfg.num_heads) / tp
+    f = resolved_ffn_hidden_size(cfg) / tp
+    selective = lay.recompute == "selective"
+    out = 2 * _norm_bytes(cfg, e, h_sp, share) + 2 * e * h_sp + e * (2 * hq * d + 2 * hkv * d)
+    if not selective:
+        out += 4 * hq if lay.attention != "math" else e * hq * seq_len
+    swiglu = cfg.activation == "swiglu"
+    out += e * (2 * f + (0 if selective else f)) if swiglu else e * 2 * f
+    return out
+
+
+def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
+    """Bytes one block's graph keeps per micro-batch whatever its size: the 16-bit weight copies
+    under autocast (kept unless the block recomputes everything) and the math path's causal mask."""
+    _check(cfg, lay)
+    if lay.recompute == "full":
+        return 0
+    out = 0
+    if lay.precision != "fp32":
+        tp, h = lay.tp, cfg.hidden_size
+        d = h // cfg.num_heads
+        qkv = (cfg.num_heads + 2 * (cfg.num_kv_heads or cfg.num_heads)) * d * h // tp
+        ffn = resolved_ffn_hidden_size(cfg)
+        mlp = (3 if cfg.activation == "swiglu" else 2) * ffn * h // tp
+        out += DTYPE_BYTES[lay.precision] * (qkv + cfg.num_heads * d * h // tp + mlp)
+    if lay.attention == "math" and lay.recompute == "none":
+        out += seq_len * seq_len  # the bool mask, one per micro-batch
+    return out
+
+
+def layer_activation_bytes(cfg: ModelConfig, lay: Layout, seq_len: int, micro_batch: int) -> int:
+    """Bytes one block's graph keeps for one micro-batch [s, b] on one tp rank."""
+    per_token = layer_activation_bytes_per_token(cfg, lay, seq_len)
+    return round(per_token * seq_len * micro_batch) + layer_fixed_bytes(cfg, lay, seq_len)
+
+
+def in_flight(kind: str, pp: int, stage: int, micro_batches: int, virtual_stages: int = 1) -> int:
+    """The most (micro-batch, chunk) forward graphs `stage` holds at once under the schedule `kind`
+    (1F1B: min(pp - stage, m); interleaved: its longer warm-up), counted on the schedule itself."""
+    live = peak = 0
+    for action in compute_order(kind, pp, stage, micro_batches, virtual_stages):
+        live += 1 if action.op == "F" else -1
+        peak = max(peak, live)
+    return peak
+
+
+def state_bytes(params: int, engine: str, dp: int = 1) -> dict[str, float]:
+    """Weights, gradients and optimizer state of `params` parameters on one rank."""
+    if engine not in STATE_BYTES:
+        raise ValueError(f"engine {engine!r} is not one of {tuple(STATE_BYTES)}")
+    w, g, o = STATE_BYTES[engine](dp)
+    return {"weights": w * params, "gradients": g * params, "optimizer": o * params}
