@@ -118,15 +118,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     for rotate-half (Llama, GPT-NeoX) or (2i, 2i+1) when `interleaved`
     (GPT-J). Features past rot_dim pass through unchanged (partial rotary).
     """
-    s, half = x.shape[0], cos.shape[-1]
+    s = x.shape[0]
     rot_dim = rotary_dim(x, cos, rot_dim)
     c = cos[:s, None, None, :]  # [s, 1, 1, rot/2], broadcasts over batch and heads
     sn = sin[:s, None, None, :]
+    if torch.is_grad_enabled() and x.requires_grad and not (cos.requires_grad or sin.requires_grad):
+        return _Rotary.apply(x, c, sn, interleaved, rot_dim)
+    return _rotate(x, c, sn, interleaved, rot_dim)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, sn: torch.Tensor, interleaved: bool, rot_dim: int) -> torch.Tensor:
+    """Each pair (x1, x2) of the first rot_dim features -> (x1 c - x2 sn, x2 c + x1 sn), in fp32."""
     xr, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]  # [s, b, heads, rot/2] each
-        out = torch.stack((x1 * c - x2 * sn, x2 * c + x1 * sn), dim=-1).flatten(-2)  # -> [s, b, heads, rot]
-    else:
-        x1, x2 = xr[..., :half], xr[..., half:]
-        out = torch.cat((x1 * c - x2 * sn, x2 * c + x1 * sn), dim=-1)  # [s, b, heads, rot]
-    return torch.cat((out.to(x.dtype), rest), dim=-1)
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)  # [s, b, heads, rot/2]
+    a, b = x1 * c - x2 * sn, x2 * c + x1 * sn
+    out = (torch.stack((a, b), dim=-1).flatten(-2) if interleaved else torch.cat((a, b), dim=-1)).to(x.dtype)
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding whose backward is the inverse rotation (the same pairs turned by -theta):
+    nothing is saved but the tables, and the gradient costs one pass instead of autograd's slice,
+    concatenation and zero-filled buffers. Bitwise what autograd computes: each input-gradient
+    element is the same two products summed (g1 c + g2 sn, g2 c - g1 sn)."""
+
+    @staticmethod
+    def forward(ctx, x, c, sn, interleaved, rot_dim):
+        ctx.save_for_backward(c, sn)  # views of the model's tables: no activation bytes
+        ctx.interleaved, ctx.rot_dim = interleaved, rot_dim
+        return _rotate(x, c, sn, interleaved, rot_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, sn = ctx.saved_tensors
+        return _rotate(grad, c, -sn, ctx.interleaved, ctx.rot_dim), None, None, None, None

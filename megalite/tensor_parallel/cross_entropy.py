@@ -35,14 +35,26 @@ def _chunks(seq_len: int, per_position: int, chunk_elements: int) -> list[slice]
     return [slice(i, min(i + step, seq_len)) for i in range(0, seq_len, step)]
 
 
-def _shifted(logits: torch.Tensor, rows: slice, start: int, vocab_size, max_logit: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the chunk minus the per-token max, padded ids (>= vocab_size) at -inf."""
-    x = logits[rows].to(torch.float32, copy=True)  # a copy even for fp32 logits: they must not change
-    v_local = logits.shape[-1]
-    if vocab_size is not None and start + v_local > vocab_size:
-        x[..., max(vocab_size - start, 0):] = float("-inf")
-    if max_logit is not None:
-        x -= max_logit[rows].unsqueeze(-1)
+def _valid(start: int, v_local: int, vocab_size) -> int:
+    """How many of this rank's v_local logits are real ids (the rest pad the vocabulary)."""
+    return v_local if vocab_size is None else min(max(vocab_size - start, 0), v_local)
+
+
+def _row_max(logits: torch.Tensor, rows: slice, valid: int) -> torch.Tensor:
+    """fp32 max over the real ids of the chunk (-inf where this rank holds none); the cast is exact and
+    monotonic, so taking the max first needs no fp32 copy of the chunk."""
+    if valid == 0:
+        return torch.full(logits[rows].shape[:-1], float("-inf"), dtype=torch.float32, device=logits.device)
+    return logits[rows, ..., :valid].max(dim=-1).values.float()
+
+
+def _shifted(logits: torch.Tensor, rows: slice, valid: int, max_logit: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits of the chunk minus the per-token max in one pass (into `out` if given), padded ids
+    at -inf; the logits themselves never change."""
+    x = torch.sub(logits[rows], max_logit[rows].unsqueeze(-1), out=out)  # fp32: bf16 - fp32 promotes
+    if valid < x.shape[-1]:
+        x[..., valid:] = float("-inf")
     return x
 
 
@@ -56,34 +68,37 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         owned = (local >= 0) & (local < v_local)  # [s, b]: this rank holds the target's logit
         local = local.masked_fill(~owned, 0)
 
+        valid = _valid(start, v_local, vocab_size)
         max_logit = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
         for rows in chunks:
-            max_logit[rows] = _shifted(logits, rows, start, vocab_size, None).max(dim=-1).values
+            max_logit[rows] = _row_max(logits, rows, valid)
         _all_reduce_(max_logit, group, dist.ReduceOp.MAX)
 
         target = torch.empty_like(max_logit)
         sum_exp = torch.empty_like(max_logit)
         for rows in chunks:
-            x = _shifted(logits, rows, start, vocab_size, max_logit)
+            x = _shifted(logits, rows, valid, max_logit)
             target[rows] = x.gather(-1, local[rows].unsqueeze(-1)).squeeze(-1).masked_fill(~owned[rows], 0.0)
             sum_exp[rows] = x.exp_().sum(dim=-1)  # x now holds exp(logit - max)
         _all_reduce_(target, group)
         _all_reduce_(sum_exp, group)
         ctx.save_for_backward(logits, local, owned, max_logit, sum_exp)
-        ctx.start, ctx.vocab_size, ctx.chunks = start, vocab_size, chunks
+        ctx.valid, ctx.chunks = valid, chunks
         return sum_exp.log() - target  # [s, b]
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, local, owned, max_logit, sum_exp = ctx.saved_tensors
         grad = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32  # fp32 logits: each chunk is computed in its slot of grad
         for rows in ctx.chunks:  # d loss / d logit = softmax - one_hot(target), a chunk at a time
-            x = _shifted(logits, rows, ctx.start, ctx.vocab_size, max_logit)
+            x = _shifted(logits, rows, ctx.valid, max_logit, out=grad[rows] if in_place else None)
             x.exp_()
             x /= sum_exp[rows].unsqueeze(-1)
             x.scatter_add_(-1, local[rows].unsqueeze(-1), -owned[rows].to(x.dtype).unsqueeze(-1))
             x *= grad_loss[rows].unsqueeze(-1)
-            grad[rows] = x
+            if not in_place:
+                grad[rows] = x
         return grad, None, None, None, None
 
 
