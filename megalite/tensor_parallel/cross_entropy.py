@@ -52,7 +52,12 @@ def _shifted(logits: torch.Tensor, rows: slice, valid: int, max_logit: torch.Ten
              out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits of the chunk minus the per-token max in one pass (into `out` if given), padded ids
     at -inf; the logits themselves never change."""
-    x = torch.sub(logits[rows], max_logit[rows].unsqueeze(-1), out=out)  # fp32: bf16 - fp32 promotes
+    m = max_logit[rows].unsqueeze(-1)
+    if logits.dtype == torch.float32:
+        x = torch.sub(logits[rows], m, out=out)
+    else:  # a mixed-dtype sub holds a second fp32 temporary of the chunk: cast once, subtract in place
+        x = logits[rows].float()
+        x -= m
     if valid < x.shape[-1]:
         x[..., valid:] = float("-inf")
     return x
