@@ -182,7 +182,8 @@ class Trainer:
         p = cfg.parallel
         self.model = build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, g.tp_group,
                                        p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
-                                       p.partition, cfg.train.recompute_num_layers).to(self.device)
+                                       p.partition, cfg.train.recompute_num_layers,
+                                       cfg.train.compile).to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)

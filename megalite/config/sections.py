@@ -180,6 +180,12 @@ class TrainConfig:
     recompute_num_layers: int = 0
     """With 'full': recompute only the first this many transformer blocks of each pipeline chunk
     (Megatron's --recompute-method block --recompute-num-layers); 0 recomputes all of them."""
+    compile: bool = False
+    """Compile every transformer block with torch.compile (Inductor), in place, so parameter names and
+    checkpoints are unchanged (torchtitan's --compile; Megatron has no such flag). Needs
+    model.dropout=0 and no sequence parallelism; composes with every activation_checkpointing mode.
+    The first step is slower (compilation: tens of seconds for a small model on CPU, which needs a
+    C++ compiler; Triton on CUDA)."""
     eval_interval: int = 50
     """Evaluate every this many steps (and at the end); 0 disables."""
     eval_steps: int = 5

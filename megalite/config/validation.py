@@ -123,6 +123,14 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     if t.recompute_num_layers and t.activation_checkpointing != "full":
         err(f"train.recompute_num_layers={t.recompute_num_layers} needs train.activation_checkpointing='full' "
             f"(got {t.activation_checkpointing!r}); set it to 0 or choose 'full'")
+    if t.compile and cfg.model.dropout > 0:
+        err(f"train.compile=True needs model.dropout=0 (got {cfg.model.dropout}): compiled blocks would draw "
+            "dropout masks from Inductor's generator, not the tensor-parallel RNG tracker (masks neither per tp "
+            "rank nor reproducible on resume); set model.dropout=0 or train.compile=false")
+    if t.compile and p.sequence_parallel and p.tp > 1:
+        err(f"train.compile=True does not work with parallel.sequence_parallel=True (tp={p.tp}): Dynamo (torch "
+            "2.13) fails tracing the backward of the sequence-parallel linear; set parallel.sequence_parallel=false "
+            "or train.compile=false")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         err(f"data.seq_len={cfg.data.seq_len} must be <= model.max_seq_len={cfg.model.max_seq_len}")
     if o.warmup_steps > t.steps:

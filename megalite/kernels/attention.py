@@ -113,39 +113,53 @@ def _flash_module():
     return flash_attn, ""
 
 
-def _flash_unusable(q: torch.Tensor) -> str | None:
-    """Why flash-attn cannot run on queries q, or None when it can."""
+def _flash_unusable(device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why flash-attn cannot run on queries of this device type, dtype and head dim, or None when it can."""
     module, why = _flash_module()
     if module is None:
         return why
-    if not q.is_cuda:
-        return f"the tensors are on {q.device.type}, flash-attn needs CUDA"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the tensors are {q.dtype}, flash-attn needs float16 or bfloat16"
-    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} exceeds flash-attn's {FLASH_MAX_HEAD_DIM}"
+    if device_type != "cuda":
+        return f"the tensors are on {device_type}, flash-attn needs CUDA"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the tensors are {dtype}, flash-attn needs float16 or bfloat16"
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        return f"head_dim {head_dim} exceeds flash-attn's {FLASH_MAX_HEAD_DIM}"
     return None
 
 
 def choose_backend(q: torch.Tensor) -> tuple[str, str]:
     """(backend, reason) for queries q: MEGALITE_ATTENTION if set, else flash, then sdpa, then math."""
+    return _choose(q.device.type, q.dtype, q.shape[-1])
+
+
+def _choose(device_type: str, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={forced!r} is not one of {BACKENDS}; unset it to choose automatically")
-        if forced == "flash" and (why := _flash_unusable(q)):
+        if forced == "flash" and (why := _flash_unusable(device_type, dtype, head_dim)):
             raise RuntimeError(f"{ENV_VAR}=flash, but {why}; install flash-attn for this torch and run "
                                "fp16/bf16 on CUDA, or unset it")
         if forced == "sdpa" and not _HAS_SDPA:
             raise RuntimeError(f"{ENV_VAR}=sdpa, but torch {torch.__version__} has no "
                                "scaled_dot_product_attention; unset it")
         return forced, f"forced by {ENV_VAR}={forced}"
-    why = _flash_unusable(q)
+    why = _flash_unusable(device_type, dtype, head_dim)
     if why is None:
         return "flash", "flash_attn is importable and the tensors are CUDA fp16/bf16"
     if _HAS_SDPA:
         return "sdpa", f"not flash-attn: {why}"
     return "math", f"torch {torch.__version__} has no scaled_dot_product_attention"
+
+
+# torch.compile runs this at trace time and bakes the answer in (the answer depends only on
+# what the compiled graph is specialised on: device, dtype, head dim; and on the environment),
+# so the choice (an import attempt, an environment variable, a log line) is no graph break.
+@torch.compiler.assume_constant_result
+def _backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    backend, reason = _choose(device_type, dtype, head_dim)
+    _log_once(backend, reason)
+    return backend
 
 
 def _log_once(backend: str, reason: str) -> None:
@@ -166,9 +180,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     its own document.
     """
     _check_shapes(q, k, v, documents)
-    backend, reason = choose_backend(q)
-    _log_once(backend, reason)
-    return _IMPLS[backend](q, k, v, causal, dropout_p, scale, documents)
+    return _IMPLS[_backend(q.device.type, q.dtype, q.shape[-1])](q, k, v, causal, dropout_p, scale, documents)
 
 
 def _check_shapes(q, k, v, documents) -> None:

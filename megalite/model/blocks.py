@@ -95,8 +95,12 @@ def _sharded_rng(tracker: TPRngTracker | None):
 
 def _replay_tracker(tracker: TPRngTracker | None) -> dict:
     """checkpoint() kwargs that replay the tracker like the default generators, so recomputed dropout
-    draws the same masks."""
-    return {} if tracker is None else {"context_fn": tracker.checkpoint_context}
+    draws the same masks. Inside torch.compile (train.compile) none: Dynamo turns the checkpoint into
+    a graph region whose backward AOTAutograd plans itself, it cannot trace this context_fn, and
+    train.compile refuses dropout, so there is no mask to replay."""
+    if tracker is None or torch.compiler.is_compiling():
+        return {}
+    return {"context_fn": tracker.checkpoint_context}
 
 
 def _need_tracker(cfg: ModelConfig, par: BlockSettings) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from megalite.config import ModelConfig, choices, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
+from megalite.model.compiled import compile_blocks as compile_transformer_blocks
 from megalite.tensor_parallel import group_rank, group_size, init_model_weights, mark, vocab_parallel_cross_entropy
 from megalite.tensor_parallel.random import TPRngTracker
 
@@ -80,12 +81,13 @@ class Transformer(nn.Module):
     (tokens or hidden states [s, b, h]) to what it sends. loss(tokens, labels) -> per-token fp32
     loss [b, s]. Under sequence parallelism hidden states between blocks are [s/tp, b, h].
     `rng_tracker` holds the per-tp-rank dropout stream (seeded from `seed` and the tp rank);
-    checkpoint its get_state() to resume exactly.
+    checkpoint its get_state() to resume exactly. `compile_blocks` (train.compile) compiles every
+    transformer block in place with torch.compile; names and weights are unchanged.
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
                  activation_checkpointing: str | bool = "none", seed: int = 1234, chunks: list[range] | None = None,
-                 recompute_num_layers: int = 0):
+                 recompute_num_layers: int = 0, compile_blocks: bool = False):
         super().__init__()
         tp = group_size(tp_group)
         check_model(cfg, tp)
@@ -103,6 +105,16 @@ class Transformer(nn.Module):
                 self.blocks[str(i)] = build_block(cfg, i, block_par,
                                                   tied=self._tied_table(par, seed) if i == last else None)
         init_model_weights(self, seed)  # keys are global ids: names, hence weights, match the whole model
+        if compile_blocks:  # train.compile: each transformer block compiled in place (megalite.model.compiled)
+            if cfg.dropout > 0:
+                raise ValueError(f"train.compile=true needs model.dropout=0 (got {cfg.dropout}): compiled dropout "
+                                 "does not draw from the tensor-parallel RNG tracker; set model.dropout=0 or "
+                                 "train.compile=false")
+            if self.sequence_parallel:
+                raise ValueError("train.compile=true does not work with sequence parallelism (Dynamo fails tracing "
+                                 "the sequence-parallel linear's backward); set parallel.sequence_parallel=false "
+                                 "or train.compile=false")
+            compile_transformer_blocks(self)
 
     def _tied_table(self, par: BlockSettings, seed: int):
         """The token table a tied head projects with: the embedding's own when this model holds it,
