@@ -130,10 +130,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 def _rotate(x: torch.Tensor, c: torch.Tensor, sn: torch.Tensor, interleaved: bool, rot_dim: int) -> torch.Tensor:
     """Each pair (x1, x2) of the first rot_dim features -> (x1 c - x2 sn, x2 c + x1 sn), in fp32."""
     xr, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
-    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)  # [s, b, heads, rot/2]
-    a, b = x1 * c - x2 * sn, x2 * c + x1 * sn
-    out = (torch.stack((a, b), dim=-1).flatten(-2) if interleaved else torch.cat((a, b), dim=-1)).to(x.dtype)
+    x1, x2 = _pairs(xr, interleaved)  # [s, b, heads, rot/2] each
+    if torch.compiler.is_compiling():  # Inductor fuses the whole expression (out= views break its graph)
+        a, b = x1 * c - x2 * sn, x2 * c + x1 * sn
+        out = torch.stack((a, b), dim=-1).flatten(-2) if interleaved else torch.cat((a, b), dim=-1)
+    else:  # eager: written in place, no concatenation pass (the same products, the same bits)
+        out = torch.empty(xr.shape, dtype=torch.float32, device=x.device)
+        o1, o2 = _pairs(out, interleaved)
+        torch.sub(x1 * c, x2 * sn, out=o1)
+        torch.add(x2 * c, x1 * sn, out=o2)
+    out = out.to(x.dtype)
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def _pairs(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of each rotated pair: features (2i, 2i+1) if interleaved, else (i, i + rot/2)."""
+    return (t[..., 0::2], t[..., 1::2]) if interleaved else t.chunk(2, dim=-1)
 
 
 class _Rotary(torch.autograd.Function):

@@ -45,7 +45,7 @@ def _row_max(logits: torch.Tensor, rows: slice, valid: int) -> torch.Tensor:
     monotonic, so taking the max first needs no fp32 copy of the chunk."""
     if valid == 0:
         return torch.full(logits[rows].shape[:-1], float("-inf"), dtype=torch.float32, device=logits.device)
-    return logits[rows, ..., :valid].max(dim=-1).values.float()
+    return logits[rows, ..., :valid].amax(dim=-1).float()  # amax: no indices to compute
 
 
 def _shifted(logits: torch.Tensor, rows: slice, valid: int, max_logit: torch.Tensor,
