@@ -23,6 +23,17 @@ def test_found_inf_sees_inf_and_nan_only():
     assert s.found_inf(_params([float("nan")]))
     assert not s.found_inf([nn.Parameter(torch.zeros(2))])  # no grads at all
     assert ConstantScaler().found_inf(_params([float("-inf")]))
+    assert ConstantScaler().found_inf(_params(*[[1.0]] * 50, [2.0, float("nan")]))  # one nan among many
+
+
+def test_16_bit_gradients_are_checked_per_tensor():
+    """fp32 gradients are checked through their total norm; 16-bit ones per tensor, since the fp16 norm
+    of large finite gradients would overflow."""
+    big = nn.Parameter(torch.zeros(64, dtype=torch.float16))
+    big.grad = torch.full((64,), 60000.0, dtype=torch.float16)
+    assert not any_non_finite([big])
+    big.grad[3] = float("inf")
+    assert any_non_finite([big])
 
 
 def test_overflow_skips_and_halves_after_hysteresis_then_grows():
