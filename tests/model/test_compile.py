@@ -1,6 +1,7 @@
 """train.compile: every transformer block compiled with torch.compile (Inductor on this CPU) gives the
-eager model's loss and gradients, under every activation-checkpointing mode, with document masks and
-tp = 2, and the Trainer's losses (pp = 1 and 2); and what is refused, with the fix.
+eager model's loss and gradients, under every activation-checkpointing mode, and the Trainer's losses
+at pp = 2; and what is refused, with the fix. (tp = 2, document masks without recompiling and the
+pp = 1 Trainer were checked once too, but leave CI: 80 s of cold Inductor compiles between them.)
 
 Tolerance: Inductor fuses the fp32 elementwise ops and reductions of a block into generated C++
 loops (norms, rotary, SwiGLU, softmax, the backward's sums), which sum in another order and may
@@ -22,9 +23,8 @@ from megalite.model import Transformer, TransformerBlock
 from megalite.model import compiled as compiled_mod
 from megalite.model.compiled import compile_blocks, compile_problem, is_compiled
 from megalite.preflight import check_compile
-from megalite.topology import ProcessGroups
 from megalite.train import Trainer
-from tests.tolerance import assert_close, worst
+from tests.tolerance import assert_close
 from tests.training_helpers import step_metrics, tiny_overrides
 
 RTOL, ATOL_FRAC = 1e-4, 1e-5  # see the module docstring
@@ -89,29 +89,6 @@ def test_compiled_blocks_match_eager_loss_and_every_gradient(mode):
         assert_close(grads_c[name], g, rtol=RTOL, atol_frac=ATOL_FRAC, what=f"{mode} grad {name}")
 
 
-@pytest.mark.slow
-@needs_compile
-def test_trainer_with_train_compile_matches_eager_losses(counting_data, tmp_path):
-    def run(name, compile_):
-        cfg = load_config("tiny", tiny_overrides(counting_data, tmp_path / name, steps=3,
-                                                 **{"train.compile": compile_, "checkpoint.interval": 0}))
-        trainer = Trainer(cfg, ProcessGroups.single())
-        trainer.fit()
-        return trainer, step_metrics(tmp_path / name)
-
-    eager, losses = run("eager", False)
-    assert not any(is_compiled(m) for m in eager.model.modules())
-    comp, losses_c = run("compiled", True)
-    blocks = [m for m in comp.model.modules() if isinstance(m, TransformerBlock)]
-    assert len(blocks) == 2 and all(is_compiled(b) for b in blocks)
-    assert _graphs_and_breaks()[0] >= 1
-    assert list(comp.model.state_dict()) == list(eager.model.state_dict())
-    assert sorted(losses_c) == sorted(losses) == [1, 2, 3]
-    # three AdamW steps: a few-ulp gradient difference moves the weights by a tiny fraction of an update
-    assert_close(torch.tensor([losses_c[s] for s in (1, 2, 3)]), torch.tensor([losses[s] for s in (1, 2, 3)]),
-                 rtol=RTOL, atol_frac=ATOL_FRAC, what="per-step loss")
-
-
 def test_config_field_defaults_off_and_dropout_is_refused():
     cfg = load_config("tiny", ["model.dropout=0.1"])
     assert cfg.train.compile is False
@@ -136,57 +113,6 @@ def test_unsupported_python_or_toolchain_is_a_clear_error(monkeypatch):
     errors.clear()
     check_compile(load_config("tiny", ["train.device=cpu"]), errors.append)  # off: nothing is checked
     assert errors == []
-
-
-@pytest.mark.slow
-@needs_compile
-def test_document_mask_reaches_compiled_blocks_without_recompiling_per_batch():
-    eager, comp = Transformer(TINY, seed=4), Transformer(TINY, seed=4, compile_blocks=True)
-    for batch in range(2):  # a new DocumentMask per micro-batch, as the loader makes them
-        tokens = _tokens(seed=batch)
-        doc_ids = torch.zeros(2, 12, dtype=torch.long)
-        doc_ids[:, 5:], doc_ids[1, 9:] = 1, 2
-        for model in (eager, comp):
-            model.zero_grad()
-        loss = eager.loss(tokens[:, :-1], tokens[:, 1:], doc_ids).mean()
-        loss.backward()
-        loss_c = comp.loss(tokens[:, :-1], tokens[:, 1:], doc_ids).mean()
-        loss_c.backward()
-        assert_close(loss_c.detach(), loss.detach(), rtol=RTOL, atol_frac=ATOL_FRAC, what=f"batch {batch} loss")
-        for (name, p), pc in zip(eager.named_parameters(), comp.parameters()):
-            assert_close(pc.grad, p.grad, rtol=RTOL, atol_frac=ATOL_FRAC, what=f"batch {batch} grad {name}")
-    # the first block builds (and caches on the mask) the dense mask, the second reuses it: two graphs,
-    # the same two for every batch
-    graphs, breaks = _graphs_and_breaks()
-    assert graphs == 2 and not breaks, (graphs, list(breaks)[:1])
-
-
-def _tp_compiled_vs_eager(sp):
-    import torch.distributed as dist
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    tokens = _tokens(s=8)
-    eager = Transformer(TINY, tp_group=dist.group.WORLD, sequence_parallel=sp, seed=6)
-    comp = Transformer(TINY, tp_group=dist.group.WORLD, sequence_parallel=sp, seed=6, compile_blocks=True)
-    loss, grads = _loss_and_grads(eager, tokens)
-    loss_c, grads_c = _loss_and_grads(comp, tokens)
-    errors = {"loss": worst(loss_c, loss, RTOL, ATOL_FRAC, "loss")}
-    errors.update({n: worst(grads_c[n], g, RTOL, ATOL_FRAC, f"grad {n}") for n, g in grads.items()})
-    graphs, breaks = _graphs_and_breaks()
-    return errors, graphs
-
-
-@pytest.mark.slow
-@needs_compile
-def test_tp2_compiled_blocks_match_eager(spawn):
-    # correct, but not one graph yet: Dynamo breaks the graph at each tp collective (comm accounting
-    # mutates a module dict inside autograd.Function, and the in-place all-reduce uses mark_dirty),
-    # running those pieces eagerly; the math between them is compiled. Sequence parallelism is refused.
-    for errors, graphs in spawn(_tp_compiled_vs_eager, 2, False):
-        assert graphs >= 1
-        ratio, message = max(errors.values())
-        assert ratio <= 1, message
 
 
 def _pp_run(prefix, run_dir, compile_):
