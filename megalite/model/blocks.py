@@ -180,6 +180,28 @@ class KVCache:
         return self.k, self.v
 
 
+class _SplitQKV(torch.autograd.Function):
+    """qkv [s, b, hkv, r + 2, d] -> own copies of q [s, b, hkv*r, d], k and v [s, b, hkv, d] (a view would
+    keep the whole qkv output alive for attention's backward). Backward writes the three gradients into
+    one buffer, where autograd's slicing would zero-fill a whole qkv-sized gradient for each and add them."""
+
+    @staticmethod
+    def forward(ctx, qkv, r):
+        s, b, g, _, d = qkv.shape
+        ctx.r = r
+        return (qkv[:, :, :, :r].reshape(s, b, g * r, d), qkv[:, :, :, r].contiguous(),
+                qkv[:, :, :, r + 1].contiguous())
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):  # never None: autograd materializes unused outputs' gradients as zeros
+        s, b, g, d = dk.shape
+        out = dk.new_empty(s, b, g, ctx.r + 2, d)
+        out[:, :, :, :ctx.r] = dq.view(s, b, g, ctx.r, d)
+        out[:, :, :, ctx.r] = dk
+        out[:, :, :, ctx.r + 1] = dv
+        return out, None
+
+
 class Attention(nn.Module):
     """Causal self-attention: fused QKV (column-parallel), rotary, attention kernel, output (row-parallel).
 
@@ -223,9 +245,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # [s, b, (hq + 2hkv)/tp * d]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
-        q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, -1, self.head_dim)  # -> [s, b, hq/tp, d]
-        # own copies: a view would keep the whole qkv output alive for attention's backward
-        k, v = (qkv[:, :, :, self.q_per_kv + i].contiguous() for i in (0, 1))  # [s, b, hkv/tp, d] each
+        q, k, v = _SplitQKV.apply(qkv, self.q_per_kv)  # [s, b, hq/tp, d], [s, b, hkv/tp, d] x 2
         if kv_cache is not None:
             if documents is not None:
                 raise ValueError("document masking is for training on packed samples; "
