@@ -131,18 +131,20 @@ class LiveSavedBytes:
         self._hooks.__exit__(*exc)
 
 
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _input(shape: tuple, precision: str) -> torch.Tensor:
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    return torch.randn(shape).to(dtype).requires_grad_()
+    return torch.randn(shape).to(_COMPUTE_DTYPES[precision]).requires_grad_()
 
 
 def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
+    return torch.autocast("cpu", dtype=_COMPUTE_DTYPES[precision], enabled=precision != "fp32")
 
 
 def block_saved_bytes(block: torch.nn.Module, shape: tuple, precision: str) -> int:
     """Bytes `block` saves for backward on one input of `shape` ([s, b, h] or SP's [s/tp, b, h]) in the
-    compute dtype of `precision` (bf16 under autocast, as the trainer runs it; CPU)."""
+    compute dtype of `precision` (16-bit under autocast, as the trainer runs it; CPU)."""
     x = _input(shape, precision)
     with _autocast(precision), SavedTensorBytes(exclude=model_storages(block)) as saved:
         block(x)
