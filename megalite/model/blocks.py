@@ -278,18 +278,10 @@ class Attention(nn.Module):
         return attention(q, k, v, causal=True)  # [s, b, hq/tp * d]
 
 
-def _gate_up(y: torch.Tensor) -> torch.Tensor:
-    """fc1's interleaved output [.., 2f] -> [2, .., f], gate = [0] and up = [1], each contiguous: one copy,
-    after which silu and the products run vectorized (on the stride-2 views they ran element by
-    element, ~2x slower on a CPU); the copy, not y, is what backward keeps (the same bytes)."""
-    return y.unflatten(-1, (-1, 2)).movedim(-1, 0).contiguous()
-
-
-def _swiglu_grad(d_act: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Gradient of silu(gate) * up for d_act [.., f] -> [.., 2f] interleaved like fc1's output; the
-    same ops autograd would run (mul's, then silu's backward), so the same bits."""
-    d_gate = torch.ops.aten.silu_backward(d_act * up, gate)
-    return torch.stack((d_gate, d_act * F.silu(gate)), dim=-1).flatten(-2)
+def _swiglu_grad(d_act: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d_gate, d_up) of silu(gate) * up for d_act; the same ops autograd would run (mul's,
+    then silu's backward), so the same bits."""
+    return torch.ops.aten.silu_backward(d_act * up, gate), d_act * F.silu(gate)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -297,39 +289,35 @@ class _SwiGLU(torch.autograd.Function):
     [.., f]): silu is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, y):
-        gate_up = _gate_up(y)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate_up[0]) * gate_up[1]
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, d_act):
-        gate, up = ctx.saved_tensors[0]
-        return _swiglu_grad(d_act, gate, up)
+        return _swiglu_grad(d_act, *ctx.saved_tensors)
 
 
 class _SwiGLULinear(torch.autograd.Function):
-    """This rank's fc2 partial product swiglu(y) W^T, keeping (gate, up) and W only (selective
-    recompute): the activation [.., f] fc2's backward needs is recomputed. The product runs in y's
-    dtype (under autocast, fc1's 16-bit output), as F.linear under autocast would."""
+    """This rank's fc2 partial product swiglu(gate, up) W^T, keeping (gate, up) and W only (selective
+    recompute): the activation [.., f] fc2's backward needs is recomputed. The product runs in the
+    inputs' dtype (under autocast, fc1's 16-bit output), as F.linear under autocast would."""
 
     @staticmethod
-    def forward(ctx, y, weight):
-        w = weight.to(y.dtype)  # the 16-bit copy autocast would have made; what backward keeps
-        gate_up = _gate_up(y)
-        ctx.save_for_backward(gate_up, w)
+    def forward(ctx, gate, up, weight):
+        w = weight.to(gate.dtype)  # the 16-bit copy autocast would have made; what backward keeps
+        ctx.save_for_backward(gate, up, w)
         ctx.weight_dtype = weight.dtype
-        with torch.autocast(y.device.type, enabled=False):
-            return F.linear(F.silu(gate_up[0]) * gate_up[1], w)  # [.., h]
+        with torch.autocast(gate.device.type, enabled=False):
+            return F.linear(F.silu(gate) * up, w)  # [.., h]
 
     @staticmethod
     def backward(ctx, d_out):
-        gate_up, w = ctx.saved_tensors
-        gate, up = gate_up
+        gate, up, w = ctx.saved_tensors
         act = F.silu(gate) * up  # [.., f], recomputed
         d_out = d_out.to(w.dtype)
         d_w = d_out.reshape(-1, d_out.shape[-1]).t().matmul(act.reshape(-1, act.shape[-1]))  # [h, f]
-        return _swiglu_grad(d_out.matmul(w), gate, up), d_w.to(ctx.weight_dtype)
+        return (*_swiglu_grad(d_out.matmul(w), gate, up), d_w.to(ctx.weight_dtype))
 
 
 class MLP(nn.Module):
@@ -349,20 +337,19 @@ class MLP(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, 2 * ffn if self.swiglu else ffn, tp_group, bias=cfg.bias,
                                         sequence_parallel=sequence_parallel,
-                                        init_method=normal_init(cfg.init_std), init_seed=None)
+                                        init_method=normal_init(cfg.init_std), init_seed=None,
+                                        paired_output=self.swiglu)  # -> (gate, up)
         self.fc2 = RowParallelLinear(ffn, cfg.hidden_size, tp_group, bias=cfg.bias,
                                      sequence_parallel=sequence_parallel, init_method=normal_init(out_std),
                                      init_seed=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(x)  # [s, b, 2f/tp] (swiglu) or [s, b, f/tp]
+        if not self.swiglu:
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # [s, b, h] (SP: [s/tp, b, h])
+        gate, up = self.fc1(x)  # fc1's alternating rows apart: [s, b, f/tp] each, contiguous
         if self.recompute_act and torch.is_grad_enabled():
-            return self.fc2.reduce(_SwiGLULinear.apply(y, self.fc2.weight))  # [s, b, h] (SP: [s/tp, b, h])
-        if self.swiglu:
-            y = _SwiGLU.apply(y)  # [s, b, 2f/tp] (gate, up) pairs -> [s, b, f/tp]
-        else:
-            y = F.gelu(y, approximate="tanh")
-        return self.fc2(y)  # [s, b, h] (SP: [s/tp, b, h])
+            return self.fc2.reduce(_SwiGLULinear.apply(gate, up, self.fc2.weight))
+        return self.fc2(_SwiGLU.apply(gate, up))
 
 
 class TransformerBlock(nn.Module):

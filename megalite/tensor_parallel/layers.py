@@ -30,6 +30,7 @@ from megalite.tensor_parallel.mappings import (
     scatter_to_tp_region,
     sequence_parallel_linear,
 )
+from megalite.tensor_parallel.paired import paired_linear
 from megalite.tensor_parallel.sharding import mark
 
 
@@ -72,17 +73,22 @@ class ColumnParallelLinear(_ParallelBase):
     unless gather_output, which all-gathers the last dim.
     Backward: the input gradient is all-reduced (sequence_parallel:
     reduce-scattered back to [s/tp, b, in]).
+    paired_output: the weight's rows alternate between two kinds (SwiGLU's gate and up) and forward
+    returns them apart, (even, odd) features, each [.., out/(2 tp)] and contiguous (see `paired`).
     """
 
     partition_dim = 0
 
     def __init__(self, in_features: int, out_features: int, tp_group=None, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
-                 init_method: InitMethod | None = None, init_seed: int | None = 0):
+                 init_method: InitMethod | None = None, init_seed: int | None = 0, paired_output: bool = False):
         super().__init__(tp_group, init_method)
         self.in_features, self.out_features = in_features, out_features
         self.out_local = _divide(out_features, self.tp_size, "out_features")
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.paired_output = paired_output
+        if paired_output and (gather_output or self.out_local % 2):
+            raise ValueError(f"paired_output needs this rank's features ({self.out_local}) even and no gather_output")
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features))
         mark(self.weight, partition_dim=0)
         self.bias = nn.Parameter(torch.empty(self.out_local)) if bias else None
@@ -91,7 +97,11 @@ class ColumnParallelLinear(_ParallelBase):
         if init_seed is not None:
             self.init_weights(init_seed, type(self).__name__)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.paired_output:  # the same communication as below, in `paired`'s one function
+            sp = self.sequence_parallel and self.tp_size > 1
+            x = x if sp else copy_to_tp_region(x, self.tp_group)
+            return paired_linear(x, self.weight, self.bias, self.tp_group if sp else None)
         if self.sequence_parallel:  # [s/tp, b, in] gathered to [s, b, in]; only the local part is kept
             y = sequence_parallel_linear(x, self.weight, self.bias, self.tp_group)
         else:
