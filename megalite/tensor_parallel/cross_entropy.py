@@ -10,6 +10,8 @@ time beyond its input and its gradient (at V=128k and s=8k a whole fp32 copy
 would be 4 GiB per micro-batch). Backward recomputes each chunk's softmax from
 the saved logits and the saved per-token max and sum, with the same operations
 as a whole-tensor pass, so the result does not depend on the chunk size.
+With one rank (tp=1) no all-reduce is needed and each chunk goes through torch's
+fused log_softmax forward and softmax backward instead (the same chunks, the same bound).
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from megalite.distributed import comm
 from megalite.tensor_parallel.mappings import group_rank, group_size
 
 CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk: 64 MiB of working memory, whatever V and s are
+# One rank holding the whole vocabulary (tp=1) takes torch's fused log_softmax / softmax per chunk; the
+# tests turn this off to run the vocabulary-parallel path in one process.
+FUSED_WHOLE_VOCAB = True
 
 
 def _all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -63,12 +68,47 @@ def _shifted(logits: torch.Tensor, rows: slice, valid: int, max_logit: torch.Ten
     return x
 
 
+def _whole_vocab_loss(logits: torch.Tensor, labels: torch.Tensor, chunks: list[slice], valid: int) -> torch.Tensor:
+    """One rank holds the whole vocabulary: per chunk, torch's fused log_softmax (max, exp, sum and
+    log in one vectorized pass, fp32) over the real ids, and the target's entry; about a third
+    faster on a CPU than the three separate passes the vocabulary-parallel path needs."""
+    loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for rows in chunks:
+        logp = torch.log_softmax(logits[rows, ..., :valid], dim=-1, dtype=torch.float32)
+        loss[rows] = logp.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1).neg()
+    return loss
+
+
+def _whole_vocab_grad(logits: torch.Tensor, labels: torch.Tensor, chunks: list[slice], valid: int,
+                      grad_loss: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits = (softmax - one_hot(target)) * grad_loss, a chunk at a time, the softmax
+    fused and written straight into the gradient where its dtype and width allow; padded ids get 0."""
+    grad = torch.empty_like(logits)
+    direct = logits.dtype == torch.float32 and valid == logits.shape[-1]
+    for rows in chunks:
+        if direct:
+            x = torch.ops.aten._softmax.out(logits[rows], -1, False, out=grad[rows])
+        else:
+            x = torch.softmax(logits[rows, ..., :valid], dim=-1, dtype=torch.float32)
+        x.scatter_add_(-1, labels[rows].unsqueeze(-1), torch.full_like(x[..., :1], -1.0))
+        x *= grad_loss[rows].unsqueeze(-1)
+        if not direct:
+            grad[rows, ..., :valid] = x
+            grad[rows, ..., valid:] = 0
+    return grad
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, group, vocab_size, chunk_elements):
         s, v_local = logits.shape[0], logits.shape[-1]
         start = group_rank(group) * v_local
         chunks = _chunks(s, logits[0].numel(), chunk_elements)
+        ctx.whole_vocab = FUSED_WHOLE_VOCAB and group_size(group) == 1
+        if ctx.whole_vocab:
+            ctx.valid, ctx.chunks = _valid(0, v_local, vocab_size), chunks
+            ctx.save_for_backward(logits, labels)
+            return _whole_vocab_loss(logits, labels, chunks, ctx.valid)
         local = labels - start
         owned = (local >= 0) & (local < v_local)  # [s, b]: this rank holds the target's logit
         local = local.masked_fill(~owned, 0)
@@ -93,6 +133,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.whole_vocab:
+            logits, labels = ctx.saved_tensors
+            return _whole_vocab_grad(logits, labels, ctx.chunks, ctx.valid, grad_loss), None, None, None, None
         logits, local, owned, max_logit, sum_exp = ctx.saved_tensors
         grad = torch.empty_like(logits)
         in_place = logits.dtype == torch.float32  # fp32 logits: each chunk is computed in its slot of grad

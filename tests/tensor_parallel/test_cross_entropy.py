@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megalite.tensor_parallel import vocab_parallel_cross_entropy
+from megalite.tensor_parallel import cross_entropy, vocab_parallel_cross_entropy
 
 
 class LargestFloat32(TorchDispatchMode):
@@ -28,8 +28,15 @@ def _loss_and_grad(logits, labels, chunk):
     return loss, grad
 
 
+@pytest.fixture(params=["fused_whole_vocab", "vocab_parallel"])
+def loss_path(request, monkeypatch):
+    """Both implementations in one process: tp=1's fused softmax, and the vocabulary-parallel one."""
+    monkeypatch.setattr(cross_entropy, "FUSED_WHOLE_VOCAB", request.param == "fused_whole_vocab")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_any_chunk_gives_the_same_bits(dtype):
+def test_any_chunk_gives_the_same_bits(dtype, loss_path):
     torch.manual_seed(0)
     logits = torch.randn(33, 3, 96, dtype=dtype, requires_grad=True)  # 6 padded ids beyond vocab_size=90
     labels = torch.randint(0, 90, (33, 3))
@@ -44,11 +51,14 @@ def test_any_chunk_gives_the_same_bits(dtype):
     assert torch.all(whole[1][..., 90:] == 0)  # padded ids get no gradient
 
 
-def test_no_fp32_tensor_is_bigger_than_a_chunk():
+def test_no_fp32_tensor_is_bigger_than_a_chunk(loss_path):
     logits = torch.randn(64, 2, 512, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 90, (64, 2))
     chunk = 8 * 2 * 512  # 8 positions
-    for chunk_elements, bound in ((chunk, chunk * 4), (logits.numel(), logits.numel() * 4)):
+    # the fused path works on the 90 real ids of each position only, the parallel one on all 512
+    width = 90 if loss_path == "fused_whole_vocab" else 512
+    for chunk_elements, positions in ((chunk, 8), (logits.numel(), 64)):
         with LargestFloat32() as seen:
             _loss_and_grad(logits, labels, chunk_elements)
+        bound = positions * 2 * width * 4
         assert seen.largest == bound, (chunk_elements, seen.largest)  # one chunk of fp32 logits, never more
