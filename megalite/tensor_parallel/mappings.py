@@ -69,7 +69,8 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
 
 
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's x concatenated along `dim`, in rank order."""
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x, group=group)
@@ -79,13 +80,13 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
-    out, pending = _start_reduce_scatter_first(x, group)
+    out, pending = start_reduce_scatter_first(x, group)
     if pending is not None:
         pending.wait()
     return out
 
 
-def _start_reduce_scatter_first(x: torch.Tensor, group):
+def start_reduce_scatter_first(x: torch.Tensor, group):
     """(output, handle to wait on or None): the reduce-scatter of dim 0 launched asynchronously where the
     backend has one (NCCL), so the caller can compute meanwhile; done at once on gloo, which has none."""
     world = group_size(group)
@@ -137,14 +138,14 @@ class _ScatterToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.group), None
+        return all_gather_dim(grad, -1, ctx.group), None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, -1, group)
+        return all_gather_dim(x, -1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -159,14 +160,14 @@ class _ScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0, ctx.group), None
+        return all_gather_dim(grad, 0, ctx.group), None
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, 0, group)
+        return all_gather_dim(x, 0, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -181,7 +182,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, 0, ctx.group), None
+        return all_gather_dim(grad, 0, ctx.group), None
 
 
 class _SequenceParallelLinear(torch.autograd.Function):
@@ -199,15 +200,15 @@ class _SequenceParallelLinear(torch.autograd.Function):
         bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(_all_gather(x, 0, group), weight, bias)
+            return F.linear(all_gather_dim(x, 0, group), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        gathered = _all_gather(x, 0, ctx.group)  # again: the price of keeping 1/tp of it
+        gathered = all_gather_dim(x, 0, ctx.group)  # again: the price of keeping 1/tp of it
         # the input gradient's reduce-scatter runs (on NCCL) while the weight gradient is computed
-        grad_input, pending = _start_reduce_scatter_first(grad.matmul(weight), ctx.group)
+        grad_input, pending = start_reduce_scatter_first(grad.matmul(weight), ctx.group)
         grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(gathered.reshape(-1, gathered.shape[-1]))
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         if pending is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megalite.tensor_parallel.mappings import _all_gather, _start_reduce_scatter_first, compute_dtype
+from megalite.tensor_parallel.mappings import all_gather_dim, compute_dtype, start_reduce_scatter_first
 
 
 def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,7 @@ class _PairedLinear(torch.autograd.Function):
         ctx.sp_group, ctx.has_bias, ctx.dtypes = sp_group, bias is not None, (x.dtype, weight.dtype)
         x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)  # a 16-bit weight copy under autocast, as F.linear keeps
-        full = x if sp_group is None else _all_gather(x, 0, sp_group)
+        full = x if sp_group is None else all_gather_dim(x, 0, sp_group)
         w_even, w_odd = _halves(weight)
         b_even, b_odd = (None, None) if bias is None else _halves(bias.to(dtype))
         with torch.autocast(x.device.type, enabled=False):
@@ -47,7 +47,7 @@ class _PairedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_even, d_odd):
         x, weight = ctx.saved_tensors
-        full = x if ctx.sp_group is None else _all_gather(x, 0, ctx.sp_group)
+        full = x if ctx.sp_group is None else all_gather_dim(x, 0, ctx.sp_group)
         w_even, w_odd = _halves(weight)
         n_in, n_half = weight.shape[-1], w_even.shape[0]
         d_even = d_even.to(x.dtype).reshape(-1, n_half)
@@ -55,7 +55,7 @@ class _PairedLinear(torch.autograd.Function):
         d_x = d_even.matmul(w_even).addmm_(d_odd, w_odd).view(*full.shape)
         pending = None
         if ctx.sp_group is not None:  # its reduce-scatter runs (on NCCL) while the weight gradient is computed
-            d_x, pending = _start_reduce_scatter_first(d_x, ctx.sp_group)
+            d_x, pending = start_reduce_scatter_first(d_x, ctx.sp_group)
         flat = full.reshape(-1, n_in)
         if torch.compiler.is_compiling():  # Dynamo refuses a strided out=; Inductor fuses the stack anyway
             d_w = torch.stack((d_even.t().mm(flat), d_odd.t().mm(flat)), dim=1).view(weight.shape)
