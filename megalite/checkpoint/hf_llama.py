@@ -27,13 +27,15 @@ from typing import Iterator, Mapping
 
 import torch
 
+from megalite.checkpoint.hf_rope import hf_rope_fields, rope_overrides
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
 from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "dropout": 0.0}
+_WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
+           "dropout": 0.0}
 
 
 def field_mismatches(cfg: ModelConfig, wanted: Mapping) -> dict[str, tuple]:
@@ -61,17 +63,19 @@ def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
               dtype: torch.dtype = torch.float32) -> dict:
     """config.json for LlamaForCausalLM of the megalite model `cfg` (unpadded vocabulary)."""
     check(cfg)
-    n_kv = cfg.num_kv_heads or cfg.num_heads
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    return {"architectures": [ARCH], "model_type": MODEL_TYPE, "hidden_size": cfg.hidden_size,
-            "intermediate_size": ffn_size(cfg), "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": n_kv, "num_hidden_layers": cfg.num_layers,
-            "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu",
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
-            "rope_scaling": None, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
-            "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "initializer_range": cfg.init_std, "bos_token_id": bos,
-            "eos_token_id": eos, "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
+    return {"architectures": [ARCH], "model_type": MODEL_TYPE, **common_config(cfg, bos, eos, dtype),
+            "attention_bias": False, "mlp_bias": False}
+
+
+def common_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype) -> dict:
+    """The config.json keys that Llama-style architectures (Llama, Qwen2) share."""
+    return {"hidden_size": cfg.hidden_size, "intermediate_size": ffn_size(cfg), "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+            "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            **hf_rope_fields(cfg), "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+            "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_dropout": 0.0,
+            "initializer_range": cfg.init_std, "bos_token_id": bos, "eos_token_id": eos,
+            "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
 
 
 def need(state: Mapping, name: str, shape: list[int]) -> torch.Tensor:
@@ -87,6 +91,11 @@ def need(state: Mapping, name: str, shape: list[int]) -> torch.Tensor:
 def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor view) pairs from a full, padding-stripped megalite state, tensor by tensor."""
     check(cfg)
+    return tensors_to_hf(state, cfg)
+
+
+def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """to_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, h // hq
     r = hq // hkv
@@ -99,6 +108,12 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
         yield o + "self_attn.k_proj.weight", qkv[:, r].reshape(hkv * d, h)
         yield o + "self_attn.v_proj.weight", qkv[:, r + 1].reshape(hkv * d, h)
         del qkv  # let a lazily read tensor go before the next one is read
+        if cfg.qkv_bias:  # bias rows follow the weight rows: [hkv, r + 2, d]
+            bias = need(state, p + "attn.qkv.bias", [(hq + 2 * hkv) * d]).view(hkv, r + 2, d)
+            yield o + "self_attn.q_proj.bias", bias[:, :r].reshape(hq * d)
+            yield o + "self_attn.k_proj.bias", bias[:, r].reshape(hkv * d)
+            yield o + "self_attn.v_proj.bias", bias[:, r + 1].reshape(hkv * d)
+            del bias
         yield o + "self_attn.o_proj.weight", need(state, p + "attn.proj.weight", [h, hq * d])
         yield o + "post_attention_layernorm.weight", need(state, p + "norm2.weight", [h])
         fc1 = need(state, p + "mlp.fc1.weight", [2 * f, h]).view(f, 2, h)  # rows: (gate_j, up_j) pairs
@@ -114,6 +129,11 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
 def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Full megalite state (unpadded vocabulary, fp32) from HF Llama tensors; names every missing one."""
     check(cfg)
+    return tensors_from_hf(hf, cfg)
+
+
+def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """from_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, h // hq
     r, V = hq // hkv, cfg.vocab_size
@@ -127,6 +147,10 @@ def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         gate, up = g(o + "mlp.gate_proj.weight", [f, h]), g(o + "mlp.up_proj.weight", [f, h])
         out[p + "norm1.weight"] = g(o + "input_layernorm.weight", [h])
         out[p + "attn.qkv.weight"] = torch.cat((q, k, v), dim=1).reshape(-1, h)  # -> [(hq + 2hkv) d, h]
+        if cfg.qkv_bias:  # the same [hkv, r + 2, d] order as the weight rows, so tp shards them alike
+            qb = g(o + "self_attn.q_proj.bias", [hq * d]).view(hkv, r, d)
+            kb, vb = (g(o + f"self_attn.{n}_proj.bias", [hkv * d]).view(hkv, 1, d) for n in "kv")
+            out[p + "attn.qkv.bias"] = torch.cat((qb, kb, vb), dim=1).reshape(-1)
         out[p + "attn.proj.weight"] = g(o + "self_attn.o_proj.weight", [h, hq * d])
         out[p + "norm2.weight"] = g(o + "post_attention_layernorm.weight", [h])
         out[p + "mlp.fc1.weight"] = torch.stack((gate, up), dim=1).reshape(2 * f, h)  # interleave rows
@@ -141,24 +165,27 @@ def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def model_overrides(conf: dict) -> list[str]:
     """megalite model.* overrides equal to a HF Llama config.json; refuses what megalite cannot build."""
-    hq = conf["num_attention_heads"]
-    bad = {"rope_scaling": conf.get("rope_scaling"), "attention_bias": conf.get("attention_bias", False),
-           "mlp_bias": conf.get("mlp_bias", False), "hidden_act": conf.get("hidden_act", "silu")}
-    rope = conf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        bad["rope_parameters.rope_type"] = rope["rope_type"]
+    bad = {"attention_bias": conf.get("attention_bias", False), "mlp_bias": conf.get("mlp_bias", False)}
     for key, value in bad.items():
-        if value not in (None, False, "silu", "default"):
-            raise CheckpointError(f"config.json {key}={value!r} is not supported (megalite has plain rotary, "
-                                  "no biases, SiLU); convert a model without it")
+        if value:
+            raise CheckpointError(f"config.json {key}={value!r} is not supported (megalite's Llama has no biases; "
+                                  "Qwen2's q/k/v-only bias is Qwen2ForCausalLM); convert a model without it")
+    return [f"model.{k}={v}" for k, v in common_overrides(conf).items()]
+
+
+def common_overrides(conf: dict) -> dict:
+    """model.<field> -> value shared by Llama-style config.jsons (Llama, Qwen2); refuses what megalite lacks."""
+    hq = conf["num_attention_heads"]
+    if conf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json hidden_act={conf['hidden_act']!r} is not supported (megalite's SwiGLU "
+                              "uses SiLU); convert a model with hidden_act='silu'")
     if conf.get("head_dim", conf["hidden_size"] // hq) * hq != conf["hidden_size"]:
         raise CheckpointError(f"head_dim={conf['head_dim']} * num_attention_heads={hq} != hidden_size="
                               f"{conf['hidden_size']}; megalite needs head_dim = hidden_size / heads")
-    theta = rope.get("rope_theta", conf.get("rope_theta", 10000.0))
-    kv = {"vocab_size": conf["vocab_size"], "hidden_size": conf["hidden_size"],
-          "num_layers": conf["num_hidden_layers"], "num_heads": hq,
-          "num_kv_heads": conf.get("num_key_value_heads") or hq, "ffn_hidden_size": conf["intermediate_size"],
-          "max_seq_len": conf.get("max_position_embeddings", 2048), "norm": "rmsnorm", "position": "rope",
-          "activation": "swiglu", "bias": False, "dropout": 0.0, "norm_eps": conf.get("rms_norm_eps", 1e-6),
-          "rope_theta": float(theta), "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}
-    return [f"model.{k}={v}" for k, v in kv.items()]
+    return {"vocab_size": conf["vocab_size"], "hidden_size": conf["hidden_size"],
+            "num_layers": conf["num_hidden_layers"], "num_heads": hq,
+            "num_kv_heads": conf.get("num_key_value_heads") or hq, "ffn_hidden_size": conf["intermediate_size"],
+            "max_seq_len": conf.get("max_position_embeddings", 2048), "norm": "rmsnorm", "position": "rope",
+            "activation": "swiglu", "bias": False, "qkv_bias": False, "dropout": 0.0,
+            "norm_eps": conf.get("rms_norm_eps", 1e-6), **rope_overrides(conf),
+            "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}

@@ -12,6 +12,7 @@ from typing import Literal
 # their lists of allowed values from these.
 Norm = Literal["rmsnorm", "layernorm"]
 Position = Literal["rope", "learned"]
+RopeScaling = Literal["none", "linear", "llama3"]
 Activation = Literal["swiglu", "gelu"]
 GridOrder = Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"]
 Schedule = Literal["1f1b", "interleaved", "afab"]
@@ -62,12 +63,28 @@ class ModelConfig:
     """Positions: 'rope' (rotary) or 'learned' (absolute embedding, GPT-2 style)."""
     rope_theta: float = 10000.0
     """Rotary base frequency."""
+    rope_scaling: RopeScaling = "none"
+    """Rotary frequency scaling for contexts longer than pretraining's, as Hugging Face's rope_type:
+    'none' (theta^(-2i/d)), 'linear' (every frequency / rope_scaling_factor) or 'llama3'
+    (Llama 3.1+: frequencies with wavelength above rope_original_max_seq_len / rope_low_freq_factor
+    divided by the factor, below rope_original_max_seq_len / rope_high_freq_factor kept, and
+    interpolated smoothly between)."""
+    rope_scaling_factor: float = 1.0
+    """The divisor of the scaled frequencies ('linear', 'llama3'; Llama 3.1 uses 8)."""
+    rope_low_freq_factor: float = 1.0
+    """'llama3': wavelengths above rope_original_max_seq_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """'llama3': wavelengths below rope_original_max_seq_len / this are left alone."""
+    rope_original_max_seq_len: int | None = None
+    """'llama3': the context length of pretraining before scaling (Llama 3.1: 8192); None means max_seq_len."""
     activation: Activation = "swiglu"
     """MLP: 'swiglu' (gated, Llama) or 'gelu' (GPT-2)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     bias: bool = False
     """Biases in linear layers (GPT-2 style) or none (Llama style)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2); `bias` puts them everywhere."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
     init_std: float = 0.02

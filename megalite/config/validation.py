@@ -13,11 +13,12 @@ from megalite.config.sections import Config, ConfigError, head_dim, kv_heads, re
 SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
             "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
-            "model.rope_theta", "model.init_std", "parallel.tp", "parallel.pp", "parallel.dp",
-            "parallel.virtual_stages", "parallel.timeout_s", "data.seq_len", "optim.eps", "optim.decay_steps",
-            "train.steps", "train.micro_batch_size", "train.global_batch_size", "train.eval_steps",
-            "train.initial_loss_scale", "train.loss_scale_window", "train.min_loss_scale",
-            "checkpoint.keep_last", "logging.interval")
+            "model.rope_theta", "model.rope_scaling_factor", "model.rope_low_freq_factor",
+            "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.init_std",
+            "parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
+            "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
+            "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
+            "train.min_loss_scale", "checkpoint.keep_last", "logging.interval")
 NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.clip_grad",
                 "train.eval_interval", "checkpoint.interval")
 
@@ -66,6 +67,7 @@ def _check_model(cfg: Config, err) -> None:
             "(each kv head serves a whole group of query heads)")
     if not 0 <= m.dropout < 1:
         err(f"model.dropout={m.dropout} must be in [0, 1)")
+    _check_rope_scaling(m, err)
     if tp > 1:
         if m.num_heads % tp:
             err(f"model.num_heads={m.num_heads} must be divisible by parallel.tp={tp} (heads are split over tp)")
@@ -74,6 +76,19 @@ def _check_model(cfg: Config, err) -> None:
                 "(kv heads are split over tp, not replicated)")
         if m.hidden_size > 0 and resolved_ffn_hidden_size(m) % tp:
             err(f"model.ffn_hidden_size={resolved_ffn_hidden_size(m)} must be divisible by parallel.tp={tp}")
+
+
+def _check_rope_scaling(m, err) -> None:
+    """Scaling settings that would be silently ignored, or divide by zero in the llama3 interpolation."""
+    if m.rope_scaling != "none" and m.position != "rope":
+        err(f"model.rope_scaling={m.rope_scaling!r} needs model.position='rope' (not {m.position!r}); "
+            "or set model.rope_scaling=none")
+    if m.rope_scaling == "none" and m.rope_scaling_factor != 1.0:
+        err(f"model.rope_scaling_factor={m.rope_scaling_factor} has no effect with model.rope_scaling='none'; "
+            "set model.rope_scaling=linear or llama3, or the factor to 1")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        err(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_factor="
+            f"{m.rope_low_freq_factor} for model.rope_scaling='llama3' (Llama 3.1 uses 4 and 1)")
 
 
 def _check_parallel(cfg: Config, world_size: int | None, err) -> None:

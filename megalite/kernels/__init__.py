@@ -20,7 +20,7 @@ import torch
 
 from megalite.kernels import fused, reference
 from megalite.kernels.attention import attention
-from megalite.kernels.reference import rope_cos_sin
+from megalite.kernels.reference import rope_cos_sin, rope_inv_freq
 
 _LOG = logging.getLogger("megalite.kernels")
 ENV_VAR = "MEGALITE_KERNELS"
@@ -99,4 +99,4 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return impl.apply_rotary(x, cos, sin, interleaved=interleaved, rot_dim=rot_dim)
 
 
-__all__ = ["attention", "apply_rotary", "backend", "layer_norm", "rms_norm", "rope_cos_sin"]
+__all__ = ["attention", "apply_rotary", "backend", "layer_norm", "rms_norm", "rope_cos_sin", "rope_inv_freq"]

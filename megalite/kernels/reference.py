@@ -81,17 +81,26 @@ class _LowPrecisionLayerNorm(torch.autograd.Function):
         return (None if dx is None else dx.to(x.dtype)), dw, db, None
 
 
-def rope_cos_sin(seq_len: int, rot_dim: int, theta: float = 10000.0,
-                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (cos, sin) tables, each [seq_len, rot_dim // 2], for positions 0..seq_len-1.
-
-    Frequency i (0 <= i < rot_dim/2) is theta^(-2i/rot_dim), as in RoFormer/Llama.
-    """
+def rope_inv_freq(rot_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """fp32 [rot_dim // 2]: frequency i is theta^(-2i/rot_dim), as in RoFormer/Llama."""
     if rot_dim <= 0 or rot_dim % 2:
         raise ValueError(f"rotary dim {rot_dim} must be a positive even number")
+    return 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
+
+
+def rope_cos_sin(seq_len: int, rot_dim: int, theta: float = 10000.0, device: torch.device | str | None = None,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) tables, each [seq_len, rot_dim // 2], for positions 0..seq_len-1.
+
+    The frequencies are `rope_inv_freq(rot_dim, theta)` unless `inv_freq` ([rot_dim // 2], e.g.
+    scaled ones: model.rope) is given.
+    """
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
-    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(rot_dim, theta, device)
+    elif list(inv_freq.shape) != [rot_dim // 2]:
+        raise ValueError(f"inv_freq has shape {list(inv_freq.shape)}, expected [{rot_dim // 2}]")
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # [s, rot/2]
     return angles.cos(), angles.sin()
 

@@ -37,6 +37,7 @@ from megalite import kernels
 from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.model.norms import make_norm
+from megalite.model.rope import rope_tables
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -225,14 +226,14 @@ class Attention(nn.Module):
         self.recompute_core = par.activation_checkpointing == "selective"
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # residual-branch outputs add up over 2L branches
         self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * n_kv) * self.head_dim, tp_group,
-                                        bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                        bias=cfg.bias or cfg.qkv_bias, sequence_parallel=sequence_parallel,
                                         init_method=normal_init(cfg.init_std), init_seed=None)
         self.proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp_group, bias=cfg.bias,
                                       sequence_parallel=sequence_parallel, init_method=normal_init(out_std),
                                       init_seed=None)
         self.rope = cfg.position == "rope"
         if self.rope:
-            cos, sin = kernels.rope_cos_sin(cfg.max_seq_len, self.head_dim, cfg.rope_theta)
+            cos, sin = rope_tables(cfg, self.head_dim)  # model.rope_scaling applied
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
             self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -84,12 +84,12 @@ def test_round_trip_identical_at_other_layouts(tmp_path, overrides):
         for name, tensor in original.items():
             assert torch.equal(back[name], tensor), name
         export_hf(out, tmp_path / ("hf" + out.name))  # and out again, from the tp/pp layout
-        again = _hf_tensors(tmp_path / ("hf" + out.name))
-        first = _hf_tensors(tmp_path / "hf")
+        again = hf_tensors(tmp_path / ("hf" + out.name))
+        first = hf_tensors(tmp_path / "hf")
         assert sorted(again) == sorted(first) and all(torch.equal(again[k], first[k]) for k in first)
 
 
-def _hf_tensors(hf_dir: Path) -> dict:
+def hf_tensors(hf_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return {k: v for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -12,7 +12,7 @@ import torch
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.consolidate import consolidate_fp32
 from megalite.checkpoint.hf import arch_for_model, export_hf, import_hf
-from tests.checkpoint.test_hf import _hf_tensors, ours, write_ckpt
+from tests.checkpoint.test_hf import hf_tensors, ours, write_ckpt
 from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -70,7 +70,7 @@ def test_gpt2_round_trip_through_tp2_is_identical(tmp_path):
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
     export_hf(tmp_path / "back", tmp_path / "hf2")
-    first, again = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "hf2")
+    first, again = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "hf2")
     assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
 
 

@@ -214,6 +214,14 @@ RULES = [
     (["data.split=100,0,0"], None, "data.split='100,0,0' gives the valid split a zero share, but "
                                    "train.eval_interval=100 evaluates on it"),
     (["data.split=0,1,0", "train.eval_interval=0"], None, "data.split='0,1,0' gives the train split a zero share"),
+    (["model.rope_scaling=yarn"], None, "model.rope_scaling='yarn' must be one of none, linear, llama3"),
+    (["model.rope_scaling=linear", "model.rope_scaling_factor=0"], None, "model.rope_scaling_factor=0.0 must be > 0"),
+    (["model.rope_scaling_factor=8"], None,
+     "model.rope_scaling_factor=8.0 has no effect with model.rope_scaling='none'"),
+    (["model.rope_scaling=llama3", "model.rope_low_freq_factor=4"], None,
+     "model.rope_high_freq_factor=4.0 must be > model.rope_low_freq_factor=4.0 for model.rope_scaling='llama3'"),
+    (["model.rope_scaling=linear", "model.position=learned"], None,
+     "model.rope_scaling='linear' needs model.position='rope' (not 'learned')"),
 ]
 
 

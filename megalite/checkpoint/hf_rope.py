@@ -1,0 +1,69 @@
+"""Rotary settings <-> Hugging Face's rope parameters (config.json), for the rotary architectures.
+
+transformers 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}); older configs
+write `rope_theta` and `rope_scaling` ({type or rope_type, factor, ...}). Import reads either;
+export writes both, so transformers 4 and 5 read the same scaling. megalite implements the
+rope types default, linear and llama3 (model.rope); any other is refused by name.
+"""
+from __future__ import annotations
+
+from megalite.checkpoint.io import CheckpointError
+from megalite.config import ModelConfig
+
+SUPPORTED = ("default", "linear", "llama3")
+_OURS = {"default": "none", "linear": "linear", "llama3": "llama3"}  # HF rope_type -> model.rope_scaling
+_REQUIRED = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """HF rope_parameters of the model `cfg` (rope_type, rope_theta and the scaling's own keys)."""
+    kind = {v: k for k, v in _OURS.items()}[cfg.rope_scaling]
+    out = {"rope_type": kind, "rope_theta": float(cfg.rope_theta)}
+    if kind != "default":
+        out["factor"] = float(cfg.rope_scaling_factor)
+    if kind == "llama3":
+        out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor),
+                   original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+    return out
+
+
+def hf_rope_fields(cfg: ModelConfig) -> dict:
+    """config.json's rope keys: rope_parameters (transformers 5), rope_theta and rope_scaling (before)."""
+    params = rope_parameters(cfg)
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"} if params["rope_type"] != "default" else None
+    return {"rope_theta": params["rope_theta"], "rope_parameters": params, "rope_scaling": scaling}
+
+
+def _params_of(conf: dict) -> dict:
+    """The one rope dict of a config.json (rope_parameters, else rope_scaling), with its rope_type set."""
+    params = dict(conf.get("rope_parameters") or conf.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"config.json rope_parameters per layer type ({sorted(params)}) is not supported: "
+                              "megalite uses one rotary for every layer")
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_overrides(conf: dict) -> dict:
+    """model.<field> -> value for the rotary of a HF config.json; refuses a rope megalite does not compute."""
+    params = _params_of(conf)
+    kind = params["rope_type"]
+    if kind not in SUPPORTED:
+        raise CheckpointError(f"config.json rope_type={kind!r} is not supported: megalite implements rope types "
+                              f"{', '.join(SUPPORTED)} (model.rope_scaling); convert a model with one of those")
+    if params.get("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"config.json partial_rotary_factor={params.get('partial_rotary_factor')!r} is not "
+                              "supported: megalite rotates every feature of a head")
+    theta = params.get("rope_theta", conf.get("rope_theta", 10000.0))
+    out = {"rope_theta": float(theta), "rope_scaling": _OURS[kind]}
+    missing = [k for k in _REQUIRED[kind] if k not in params]
+    if missing:
+        raise CheckpointError(f"config.json rope_type={kind!r} lacks {missing} (transformers needs them too)")
+    if kind != "default":
+        out["rope_scaling_factor"] = float(params["factor"])
+    if kind == "llama3":  # a top-level original_max_position_embeddings wins, as in transformers
+        original = (conf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                    or conf.get("max_position_embeddings", 2048))
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]), rope_original_max_seq_len=int(original))
+    return out

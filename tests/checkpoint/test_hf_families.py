@@ -1,0 +1,71 @@
+"""Import of the Llama-family models people start from, checked against transformers' own classes.
+
+Each test builds a small random model with transformers' config and model class,
+saves it, imports it with megalite's converter, and asserts that megalite's logits
+and loss on the same tokens equal transformers' and that export writes back the
+very same safetensors. Tolerance: rtol 1e-5 with a floor of 1e-5 * max|logit|
+(tests/tolerance.py): both sides compute the same fp32 math on the same weights,
+summed in another order, so they differ by ulps (~1e-7); a wrong frequency, bias
+row or weight shows at ~1e-2 and more.
+"""
+import pytest
+import torch
+
+from megalite.checkpoint import CheckpointError
+from megalite.checkpoint.hf import export_hf, import_hf
+from tests.checkpoint.test_hf import hf_tensors, ours
+from tests.tolerance import assert_close
+
+transformers = pytest.importorskip("transformers")
+RTOL, ATOL_FRAC = 1e-5, 1e-5
+SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+# original_max_position_embeddings 8 < the 24 tokens: llama3 scaling divides or smooths every frequency
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+LINEAR = {"rope_type": "linear", "rope_theta": 50000.0, "factor": 3.0}
+
+
+def random_hf(config_cls, model_cls, **kwargs):
+    """A randomly initialised fp32 transformers model (biases drawn too: HF's init zeroes them)."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**SHAPE, **kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def check_parity_and_round_trip(tmp_path, hf_model) -> None:
+    """Import `hf_model`; megalite's logits and loss equal transformers'; export gives back its tensors."""
+    from megalite.generate import load_model
+
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, _ = load_model(tmp_path / "ckpt")
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf_model(tokens, labels=tokens)  # HF shifts: logits at 0..s-2 predict tokens 1..s-1
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:]).mean()
+    assert_close(ours(model, tokens), want.logits, RTOL, ATOL_FRAC, "logits")
+    assert_close(loss, want.loss, RTOL, ATOL_FRAC, "loss")
+    export_hf(tmp_path / "ckpt", tmp_path / "back")
+    first, again = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
+    assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "back")).to_dict()["rope_parameters"] == \
+        hf_model.config.to_dict()["rope_parameters"]
+
+
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
+def test_llama_rope_scaling_parity(tmp_path, rope):
+    check_parity_and_round_trip(tmp_path, random_hf(transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                                                    rope_parameters=dict(rope)))
+
+
+def test_unsupported_rope_type_refused_by_name(tmp_path):
+    conf = transformers.LlamaConfig(**SHAPE, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+    transformers.LlamaForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"rope_type='yarn' is not supported.*default, linear, llama3"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
