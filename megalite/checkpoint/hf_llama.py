@@ -34,7 +34,7 @@ from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
+WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
            "dropout": 0.0}
 
 
@@ -51,12 +51,12 @@ def refuse_mismatches(cfg: ModelConfig, wanted: Mapping, arch: str, style: str) 
 
 def mismatches(cfg: ModelConfig) -> dict[str, tuple]:
     """model.<field> -> (value, what LlamaForCausalLM needs), for every field it cannot represent."""
-    return field_mismatches(cfg, _WANTED)
+    return field_mismatches(cfg, WANTED)
 
 
 def check(cfg: ModelConfig) -> None:
     """Refuse model shapes that LlamaForCausalLM cannot represent, naming the setting."""
-    refuse_mismatches(cfg, _WANTED, ARCH, "Llama style: rmsnorm, rope, swiglu, no bias, no dropout")
+    refuse_mismatches(cfg, WANTED, ARCH, "Llama style: rmsnorm, rope, swiglu, no bias, no dropout")
 
 
 def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,

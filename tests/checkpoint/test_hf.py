@@ -127,11 +127,11 @@ def test_import_tp2_logits_match_transformers(tmp_path, spawn):
     tokens = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(tokens).logits
-    for got in spawn(_tp_logits, 2, str(tmp_path / "ckpt"), tokens):
+    for got in spawn(tp_logits, 2, str(tmp_path / "ckpt"), tokens):
         assert_close(got, want, RTOL, ATOL_FRAC, "tp=2 logits of the import")
 
 
-def _tp_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
+def tp_logits(ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
     """On each of 2 gloo ranks: the tp=2 model from the imported checkpoint, full logits [b, s, V]."""
     import torch.distributed as dist
 

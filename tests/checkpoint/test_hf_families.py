@@ -13,7 +13,7 @@ import torch
 
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.hf import export_hf, import_hf
-from tests.checkpoint.test_hf import hf_tensors, ours
+from tests.checkpoint.test_hf import hf_tensors, ours, tp_logits
 from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -67,5 +67,33 @@ def test_unsupported_rope_type_refused_by_name(tmp_path):
     conf = transformers.LlamaConfig(**SHAPE, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
     transformers.LlamaForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match=r"rope_type='yarn' is not supported.*default, linear, llama3"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3], ids=["default-rope", "llama3-rope"])
+def test_qwen2_parity(tmp_path, rope):
+    extra = {"rope_parameters": dict(rope)} if rope else {}
+    hf = random_hf(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, **extra)
+    check_parity_and_round_trip(tmp_path, hf)
+    assert {"model.layers.0.self_attn.k_proj.bias"} <= set(hf_tensors(tmp_path / "back"))
+
+
+def test_qwen2_tp2_import_logits(tmp_path, spawn):
+    """Each tp rank's q/k/v bias rows are its own heads' (the fused layout): the tp=2 logits are transformers'."""
+    hf = random_hf(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", ["parallel.tp=2"])
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+    for got in spawn(tp_logits, 2, str(tmp_path / "ckpt"), tokens):
+        assert_close(got, want, RTOL, ATOL_FRAC, "tp=2 logits of the Qwen2 import")
+
+
+def test_qwen2_sliding_window_refused_by_name(tmp_path):
+    conf = transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    transformers.Qwen2ForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"use_sliding_window=True .*sliding-window attention"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
