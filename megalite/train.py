@@ -28,7 +28,7 @@ from megalite.checkpoint.resume import (
     resume_point,
 )
 from megalite.checkpoint.schema import Layout, Progress, RankState
-from megalite.config import Config, ConfigError, load_config, samples_per_split, save_config, to_yaml
+from megalite.config import Config, ConfigError, head_dim, load_config, samples_per_split, save_config, to_yaml
 from megalite.data.demo import ensure_demo_data
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.data.tokenizer import build_tokenizer
@@ -194,7 +194,7 @@ class Trainer:
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
         self.flops_per_token = flops_per_token(matmul_parameters(cfg.model), cfg.model.num_layers,
-                                               cfg.model.num_heads, cfg.model.hidden_size // cfg.model.num_heads,
+                                               cfg.model.num_heads, head_dim(cfg.model),
                                                cfg.data.seq_len)
 
     def _loader(self, split: str, consumed_samples: int):

@@ -1,8 +1,9 @@
 """Hugging Face export and import: megalite checkpoints <-> transformers model directories.
 
-Three architectures, picked from the model config (export) or config.json (import):
+Four architectures, picked from the model config (export) or config.json (import):
 Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama), the same with
-q/k/v-only biases <-> Qwen2ForCausalLM (checkpoint.hf_qwen2), and GPT-2 style (layernorm,
+q/k/v-only biases <-> Qwen2ForCausalLM (checkpoint.hf_qwen2), with per-head q/k RMSNorm and any
+head_dim <-> Qwen3ForCausalLM (checkpoint.hf_qwen3), and GPT-2 style (layernorm,
 learned positions, gelu) <-> GPT2LMHeadModel (checkpoint.hf_gpt2).
 Anything else is refused by name.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megalite.checkpoint import hf_gpt2, hf_llama, hf_qwen2
+from megalite.checkpoint import hf_gpt2, hf_llama, hf_qwen2, hf_qwen3
 from megalite.checkpoint.hf_files import write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
@@ -45,7 +46,7 @@ __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_styl
            "sentencepiece_to_tokenizer_json", "write_safetensors", "write_tokenizer"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # each: ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf, model_overrides
-ARCHS = (hf_llama, hf_qwen2, hf_gpt2)
+ARCHS = (hf_llama, hf_qwen2, hf_qwen3, hf_gpt2)
 
 
 def arch_for_model(cfg: ModelConfig):
@@ -80,7 +81,7 @@ def _write_metadata(cfg, arch, tmp: Path, dtype: torch.dtype) -> None:
 
 def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: int = 5 * 2**30,
               dtype: str = "fp32") -> Path:
-    """Write a LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel directory (config.json, safetensors, tokenizer).
+    """Write a Hugging Face model directory (config.json, safetensors, tokenizer) of any architecture in ARCHS.
 
     `checkpoint` is a checkpoint root or step directory of any layout (tp, pp, native or ZeRO);
     `config` the run's config.yaml when it is not next to the checkpoint. Streams tensor by tensor:
@@ -141,7 +142,7 @@ def _import_config(conf: dict, arch, overrides):
 
 
 def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
-    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Qwen2 or GPT-2 model at the
+    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Qwen2, Qwen3 or GPT-2 model at the
     layout in `overrides`.
 
     `overrides` are dotted config overrides (parallel.tp=2 parallel.pp=2 parallel.dp=..). The output root

@@ -29,13 +29,13 @@ import torch
 
 from megalite.checkpoint.hf_rope import hf_rope_fields, rope_overrides
 from megalite.checkpoint.io import CheckpointError
-from megalite.config import ModelConfig
+from megalite.config import ModelConfig, head_dim
 from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
-           "dropout": 0.0}
+          "qk_norm": False, "dropout": 0.0}
 
 
 def field_mismatches(cfg: ModelConfig, wanted: Mapping) -> dict[str, tuple]:
@@ -71,7 +71,7 @@ def common_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: tor
     """The config.json keys that Llama-style architectures (Llama, Qwen2) share."""
     return {"hidden_size": cfg.hidden_size, "intermediate_size": ffn_size(cfg), "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "num_hidden_layers": cfg.num_layers,
-            "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "head_dim": head_dim(cfg), "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
             **hf_rope_fields(cfg), "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
             "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_dropout": 0.0,
             "initializer_range": cfg.init_std, "bos_token_id": bos, "eos_token_id": eos,
@@ -97,7 +97,7 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
 def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """to_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
-    hkv, d = cfg.num_kv_heads or hq, h // hq
+    hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
     r = hq // hkv
     yield "model.embed_tokens.weight", need(state, "blocks.0.word.weight", [cfg.vocab_size, h])
     for i in range(1, L + 1):
@@ -114,6 +114,9 @@ def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch
             yield o + "self_attn.k_proj.bias", bias[:, r].reshape(hkv * d)
             yield o + "self_attn.v_proj.bias", bias[:, r + 1].reshape(hkv * d)
             del bias
+        if cfg.qk_norm:
+            yield o + "self_attn.q_norm.weight", need(state, p + "attn.q_norm.weight", [d])
+            yield o + "self_attn.k_norm.weight", need(state, p + "attn.k_norm.weight", [d])
         yield o + "self_attn.o_proj.weight", need(state, p + "attn.proj.weight", [h, hq * d])
         yield o + "post_attention_layernorm.weight", need(state, p + "norm2.weight", [h])
         fc1 = need(state, p + "mlp.fc1.weight", [2 * f, h]).view(f, 2, h)  # rows: (gate_j, up_j) pairs
@@ -135,7 +138,7 @@ def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """from_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
-    hkv, d = cfg.num_kv_heads or hq, h // hq
+    hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
     r, V = hq // hkv, cfg.vocab_size
     g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731
     out = {"blocks.0.word.weight": g("model.embed_tokens.weight", [V, h])}
@@ -152,6 +155,9 @@ def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             kb, vb = (g(o + f"self_attn.{n}_proj.bias", [hkv * d]).view(hkv, 1, d) for n in "kv")
             out[p + "attn.qkv.bias"] = torch.cat((qb, kb, vb), dim=1).reshape(-1)
         out[p + "attn.proj.weight"] = g(o + "self_attn.o_proj.weight", [h, hq * d])
+        if cfg.qk_norm:
+            out[p + "attn.q_norm.weight"] = g(o + "self_attn.q_norm.weight", [d])
+            out[p + "attn.k_norm.weight"] = g(o + "self_attn.k_norm.weight", [d])
         out[p + "norm2.weight"] = g(o + "post_attention_layernorm.weight", [h])
         out[p + "mlp.fc1.weight"] = torch.stack((gate, up), dim=1).reshape(2 * f, h)  # interleave rows
         out[p + "mlp.fc2.weight"] = g(o + "mlp.down_proj.weight", [h, f])
@@ -179,13 +185,12 @@ def common_overrides(conf: dict) -> dict:
     if conf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json hidden_act={conf['hidden_act']!r} is not supported (megalite's SwiGLU "
                               "uses SiLU); convert a model with hidden_act='silu'")
-    if conf.get("head_dim", conf["hidden_size"] // hq) * hq != conf["hidden_size"]:
-        raise CheckpointError(f"head_dim={conf['head_dim']} * num_attention_heads={hq} != hidden_size="
-                              f"{conf['hidden_size']}; megalite needs head_dim = hidden_size / heads")
-    return {"vocab_size": conf["vocab_size"], "hidden_size": conf["hidden_size"],
+    d = conf.get("head_dim") or conf["hidden_size"] // hq
+    explicit = {} if d * hq == conf["hidden_size"] else {"head_dim": d}  # Qwen3's differs
+    return {**explicit, "vocab_size": conf["vocab_size"], "hidden_size": conf["hidden_size"],
             "num_layers": conf["num_hidden_layers"], "num_heads": hq,
             "num_kv_heads": conf.get("num_key_value_heads") or hq, "ffn_hidden_size": conf["intermediate_size"],
             "max_seq_len": conf.get("max_position_embeddings", 2048), "norm": "rmsnorm", "position": "rope",
-            "activation": "swiglu", "bias": False, "qkv_bias": False, "dropout": 0.0,
+            "activation": "swiglu", "bias": False, "qkv_bias": False, "qk_norm": False, "dropout": 0.0,
             "norm_eps": conf.get("rms_norm_eps", 1e-6), **rope_overrides(conf),
             "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}

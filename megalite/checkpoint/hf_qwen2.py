@@ -53,11 +53,16 @@ def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return hf_llama.tensors_from_hf(hf, cfg)
 
 
-def model_overrides(conf: dict) -> list[str]:
-    """megalite model.* overrides equal to a HF Qwen2 config.json; refuses sliding-window attention by name."""
+def refuse_sliding_window(conf: dict) -> None:
+    """Refuse a config.json with sliding-window layers by name (Qwen2, Qwen3, Mistral)."""
     sliding = [i for i, t in enumerate(conf.get("layer_types") or []) if t != "full_attention"]
     if conf.get("use_sliding_window") or sliding:
         raise CheckpointError(f"config.json use_sliding_window={conf.get('use_sliding_window')!r} (sliding layers "
                               f"{sliding}, sliding_window={conf.get('sliding_window')!r}) is not supported: megalite "
                               "has no sliding-window attention; convert a model with use_sliding_window=false")
+
+
+def model_overrides(conf: dict) -> list[str]:
+    """megalite model.* overrides equal to a HF Qwen2 config.json; refuses sliding-window attention by name."""
+    refuse_sliding_window(conf)
     return [f"model.{k}={v}" for k, v in {**common_overrides(conf), "qkv_bias": True}.items()]

@@ -23,8 +23,9 @@ CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transform
 to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
 --max-shard-size file plus one tensor) and writes a directory that LlamaForCausalLM (Llama-style
 models, rope scaling linear or llama3 included), Qwen2ForCausalLM (Llama style with
-model.qkv_bias=true) or GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu)
-loads as is. from-hf imports any of these architectures. from-hf writes a megalite checkpoint
+model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
+GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
+from-hf imports any of these architectures. from-hf writes a megalite checkpoint
 (step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
 `megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
 same parallel layout. reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
@@ -61,7 +62,7 @@ def add_conversions(p: argparse.ArgumentParser) -> None:
     to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
     to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    frm = sub.add_parser("from-hf", help="Hugging Face Llama, Qwen2 or GPT-2 directory -> megalite checkpoint")
+    frm = sub.add_parser("from-hf", help="Hugging Face Llama, Qwen2, Qwen3 or GPT-2 directory -> megalite checkpoint")
     frm.add_argument("hf_dir")
     frm.add_argument("out_ckpt")
     frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")

@@ -48,9 +48,15 @@ class ModelConfig:
     num_layers: int = 4
     """Number of transformer blocks (L)."""
     num_heads: int = 4
-    """Attention query heads; hidden_size must divide evenly by it."""
+    """Attention query heads; hidden_size must divide evenly by it unless head_dim is set."""
     num_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; None means num_heads (plain multi-head)."""
+    head_dim: int | None = None
+    """Per-head width of q, k and v; None means hidden_size / num_heads. Qwen3 and Gemma set it
+    otherwise: the attention output is then num_heads * head_dim wide, projected back to hidden_size."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key (gains [head_dim], shared by the heads), after the
+    projection and before rotary, as Qwen3 does."""
     ffn_hidden_size: int | None = None
     """MLP inner width; None picks 4h for GELU and the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
     max_seq_len: int = 256
@@ -287,8 +293,8 @@ class Config:
 
 
 def head_dim(model: ModelConfig) -> int:
-    """Per-head width: hidden_size / num_heads."""
-    return model.hidden_size // model.num_heads
+    """Per-head width: model.head_dim, or hidden_size / num_heads when unset."""
+    return model.head_dim or model.hidden_size // model.num_heads
 
 
 def kv_heads(model: ModelConfig) -> int:

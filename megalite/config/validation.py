@@ -12,7 +12,7 @@ from megalite.config.sections import Config, ConfigError, head_dim, kv_heads, re
 
 SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
-            "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
+            "model.head_dim", "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
             "model.rope_theta", "model.rope_scaling_factor", "model.rope_low_freq_factor",
             "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.init_std",
             "parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
@@ -57,10 +57,12 @@ def _check_generic(cfg: Config, err) -> None:
 
 def _check_model(cfg: Config, err) -> None:
     m, tp = cfg.model, cfg.parallel.tp
-    if m.num_heads > 0 and m.hidden_size % m.num_heads:
-        err(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
-    elif m.num_heads > 0 and m.position == "rope" and head_dim(m) % 2:
-        err(f"model.hidden_size={m.hidden_size} / model.num_heads={m.num_heads} = head_dim {head_dim(m)} "
+    if m.num_heads > 0 and m.head_dim is None and m.hidden_size % m.num_heads:
+        err(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads} "
+            "(or set model.head_dim)")
+    elif m.num_heads > 0 and m.position == "rope" and head_dim(m) > 0 and head_dim(m) % 2:
+        err(f"model.hidden_size={m.hidden_size} / model.num_heads={m.num_heads} (or model.head_dim) = head_dim "
+            f"{head_dim(m)} "
             "must be even for position='rope' (rotary turns pairs of channels)")
     if m.num_kv_heads and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
         err(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads} "

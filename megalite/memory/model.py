@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalite.config import ModelConfig, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, head_dim, resolved_ffn_hidden_size
 from megalite.pipeline.schedules import compute_order  # the very schedule the executor runs
 
 # (weights, gradients, optimizer state) bytes per parameter on one rank, functions of dp (mixed
@@ -88,7 +88,7 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int
     h_sp = h * share
     if lay.recompute == "full":
         return e * h_sp
-    d = h // cfg.num_heads
+    d = head_dim(cfg)
     hq, hkv = cfg.num_heads / tp, (cfg.num_kv_heads or cfg.num_heads) / tp
     f = resolved_ffn_hidden_size(cfg) / tp
     selective = lay.recompute == "selective"
@@ -109,7 +109,7 @@ def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
     out = 0
     if lay.precision != "fp32":
         tp, h = lay.tp, cfg.hidden_size
-        d = h // cfg.num_heads
+        d = head_dim(cfg)
         qkv = (cfg.num_heads + 2 * (cfg.num_kv_heads or cfg.num_heads)) * d * h // tp
         ffn = resolved_ffn_hidden_size(cfg)
         mlp = (3 if cfg.activation == "swiglu" else 2) * ffn * h // tp

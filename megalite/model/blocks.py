@@ -34,9 +34,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megalite import kernels
-from megalite.config import ModelConfig, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
-from megalite.model.norms import make_norm
+from megalite.model.norms import RMSNorm, make_norm
 from megalite.model.rope import rope_tables
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
@@ -220,7 +220,7 @@ class Attention(nn.Module):
         self.rng_tracker = par.rng_tracker
         tp_group, sequence_parallel, tp = par.tp_group, par.sequence_parallel, par.tp
         n_kv = cfg.num_kv_heads or cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.head_dim = head_dim(cfg)
         self.q_per_kv, self.kv_local = cfg.num_heads // n_kv, n_kv // tp
         self.dropout = cfg.dropout
         self.recompute_core = par.activation_checkpointing == "selective"
@@ -231,6 +231,10 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, tp_group, bias=cfg.bias,
                                       sequence_parallel=sequence_parallel, init_method=normal_init(out_std),
                                       init_seed=None)
+        if cfg.qk_norm:  # gains shared by this rank's heads, so their gradients are partial sums over tp
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, sequence_parallel=tp > 1)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, sequence_parallel=tp > 1)
+        self.qk_norm = cfg.qk_norm
         self.rope = cfg.position == "rope"
         if self.rope:
             cos, sin = rope_tables(cfg, self.head_dim)  # model.rope_scaling applied
@@ -247,6 +251,8 @@ class Attention(nn.Module):
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_local, self.q_per_kv + 2, self.head_dim)  # -> [s, b, hkv/tp, r + 2, d]
         q, k, v = _SplitQKV.apply(qkv, self.q_per_kv)  # [s, b, hq/tp, d], [s, b, hkv/tp, d] x 2
+        if self.qk_norm:  # per head, before rotary (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
         if kv_cache is not None:
             if documents is not None:
                 raise ValueError("document masking is for training on packed samples; "

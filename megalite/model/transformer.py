@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from megalite.config import ModelConfig, choices, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, choices, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
 from megalite.model.compiled import compile_blocks as compile_transformer_blocks
@@ -35,7 +35,7 @@ def check_model(cfg: ModelConfig, tp: int) -> None:
         if getattr(cfg, key) <= 0:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be positive")
     n_kv = cfg.num_kv_heads or cfg.num_heads
-    if cfg.hidden_size % cfg.num_heads:
+    if cfg.head_dim is None and cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"model.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
     if cfg.num_heads % n_kv:
         raise ValueError(f"model.num_heads={cfg.num_heads} is not a multiple of num_kv_heads={n_kv}")
@@ -45,9 +45,9 @@ def check_model(cfg: ModelConfig, tp: int) -> None:
     if resolved_ffn_hidden_size(cfg) % tp:
         raise ValueError(f"ffn hidden size {resolved_ffn_hidden_size(cfg)} is not divisible by tp={tp}; "
                          "set model.ffn_hidden_size")
-    if cfg.position == "rope" and (cfg.hidden_size // cfg.num_heads) % 2:
-        raise ValueError(f"rotary needs an even head dim; hidden_size/num_heads = "
-                         f"{cfg.hidden_size // cfg.num_heads}")
+    if cfg.position == "rope" and head_dim(cfg) % 2:
+        raise ValueError(f"rotary needs an even head dim; model.head_dim (or hidden_size/num_heads) = "
+                         f"{head_dim(cfg)}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 

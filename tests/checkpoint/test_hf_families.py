@@ -27,13 +27,16 @@ LINEAR = {"rope_type": "linear", "rope_theta": 50000.0, "factor": 3.0}
 
 
 def random_hf(config_cls, model_cls, **kwargs):
-    """A randomly initialised fp32 transformers model (biases drawn too: HF's init zeroes them)."""
+    """A randomly initialised fp32 transformers model (biases and norm gains drawn too: HF's init
+    makes them 0 and 1, which would hide a bias or gain that is dropped or misplaced)."""
     torch.manual_seed(0)
-    model = model_cls(config_cls(**SHAPE, **kwargs)).eval()
+    model = model_cls(config_cls(**{**SHAPE, **kwargs})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.normal_(1, 0.3)
     return model
 
 
@@ -79,21 +82,41 @@ def test_qwen2_parity(tmp_path, rope):
     assert {"model.layers.0.self_attn.k_proj.bias"} <= set(hf_tensors(tmp_path / "back"))
 
 
-def test_qwen2_tp2_import_logits(tmp_path, spawn):
-    """Each tp rank's q/k/v bias rows are its own heads' (the fused layout): the tp=2 logits are transformers'."""
-    hf = random_hf(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
+@pytest.mark.parametrize("extra", [{"head_dim": 32}, {"head_dim": 16, "rope_parameters": dict(LINEAR)}],
+                         ids=["head_dim-32", "head_dim-16-linear-rope"])
+def test_qwen3_parity(tmp_path, extra):
+    """Per-head q/k RMSNorm and a head_dim other than hidden / heads (32 * 4 heads = 128 != 64)."""
+    hf = random_hf(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, **extra)
+    check_parity_and_round_trip(tmp_path, hf)
+    assert {"model.layers.1.self_attn.q_norm.weight"} <= set(hf_tensors(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3"])
+def test_qwen_tp2_import_logits(tmp_path, spawn, family):
+    """Each tp rank's q/k/v bias rows are its own heads' (the fused layout), and each holds the shared
+    q/k norm gains: the tp=2 logits are transformers'."""
+    extra = {"head_dim": 32} if family == "Qwen3" else {}
+    hf = random_hf(getattr(transformers, family + "Config"), getattr(transformers, family + "ForCausalLM"), **extra)
     hf.save_pretrained(str(tmp_path / "hf"))
     import_hf(tmp_path / "hf", tmp_path / "ckpt", ["parallel.tp=2"])
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(tokens).logits
     for got in spawn(tp_logits, 2, str(tmp_path / "ckpt"), tokens):
-        assert_close(got, want, RTOL, ATOL_FRAC, "tp=2 logits of the Qwen2 import")
+        assert_close(got, want, RTOL, ATOL_FRAC, f"tp=2 logits of the {family} import")
 
 
 def test_qwen2_sliding_window_refused_by_name(tmp_path):
     conf = transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     transformers.Qwen2ForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match=r"use_sliding_window=True .*sliding-window attention"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_qwen3_attention_bias_refused_by_name(tmp_path):
+    conf = transformers.Qwen3Config(**SHAPE, attention_bias=True)
+    transformers.Qwen3ForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"attention_bias=True is not supported: Qwen3's puts a bias on o_proj"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()

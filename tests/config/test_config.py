@@ -214,6 +214,8 @@ RULES = [
     (["data.split=100,0,0"], None, "data.split='100,0,0' gives the valid split a zero share, but "
                                    "train.eval_interval=100 evaluates on it"),
     (["data.split=0,1,0", "train.eval_interval=0"], None, "data.split='0,1,0' gives the train split a zero share"),
+    (["model.head_dim=7"], None, "(or model.head_dim) = head_dim 7 must be even for position='rope'"),
+    (["model.head_dim=0"], None, "model.head_dim=0 must be > 0"),
     (["model.rope_scaling=yarn"], None, "model.rope_scaling='yarn' must be one of none, linear, llama3"),
     (["model.rope_scaling=linear", "model.rope_scaling_factor=0"], None, "model.rope_scaling_factor=0.0 must be > 0"),
     (["model.rope_scaling_factor=8"], None,
