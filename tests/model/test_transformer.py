@@ -21,6 +21,9 @@ VARIANTS = {
              "bias": True, "num_kv_heads": None},
     "rope-tied-layernorm": {"norm": "layernorm", "tie_embeddings": True},
     "learned-swiglu-mqa": {"position": "learned", "num_kv_heads": 1},
+    # Qwen-style attention: q/k/v-only bias, per-head q/k RMSNorm, head_dim 16 (4 * 16 != 32), llama3 rotary
+    "qwen-style": {"qkv_bias": True, "qk_norm": True, "head_dim": 16, "rope_scaling": "llama3",
+                   "rope_scaling_factor": 4.0, "rope_original_max_seq_len": 8},
 }
 
 
@@ -200,7 +203,7 @@ def _tp_parity(change, sp):
     return errors
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen-style"])
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_matches_tp1_logits_loss_and_gradients(spawn, name, sp):
     for errors in spawn(_tp_parity, 2, VARIANTS[name], sp):
