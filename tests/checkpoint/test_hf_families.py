@@ -40,6 +40,12 @@ def random_hf(config_cls, model_cls, **kwargs):
     return model
 
 
+def assert_same_tensors(hf_dir, other_dir) -> None:
+    """The two HF directories hold the same tensor names with the same bits."""
+    first, again = hf_tensors(hf_dir), hf_tensors(other_dir)
+    assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def check_parity_and_round_trip(tmp_path, hf_model) -> None:
     """Import `hf_model`; megalite's logits and loss equal transformers'; export gives back its tensors."""
     from megalite.generate import load_model
@@ -54,8 +60,7 @@ def check_parity_and_round_trip(tmp_path, hf_model) -> None:
     assert_close(ours(model, tokens), want.logits, RTOL, ATOL_FRAC, "logits")
     assert_close(loss, want.loss, RTOL, ATOL_FRAC, "loss")
     export_hf(tmp_path / "ckpt", tmp_path / "back")
-    first, again = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
-    assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
+    assert_same_tensors(tmp_path / "hf", tmp_path / "back")
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "back")).to_dict()["rope_parameters"] == \
         hf_model.config.to_dict()["rope_parameters"]
 
@@ -104,6 +109,8 @@ def test_qwen_tp2_import_logits(tmp_path, spawn, family):
         want = hf(tokens).logits
     for got in spawn(tp_logits, 2, str(tmp_path / "ckpt"), tokens):
         assert_close(got, want, RTOL, ATOL_FRAC, f"tp=2 logits of the {family} import")
+    export_hf(tmp_path / "ckpt", tmp_path / "back")  # and back out of the tp=2 shards, bit for bit
+    assert_same_tensors(tmp_path / "hf", tmp_path / "back")
 
 
 def test_qwen2_sliding_window_refused_by_name(tmp_path):
