@@ -5,6 +5,8 @@ megalite (model/blocks.py)              Hugging Face LlamaForCausalLM
   blocks.i.norm1.weight                   model.layers.{i-1}.input_layernorm.weight
   blocks.i.attn.qkv.weight                q_proj / k_proj / v_proj: rows viewed as [hkv, r + 2, d, h]
                                           (per kv group: its r q heads, then k, then v)
+  blocks.i.attn.qkv.bias                  q_proj / k_proj / v_proj.bias, same [hkv, r + 2, d] order (Qwen2)
+  blocks.i.attn.q_norm/k_norm.weight      self_attn.q_norm / k_norm.weight [d] (Qwen3)
   blocks.i.attn.proj.weight               o_proj
   blocks.i.norm2.weight                   post_attention_layernorm
   blocks.i.mlp.fc1.weight [2f, h]         gate_proj / up_proj: rows alternate gate_j, up_j
@@ -15,7 +17,9 @@ megalite (model/blocks.py)              Hugging Face LlamaForCausalLM
 Both use rotate-half rotary over the same head-major q/k rows (kernels.reference
 pairs features i and i + d/2, as HF's rotate_half does), so no per-head
 permutation is needed; the logit-parity tests prove it. Query head j uses kv
-head j // r in both.
+head j // r in both. Qwen2 and Qwen3 (checkpoint.hf_qwen2, hf_qwen3) are this map
+plus the bias or q/k norm rows; d is model.head_dim (config.head_dim), which need
+not be h / hq.
 
 `to_hf` asks its `state` mapping for one megalite tensor at a time, right
 before yielding the HF tensors made from it, so over a lazy mapping
@@ -68,7 +72,7 @@ def hf_config(cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
 
 
 def common_config(cfg: ModelConfig, bos: int | None, eos: int | None, dtype: torch.dtype) -> dict:
-    """The config.json keys that Llama-style architectures (Llama, Qwen2) share."""
+    """The config.json keys that Llama-style architectures (Llama, Qwen2, Qwen3) share."""
     return {"hidden_size": cfg.hidden_size, "intermediate_size": ffn_size(cfg), "num_attention_heads": cfg.num_heads,
             "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads, "num_hidden_layers": cfg.num_layers,
             "head_dim": head_dim(cfg), "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
@@ -95,7 +99,7 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
 
 
 def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """to_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
+    """to_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
     r = hq // hkv
@@ -136,7 +140,7 @@ def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """from_hf without the architecture check (Qwen2 adds q/k/v biases: model.qkv_bias)."""
+    """from_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
     hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
     r, V = hq // hkv, cfg.vocab_size
@@ -180,7 +184,8 @@ def model_overrides(conf: dict) -> list[str]:
 
 
 def common_overrides(conf: dict) -> dict:
-    """model.<field> -> value shared by Llama-style config.jsons (Llama, Qwen2); refuses what megalite lacks."""
+    """model.<field> -> value shared by Llama-style config.jsons (Llama, Qwen2, Qwen3); refuses what megalite
+    lacks."""
     hq = conf["num_attention_heads"]
     if conf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json hidden_act={conf['hidden_act']!r} is not supported (megalite's SwiGLU "
