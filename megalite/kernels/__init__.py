@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from megalite.kernels import fused, reference
-from megalite.kernels.attention import attention
+from megalite.kernels.attention import attention, mark_backend_choice_constant
 from megalite.kernels.reference import rope_cos_sin, rope_inv_freq
 
 _LOG = logging.getLogger("megalite.kernels")
@@ -37,15 +37,21 @@ def _select_backend(device_type: str = "cuda") -> tuple[str, ModuleType]:
     return name, (fused if name == "fused" else reference)
 
 
-# torch.compile runs this at trace time and bakes the answer in: the first
-# decision (extension loading, logging) can then happen inside a compiled
-# region without a graph break.
-@torch.compiler.assume_constant_result
 def _backend_name(device_type: str) -> str:
     hit = _choice.get(device_type)
     if hit is None:
         hit = _choice[device_type] = _decide(device_type)
     return hit[0]
+
+
+def mark_choices_constant() -> None:
+    """Let torch.compile run the kernel and attention backend choices at trace time and bake the answers
+    in: the first decision (extension loading, logging) can then happen inside a compiled region without
+    a graph break. Called by model.compiled before it compiles; marking at import would import Dynamo,
+    a second or more of every process's start, in runs that never compile."""
+    global _backend_name
+    _backend_name = torch.compiler.assume_constant_result(_backend_name)
+    mark_backend_choice_constant()
 
 
 def _decide(device_type: str) -> tuple[str, ModuleType]:
@@ -99,4 +105,5 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return impl.apply_rotary(x, cos, sin, interleaved=interleaved, rot_dim=rot_dim)
 
 
-__all__ = ["attention", "apply_rotary", "backend", "layer_norm", "rms_norm", "rope_cos_sin", "rope_inv_freq"]
+__all__ = ["attention", "apply_rotary", "backend", "layer_norm", "mark_choices_constant", "rms_norm", "rope_cos_sin",
+           "rope_inv_freq"]

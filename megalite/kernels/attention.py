@@ -152,14 +152,19 @@ def _choose(device_type: str, dtype: torch.dtype, head_dim: int) -> tuple[str, s
     return "math", f"torch {torch.__version__} has no scaled_dot_product_attention"
 
 
-# torch.compile runs this at trace time and bakes the answer in (the answer depends only on
-# what the compiled graph is specialised on: device, dtype, head dim; and on the environment),
-# so the choice (an import attempt, an environment variable, a log line) is no graph break.
-@torch.compiler.assume_constant_result
 def _backend(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
     backend, reason = _choose(device_type, dtype, head_dim)
     _log_once(backend, reason)
     return backend
+
+
+def mark_backend_choice_constant() -> None:
+    """Let torch.compile run the backend choice at trace time and bake the answer in (it depends only
+    on what a compiled graph is specialised on: device, dtype, head dim; and on the environment), so
+    the choice (an import attempt, an environment variable, a log line) is no graph break. See
+    kernels.mark_choices_constant, which calls it."""
+    global _backend
+    _backend = torch.compiler.assume_constant_result(_backend)
 
 
 def _log_once(backend: str, reason: str) -> None:

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import platform
 
-import torch
 from torch import nn
 
+from megalite.kernels import mark_choices_constant
 from megalite.model.blocks import TransformerBlock
 
 
 def compile_unsupported() -> str | None:
     """Why torch.compile cannot run in this interpreter (e.g. a Python newer than this torch knows), or None."""
+    import torch._dynamo  # here, not at import: Dynamo costs every process's start a second or more
+
     try:
         torch._dynamo.eval_frame.check_if_dynamo_supported()
     except RuntimeError as e:
@@ -66,6 +68,7 @@ def compile_blocks(model: nn.Module) -> list[nn.Module]:
     if why:
         raise RuntimeError(f"train.compile=true needs torch.compile, which is unsupported here: {why}; "
                            "set train.compile=false")
+    mark_choices_constant()
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     for block in blocks:
         block.compile()
