@@ -8,6 +8,8 @@ very same safetensors. Tolerance: rtol 1e-5 with a floor of 1e-5 * max|logit|
 summed in another order, so they differ by ulps (~1e-7); a wrong frequency, bias
 row or weight shows at ~1e-2 and more.
 """
+import json
+
 import pytest
 import torch
 
@@ -69,6 +71,24 @@ def check_parity_and_round_trip(tmp_path, hf_model) -> None:
 def test_llama_rope_scaling_parity(tmp_path, rope):
     check_parity_and_round_trip(tmp_path, random_hf(transformers.LlamaConfig, transformers.LlamaForCausalLM,
                                                     rope_parameters=dict(rope)))
+
+
+def test_llama_legacy_rope_scaling_form(tmp_path):
+    """A config.json from before transformers 5: rope_theta on top, rope_scaling with 'type'."""
+    from megalite.generate import load_model
+
+    random_hf(transformers.LlamaConfig, transformers.LlamaForCausalLM).save_pretrained(str(tmp_path / "hf"))
+    path = tmp_path / "hf" / "config.json"
+    conf = {k: v for k, v in json.loads(path.read_text()).items() if k != "rope_parameters"}
+    path.write_text(json.dumps({**conf, "rope_theta": 50000.0, "rope_scaling": {"type": "linear", "factor": 3.0}}))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear"  # transformers reads the scaling too
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model, cfg = load_model(tmp_path / "ckpt")
+    assert (cfg.model.rope_scaling, cfg.model.rope_scaling_factor, cfg.model.rope_theta) == ("linear", 3.0, 5e4)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours(model, tokens), hf(tokens).logits, RTOL, ATOL_FRAC, "logits")
 
 
 def test_unsupported_rope_type_refused_by_name(tmp_path):
