@@ -51,9 +51,10 @@ def rope_overrides(conf: dict) -> dict:
     if kind not in SUPPORTED:
         raise CheckpointError(f"config.json rope_type={kind!r} is not supported: megalite implements rope types "
                               f"{', '.join(SUPPORTED)} (model.rope_scaling); convert a model with one of those")
-    if params.get("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointError(f"config.json partial_rotary_factor={params.get('partial_rotary_factor')!r} is not "
-                              "supported: megalite rotates every feature of a head")
+    partial = params.get("partial_rotary_factor", conf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"config.json partial_rotary_factor={partial!r} is not supported: megalite rotates "
+                              "every feature of a head; convert a model without it")
     theta = params.get("rope_theta", conf.get("rope_theta", 10000.0))
     out = {"rope_theta": float(theta), "rope_scaling": _OURS[kind]}
     missing = [k for k in _REQUIRED[kind] if k not in params]

@@ -168,3 +168,16 @@ def test_greedy_generate_matches_transformers(tmp_path, family):
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
                        pad_token_id=0)[0, len(prompt):].tolist()
     assert generate(model, prompt, 20) == want and len(set(want)) > 3
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
+    ({"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, r"lacks \['low_freq_factor', 'high_freq_factor'\]"),
+    ({"rope_parameters": {"full_attention": {}, "sliding_attention": {}}}, "rope_parameters per layer type"),
+], ids=["dynamic", "partial-rotary", "llama3-incomplete", "per-layer"])
+def test_rope_settings_megalite_lacks_are_refused_by_name(conf, message):
+    from megalite.checkpoint.hf_rope import rope_overrides
+
+    with pytest.raises(CheckpointError, match=message):
+        rope_overrides(conf)
