@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -47,11 +48,16 @@ def _backend_name(device_type: str) -> str:
 def mark_choices_constant() -> None:
     """Let torch.compile run the kernel and attention backend choices at trace time and bake the answers
     in: the first decision (extension loading, logging) can then happen inside a compiled region without
-    a graph break. Called by model.compiled before it compiles; marking at import would import Dynamo,
-    a second or more of every process's start, in runs that never compile."""
-    global _backend_name
-    _backend_name = torch.compiler.assume_constant_result(_backend_name)
+    a graph break. model.compiled calls it before it compiles (train.compile); call it yourself before
+    torch.compile of other code that calls these ops. Not done at import unless Dynamo is already
+    loaded: importing it costs every process a second or more of start-up, in runs that never compile.
+    assume_constant_result marks the function object itself (documented: it returns the same function)."""
+    torch.compiler.assume_constant_result(_backend_name)
     mark_backend_choice_constant()
+
+
+if "torch._dynamo" in sys.modules:  # already paid for: mark now, so any later torch.compile sees it
+    mark_choices_constant()
 
 
 def _decide(device_type: str) -> tuple[str, ModuleType]:

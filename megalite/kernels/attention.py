@@ -163,8 +163,7 @@ def mark_backend_choice_constant() -> None:
     on what a compiled graph is specialised on: device, dtype, head dim; and on the environment), so
     the choice (an import attempt, an environment variable, a log line) is no graph break. See
     kernels.mark_choices_constant, which calls it."""
-    global _backend
-    _backend = torch.compiler.assume_constant_result(_backend)
+    torch.compiler.assume_constant_result(_backend)  # marks the function itself (it returns the same one)
 
 
 def _log_once(backend: str, reason: str) -> None:

@@ -164,6 +164,7 @@ def test_dispatch_compiles_without_graph_breaks_even_on_its_first_call(fresh_cho
 
     x = torch.randn(6, 2, 8)
     torch._dynamo.reset()
+    kernels.mark_choices_constant()  # what train.compile does first (megalite does not import Dynamo itself)
     got = torch.compile(block, backend="eager", fullgraph=True)(x)  # the choice is made while tracing
     # the compiled graph (backend="eager") runs the same ops: equal to a few fp32 ulps (rtol 1e-6, ~8 ulps)
     assert_close(got, block(x), rtol=1e-6, atol_frac=1e-6, what="compiled block")
