@@ -1,10 +1,11 @@
 """Hugging Face export and import: megalite checkpoints <-> transformers model directories.
 
-Four architectures, picked from the model config (export) or config.json (import):
+Five architectures, picked from the model config (export) or config.json (import):
 Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama), the same with
 q/k/v-only biases <-> Qwen2ForCausalLM (checkpoint.hf_qwen2), with per-head q/k RMSNorm and any
 head_dim <-> Qwen3ForCausalLM (checkpoint.hf_qwen3), and GPT-2 style (layernorm,
-learned positions, gelu) <-> GPT2LMHeadModel (checkpoint.hf_gpt2).
+learned positions, gelu) <-> GPT2LMHeadModel (checkpoint.hf_gpt2). MistralForCausalLM without a
+sliding window is Llama's map (checkpoint.hf_mistral); export writes it when asked by name.
 Anything else is refused by name.
 
 `export_hf` streams: a dry run of the conversion on meta tensors checks every
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from megalite.checkpoint import hf_gpt2, hf_llama, hf_qwen2, hf_qwen3
+from megalite.checkpoint import hf_gpt2, hf_llama, hf_mistral, hf_qwen2, hf_qwen3
 from megalite.checkpoint.hf_files import write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
@@ -46,11 +47,18 @@ __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_styl
            "sentencepiece_to_tokenizer_json", "write_safetensors", "write_tokenizer"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # each: ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf, model_overrides
-ARCHS = (hf_llama, hf_qwen2, hf_qwen3, hf_gpt2)
+ARCHS = (hf_llama, hf_mistral, hf_qwen2, hf_qwen3, hf_gpt2)  # export's default: the first that fits
 
 
-def arch_for_model(cfg: ModelConfig):
-    """The architecture module that represents the megalite model `cfg`; refuses a mix, naming the fields."""
+def arch_for_model(cfg: ModelConfig, name: str | None = None):
+    """The architecture module that represents the megalite model `cfg` (the one called `name`, when given:
+    Llama and Mistral hold the same models); refuses a mix, naming the fields."""
+    if name is not None:
+        chosen = [a for a in ARCHS if a.ARCH == name]
+        if not chosen:
+            raise CheckpointError(f"architecture {name!r} is not one of {[a.ARCH for a in ARCHS]}")
+        chosen[0].check(cfg)
+        return chosen[0]
     for arch in ARCHS:
         if not arch.mismatches(cfg):
             return arch
@@ -80,12 +88,13 @@ def _write_metadata(cfg, arch, tmp: Path, dtype: torch.dtype) -> None:
 
 
 def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: int = 5 * 2**30,
-              dtype: str = "fp32") -> Path:
+              dtype: str = "fp32", arch: str | None = None) -> Path:
     """Write a Hugging Face model directory (config.json, safetensors, tokenizer) of any architecture in ARCHS.
 
     `checkpoint` is a checkpoint root or step directory of any layout (tp, pp, native or ZeRO);
-    `config` the run's config.yaml when it is not next to the checkpoint. Streams tensor by tensor:
-    peak memory is about max_shard_bytes plus the largest tensor, not the model.
+    `config` the run's config.yaml when it is not next to the checkpoint; `arch` the HF architecture
+    (default: the first in ARCHS that represents the model; MistralForCausalLM must be asked for).
+    Streams tensor by tensor: peak memory is about max_shard_bytes plus the largest tensor, not the model.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -93,7 +102,7 @@ def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: i
         raise ValueError(f"max shard size {max_shard_bytes} must be positive")
     step = step_directory(checkpoint)
     cfg = run_config(step, config)
-    arch = arch_for_model(cfg.model)
+    arch = arch_for_model(cfg.model, arch)
     reader = CheckpointReader(step)
     # dry run on meta tensors: every name and shape checked, files planned, before anything is read or written
     plan = [(name, list(t.shape)) for name, t in arch.to_hf(reader.view(meta=True), cfg.model)]
@@ -142,7 +151,7 @@ def _import_config(conf: dict, arch, overrides):
 
 
 def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
-    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Qwen2, Qwen3 or GPT-2 model at the
+    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Mistral, Qwen2, Qwen3 or GPT-2 model at the
     layout in `overrides`.
 
     `overrides` are dotted config overrides (parallel.tp=2 parallel.pp=2 parallel.dp=..). The output root

@@ -48,8 +48,9 @@ def assert_same_tensors(hf_dir, other_dir) -> None:
     assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
 
 
-def check_parity_and_round_trip(tmp_path, hf_model) -> None:
-    """Import `hf_model`; megalite's logits and loss equal transformers'; export gives back its tensors."""
+def check_parity_and_round_trip(tmp_path, hf_model, arch: str | None = None) -> None:
+    """Import `hf_model`; megalite's logits and loss equal transformers'; export (as `arch`, when given)
+    gives back its tensors."""
     from megalite.generate import load_model
 
     hf_model.save_pretrained(str(tmp_path / "hf"))
@@ -61,7 +62,7 @@ def check_parity_and_round_trip(tmp_path, hf_model) -> None:
         loss = model.loss(tokens[:, :-1], tokens[:, 1:]).mean()
     assert_close(ours(model, tokens), want.logits, RTOL, ATOL_FRAC, "logits")
     assert_close(loss, want.loss, RTOL, ATOL_FRAC, "loss")
-    export_hf(tmp_path / "ckpt", tmp_path / "back")
+    export_hf(tmp_path / "ckpt", tmp_path / "back", arch=arch)
     assert_same_tensors(tmp_path / "hf", tmp_path / "back")
     assert transformers.AutoConfig.from_pretrained(str(tmp_path / "back")).to_dict()["rope_parameters"] == \
         hf_model.config.to_dict()["rope_parameters"]
@@ -137,6 +138,27 @@ def test_qwen2_sliding_window_refused_by_name(tmp_path):
     conf = transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     transformers.Qwen2ForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match=r"use_sliding_window=True .*sliding-window attention"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("window", [None, SHAPE["max_position_embeddings"]], ids=["no-window", "window-covers-all"])
+def test_mistral_parity(tmp_path, window):
+    """Mistral without a window that acts is Llama (a window >= max positions masks no causal key)."""
+    hf = random_hf(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=window)
+    check_parity_and_round_trip(tmp_path, hf, arch="MistralForCausalLM")
+    conf = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (conf["model_type"], conf["architectures"], conf["sliding_window"]) == \
+        ("mistral", ["MistralForCausalLM"], None)
+    assert type(transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(str(tmp_path / "back")))) is transformers.MistralForCausalLM
+
+
+def test_mistral_sliding_window_refused_by_name(tmp_path):
+    conf = transformers.MistralConfig(**SHAPE, sliding_window=16)
+    transformers.MistralForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"sliding_window=16 < .*sliding-window attention is not supported "
+                                              r"yet \(issue 17\)"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
