@@ -16,6 +16,9 @@ f = ffn/tp this rank's widths:
                      + e*hq*s/tp        math path instead: the softmax probabilities (plus one [s, s]
                                         bool mask per micro-batch, not per token)
     MLP              e*(2f + f)         SwiGLU: fc1's output and fc2's input; GELU: e*(f + f)
+    q/k norm         e*(q + kv) + 4*(hq + hkv)/tp   model.qk_norm: as a norm over each head's d
+                                        features (fp32: 8*(q + kv) + 4*(hq + hkv)/tp); whole heads, so
+                                        SP does not divide it
 
 'selective' keeps the same less the attention core's internals (lse or the probabilities) and
 SwiGLU's activation (e*f); 'full' keeps only the block input, e*h_sp, in each recomputed block.
@@ -73,10 +76,14 @@ def _check(cfg: ModelConfig, lay: Layout) -> None:
 
 def _norm_bytes(cfg: ModelConfig, e: int, h_sp: float, share: float) -> float:
     """One norm's bytes per token; `share` is the fraction of the tokens this rank holds (1/tp under SP)."""
-    rms = cfg.norm == "rmsnorm"
-    if e == 4:  # fp32: plain autograd graphs
-        return 8 * h_sp + 4 * share if rms else 4 * h_sp + 8 * share
-    return e * h_sp + (4 if rms else 8) * share
+    if cfg.norm == "rmsnorm":
+        return _rms_bytes(e, h_sp, share)
+    return 4 * h_sp + 8 * share if e == 4 else e * h_sp + 8 * share  # fp32: plain autograd graphs
+
+
+def _rms_bytes(e: int, width: float, rows: float) -> float:
+    """RMSNorm's bytes per token over `width` features in `rows` normalised rows (one fp32 1/rms each)."""
+    return 8 * width + 4 * rows if e == 4 else e * width + 4 * rows  # fp32: the input and x/rms
 
 
 def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int) -> float:
@@ -93,6 +100,8 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int
     f = resolved_ffn_hidden_size(cfg) / tp
     selective = lay.recompute == "selective"
     out = 2 * _norm_bytes(cfg, e, h_sp, share) + 2 * e * h_sp + e * (2 * hq * d + 2 * hkv * d)
+    if cfg.qk_norm:  # per-head RMSNorm of q and k, before rotary: never recomputed by 'selective'
+        out += _rms_bytes(e, (hq + hkv) * d, hq + hkv)
     if not selective:
         out += 4 * hq if lay.attention != "math" else e * hq * seq_len
     swiglu = cfg.activation == "swiglu"

@@ -26,22 +26,23 @@ SEQ, H = 32, 64
 SHAPE = [f"model.hidden_size={H}", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=192",
          f"model.max_seq_len={SEQ}", "model.num_layers=4"]
 CFG = load_config("tiny", SHAPE).model
+QK_NORM = load_config("tiny", SHAPE + ["model.qk_norm=true", "model.head_dim=32"]).model  # Qwen3: 4 x 32 != H
 REL = 0.01
 
 
-def _block(mode: str, tp_group=None, sp: bool = False) -> TransformerBlock:
+def _block(mode: str, tp_group=None, sp: bool = False, cfg=CFG) -> TransformerBlock:
     torch.manual_seed(0)
-    block = TransformerBlock(CFG, BlockSettings(tp_group=tp_group, sequence_parallel=sp, activation_checkpointing=mode))
+    block = TransformerBlock(cfg, BlockSettings(tp_group=tp_group, sequence_parallel=sp, activation_checkpointing=mode))
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return block
 
 
-def _measure(lay: Layout, monkeypatch=None, tp_group=None) -> tuple[float, int]:
+def _measure(lay: Layout, monkeypatch=None, tp_group=None, cfg=CFG) -> tuple[float, int]:
     if monkeypatch is not None:
         monkeypatch.setenv("MEGALITE_ATTENTION", lay.attention)
     local = SEQ // lay.tp if lay.sequence_parallel else SEQ
-    block = _block(lay.recompute, tp_group, lay.sequence_parallel)
+    block = _block(lay.recompute, tp_group, lay.sequence_parallel, cfg)
     return per_token_and_fixed(block, local, H, lay.precision, tokens=SEQ)
 
 
@@ -53,6 +54,20 @@ def test_each_recompute_mode_keeps_what_the_model_predicts(attention, precision,
     per_token, fixed = _measure(lay, monkeypatch)
     assert per_token == pytest.approx(layer_activation_bytes_per_token(CFG, lay, SEQ), rel=REL)
     assert fixed == pytest.approx(layer_fixed_bytes(CFG, lay, SEQ), rel=REL, abs=16)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_qk_norm_and_head_dim_keep_what_the_model_predicts(attention, precision, mode, monkeypatch):
+    """model.qk_norm's per-head norms (their input and 1/rms per head) and head_dim's q/k/v widths."""
+    lay = Layout(recompute=mode, precision=precision, attention=attention)
+    per_token, fixed = _measure(lay, monkeypatch, cfg=QK_NORM)
+    assert per_token == pytest.approx(layer_activation_bytes_per_token(QK_NORM, lay, SEQ), rel=REL)
+    assert fixed == pytest.approx(layer_fixed_bytes(QK_NORM, lay, SEQ), rel=REL, abs=16)
+    if mode != "full":  # the norms are a real part of it: leaving them out misses by more than REL
+        assert per_token > layer_activation_bytes_per_token(load_config(
+            "tiny", SHAPE + ["model.head_dim=32"]).model, lay, SEQ) * (1 + 10 * REL)
 
 
 @pytest.mark.parametrize("precision, e", [("fp32", 4), ("bf16", 2)])
