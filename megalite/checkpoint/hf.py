@@ -1,11 +1,11 @@
 """Hugging Face export and import: megalite checkpoints <-> transformers model directories.
 
 Five architectures, picked from the model config (export) or config.json (import):
-Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama), the same with
-q/k/v-only biases <-> Qwen2ForCausalLM (checkpoint.hf_qwen2), with per-head q/k RMSNorm and any
-head_dim <-> Qwen3ForCausalLM (checkpoint.hf_qwen3), and GPT-2 style (layernorm,
-learned positions, gelu) <-> GPT2LMHeadModel (checkpoint.hf_gpt2). MistralForCausalLM without a
-sliding window is Llama's map (checkpoint.hf_mistral); export writes it when asked by name.
+Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama); on the same tensor
+map (checkpoint.hf_llama_family) the same with q/k/v-only biases <-> Qwen2ForCausalLM, with per-head
+q/k RMSNorm and any head_dim <-> Qwen3ForCausalLM, and without a sliding window <-> MistralForCausalLM
+(export writes it when asked by name); GPT-2 style (layernorm, learned positions, gelu) <->
+GPT2LMHeadModel (checkpoint.hf_gpt2).
 Anything else is refused by name.
 
 `export_hf` streams: a dry run of the conversion on meta tensors checks every
@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
-from megalite.checkpoint import hf_gpt2, hf_llama, hf_mistral, hf_qwen2, hf_qwen3
+from megalite.checkpoint import hf_gpt2, hf_llama
 from megalite.checkpoint.hf_files import write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
 from megalite.checkpoint.hf_llama import hf_config
 from megalite.checkpoint.hf_llama import model_overrides as model_overrides_from_hf
 from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
+from megalite.checkpoint.hf_llama_family import MISTRAL, QWEN2, QWEN3
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
 from megalite.checkpoint.io import CheckpointError, fresh_output, step_directory
 from megalite.checkpoint.layout import StagePlan, fresh_engine_state, layout_of, rank_states, run_config, write_offline
@@ -46,8 +47,9 @@ __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_styl
            "hf_to_megalite", "import_hf", "megalite_to_hf", "model_overrides_from_hf",
            "sentencepiece_to_tokenizer_json", "write_safetensors", "write_tokenizer"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# each: ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf, model_overrides
-ARCHS = (hf_llama, hf_mistral, hf_qwen2, hf_qwen3, hf_gpt2)  # export's default: the first that fits
+# each (a module or a LlamaRelative): ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf,
+# model_overrides
+ARCHS = (hf_llama, MISTRAL, QWEN2, QWEN3, hf_gpt2)  # export's default: the first that fits
 
 
 def arch_for_model(cfg: ModelConfig, name: str | None = None):

@@ -17,7 +17,7 @@ megalite (model/blocks.py)              Hugging Face LlamaForCausalLM
 Both use rotate-half rotary over the same head-major q/k rows (kernels.reference
 pairs features i and i + d/2, as HF's rotate_half does), so no per-head
 permutation is needed; the logit-parity tests prove it. Query head j uses kv
-head j // r in both. Qwen2 and Qwen3 (checkpoint.hf_qwen2, hf_qwen3) are this map
+head j // r in both. Mistral, Qwen2 and Qwen3 (checkpoint.hf_llama_family) are this map
 plus the bias or q/k norm rows; d is model.head_dim (config.head_dim), which need
 not be h / hq.
 
@@ -175,12 +175,17 @@ def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def model_overrides(conf: dict) -> list[str]:
     """megalite model.* overrides equal to a HF Llama config.json; refuses what megalite cannot build."""
+    refuse_biases(conf)
+    return [f"model.{k}={v}" for k, v in common_overrides(conf).items()]
+
+
+def refuse_biases(conf: dict) -> None:
+    """Refuse a Llama-style config.json with attention or MLP biases by name."""
     bad = {"attention_bias": conf.get("attention_bias", False), "mlp_bias": conf.get("mlp_bias", False)}
     for key, value in bad.items():
         if value:
             raise CheckpointError(f"config.json {key}={value!r} is not supported (megalite's Llama has no biases; "
                                   "Qwen2's q/k/v-only bias is Qwen2ForCausalLM); convert a model without it")
-    return [f"model.{k}={v}" for k, v in common_overrides(conf).items()]
 
 
 def common_overrides(conf: dict) -> dict:
