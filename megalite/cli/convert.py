@@ -25,8 +25,9 @@ to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: 
 models, rope scaling linear or llama3 included), Qwen2ForCausalLM (Llama style with
 model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
 GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
-from-hf imports any of these architectures. from-hf writes a megalite checkpoint
-(step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
+from-hf imports any of these architectures, and MistralForCausalLM whose sliding_window is null
+or >= max_position_embeddings (a real window is refused; to-hf writes Llama for it).
+from-hf writes a megalite checkpoint (step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
 `megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
 same parallel layout. reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
 layout, optimizer state and data position included; resume with
