@@ -13,9 +13,12 @@ name and shape and plans the output files, then each megalite tensor is read
 from the rank files on its own (checkpoint.reader.CheckpointReader, any tp, pp
 and ZeRO layout), converted, put in its output file, and dropped when that file
 is written; peak memory is about one output file plus one tensor (see
-checkpoint.reader). `import_hf` builds the full megalite state from lazily read
-HF tensors and writes per-rank checkpoint files at any (tp, pp, dp) layout that
-the Trainer resumes from with fresh optimizer state. Both write to a temporary
+checkpoint.reader). `import_hf` streams the other way: a dry run on meta tensors
+checks every HF name and shape against every output stage, then each output rank
+file (any tp, pp, dp layout, fresh optimizer state, which the Trainer resumes
+from) is made tensor by tensor from lazily read HF tensors and written before
+the next rank's are made; peak memory is about one rank file plus one full
+tensor (tools/bench_import_memory.py measures it). Both write to a temporary
 directory and rename it last, so a refused or failed conversion leaves no
 half-written output.
 """
@@ -23,11 +26,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from megalite.checkpoint import hf_gpt2, hf_llama
-from megalite.checkpoint.hf_files import write_safetensors
+from megalite.checkpoint.hf_files import HFTensors, write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
 from megalite.checkpoint.hf_llama import hf_config
@@ -36,9 +40,9 @@ from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
 from megalite.checkpoint.hf_llama_family import MISTRAL, QWEN2, QWEN3
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
 from megalite.checkpoint.io import CheckpointError, fresh_output, step_directory
-from megalite.checkpoint.layout import StagePlan, fresh_engine_state, layout_of, rank_states, run_config, write_offline
+from megalite.checkpoint.layout import StagePlan, fresh_engine_state, fresh_rng, layout_of, run_config, write_offline
 from megalite.checkpoint.reader import CheckpointReader
-from megalite.checkpoint.schema import Progress
+from megalite.checkpoint.schema import Progress, RankState
 from megalite.config import ModelConfig, load_config
 from megalite.model import check_model
 from megalite.preflight import preflight
@@ -115,35 +119,6 @@ def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: i
 
 
 # ------------------------------------------------------------------ import
-class _LazyHF(dict):
-    """name -> tensor over a HF safetensors directory, each tensor read only when asked for."""
-
-    def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
-        super().__init__()
-        index = hf_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        elif (hf_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise CheckpointError(f"{hf_dir} holds neither model.safetensors nor model.safetensors.index.json "
-                                  "(only safetensors checkpoints are imported; nothing is unpickled)")
-        self.handles = {}
-        for fname in files:
-            try:
-                handle = safe_open(str(hf_dir / fname), framework="pt")
-            except Exception as e:
-                raise CheckpointError(f"{hf_dir / fname} is not a readable safetensors file: {e}") from e
-            for key in handle.keys():
-                self.handles[key] = handle
-                super().__setitem__(key, None)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.handles[name].get_tensor(name)
-
-
 def _import_config(conf: dict, arch, overrides):
     """The tiny preset with the HF model section, a sequence length that fits it, then `overrides`."""
     model_kv = arch.model_overrides(conf)
@@ -173,12 +148,21 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
     layout = layout_of(cfg, p.dp or 1)
     preflight(cfg, world_size=layout.world_size, data=False, engine=False)  # before anything is read or written
     check_model(cfg.model, p.tp)
-    full = arch.from_hf(_LazyHF(hf_dir), cfg.model)  # every tensor checked first
+    hf = HFTensors(hf_dir)
+    _dry_run(cfg, arch.from_hf(hf.view(meta=True), cfg.model), hf_dir)  # before anything is read or written
+    full = arch.from_hf(hf, cfg.model)  # lazy, in the files' dtype: each tensor made when asked for, cut, cast
 
-    def stage(s: int) -> list:
+    def stage(s: int) -> Iterator[RankState]:  # one rank at a time: one rank file plus one tensor in memory
         plan = StagePlan(cfg, s)
         engine = fresh_engine_state(cfg, plan.model)
-        return rank_states(plan, plan.weights(full.__getitem__, hf_dir), [engine] * plan.tp, layout, Progress(),
-                           cfg.train.seed)  # the RNG state a fresh run starts from
+        for t in range(plan.tp):  # the RNG state a fresh run starts from
+            yield RankState(plan.rank_weights(full.__getitem__, hf_dir, t, torch.float32), plan.meta, engine,
+                            fresh_rng(cfg.train.seed, t), Progress(), layout)
 
     return write_offline(out_root, cfg, layout, 0, (stage(s) for s in range(p.pp)))
+
+
+def _dry_run(cfg, meta_state, hf_dir: Path) -> None:
+    """The conversion on meta tensors: every HF name and shape, and every stage's tensors, checked."""
+    for s in range(cfg.parallel.pp):
+        StagePlan(cfg, s).rank_weights(meta_state.__getitem__, hf_dir, 0)

@@ -22,10 +22,12 @@ Importing gives a bias=true, num_kv_heads=num_heads model.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator, Mapping
 
 import torch
 
+from megalite.checkpoint.hf_files import LazyState
 from megalite.checkpoint.hf_llama import DTYPE_NAMES, field_mismatches, need, refuse_mismatches
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
@@ -106,36 +108,48 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
         yield "lm_head.weight", need(state, f"blocks.{L + 1}.output.weight", [cfg.vocab_size, h])
 
 
-def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full megalite state (unpadded vocabulary, fp32, bias=true, MHA) from HF GPT-2 tensors."""
+def _read(hf: Mapping, name: str, shape: list[int], transposed: bool = False) -> torch.Tensor:
+    t = need(hf, name, shape)
+    return t.t().contiguous() if transposed else t  # Conv1D's [in, out] -> Linear's [out, in]
+
+
+def _head_major_qkv(hf: Mapping, o: str, suffix: str, hq: int, d: int, h: int) -> torch.Tensor:
+    """attn.c_attn.<suffix> (columns q | k | v) -> megalite's rows, slabs [q_j, k_j, v_j] per head."""
+    if suffix == "weight":
+        return _read(hf, o + "attn.c_attn.weight", [h, 3 * h]).t().reshape(3, hq, d, h).transpose(0, 1).reshape(
+            3 * h, h)
+    return _read(hf, o + "attn.c_attn.bias", [3 * h]).reshape(3, hq, d).transpose(0, 1).reshape(3 * h)
+
+
+def from_hf(hf: Mapping, cfg: ModelConfig) -> LazyState:
+    """Full megalite state (unpadded vocabulary, the files' dtype, bias=true, MHA) from HF GPT-2 tensors, each made when
+    asked for (checkpoint.hf_files.LazyState)."""
     check(cfg)
     h, hq, L, f, V = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg), cfg.vocab_size
     d = h // hq
-    g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731
-    out = {"blocks.0.word.weight": g("transformer.wte.weight", [V, h]),
-           "blocks.0.position": g("transformer.wpe.weight", [cfg.max_seq_len, h])}
+    read = lambda name, shape, transposed=False: partial(_read, hf, name, shape, transposed)  # noqa: E731
+    out = {"blocks.0.word.weight": read("transformer.wte.weight", [V, h]),
+           "blocks.0.position": read("transformer.wpe.weight", [cfg.max_seq_len, h])}
     for i in range(1, L + 1):
         p, o = f"blocks.{i}.", f"transformer.h.{i - 1}."
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[p + ours + ".weight"] = g(o + theirs + ".weight", [h])
-            out[p + ours + ".bias"] = g(o + theirs + ".bias", [h])
-        w = g(o + "attn.c_attn.weight", [h, 3 * h]).t().reshape(3, hq, d, h)  # columns q | k | v
-        out[p + "attn.qkv.weight"] = w.transpose(0, 1).reshape(3 * h, h)  # -> slabs [q_j, k_j, v_j] per head
-        b = g(o + "attn.c_attn.bias", [3 * h]).reshape(3, hq, d)
-        out[p + "attn.qkv.bias"] = b.transpose(0, 1).reshape(3 * h)
-        out[p + "attn.proj.weight"] = g(o + "attn.c_proj.weight", [h, h]).t().contiguous()
-        out[p + "attn.proj.bias"] = g(o + "attn.c_proj.bias", [h])
-        out[p + "mlp.fc1.weight"] = g(o + "mlp.c_fc.weight", [h, f]).t().contiguous()
-        out[p + "mlp.fc1.bias"] = g(o + "mlp.c_fc.bias", [f])
-        out[p + "mlp.fc2.weight"] = g(o + "mlp.c_proj.weight", [f, h]).t().contiguous()
-        out[p + "mlp.fc2.bias"] = g(o + "mlp.c_proj.bias", [h])
-    out[f"blocks.{L + 1}.norm.weight"] = g("transformer.ln_f.weight", [h])
-    out[f"blocks.{L + 1}.norm.bias"] = g("transformer.ln_f.bias", [h])
+            out[p + ours + ".weight"] = read(o + theirs + ".weight", [h])
+            out[p + ours + ".bias"] = read(o + theirs + ".bias", [h])
+        out[p + "attn.qkv.weight"] = partial(_head_major_qkv, hf, o, "weight", hq, d, h)
+        out[p + "attn.qkv.bias"] = partial(_head_major_qkv, hf, o, "bias", hq, d, h)
+        out[p + "attn.proj.weight"] = read(o + "attn.c_proj.weight", [h, h], True)
+        out[p + "attn.proj.bias"] = read(o + "attn.c_proj.bias", [h])
+        out[p + "mlp.fc1.weight"] = read(o + "mlp.c_fc.weight", [h, f], True)
+        out[p + "mlp.fc1.bias"] = read(o + "mlp.c_fc.bias", [f])
+        out[p + "mlp.fc2.weight"] = read(o + "mlp.c_proj.weight", [f, h], True)
+        out[p + "mlp.fc2.bias"] = read(o + "mlp.c_proj.bias", [h])
+    out[f"blocks.{L + 1}.norm.weight"] = read("transformer.ln_f.weight", [h])
+    out[f"blocks.{L + 1}.norm.bias"] = read("transformer.ln_f.bias", [h])
     if cfg.tie_embeddings:
         out[f"blocks.{L + 1}.weight"] = out["blocks.0.word.weight"]
     else:
-        out[f"blocks.{L + 1}.output.weight"] = g("lm_head.weight", [V, h])
-    return out
+        out[f"blocks.{L + 1}.output.weight"] = read("lm_head.weight", [V, h])
+    return LazyState(out)
 
 
 def model_overrides(conf: dict) -> list[str]:

@@ -24,13 +24,17 @@ not be h / hq.
 `to_hf` asks its `state` mapping for one megalite tensor at a time, right
 before yielding the HF tensors made from it, so over a lazy mapping
 (checkpoint.reader) only one megalite tensor is held by the converter.
+`from_hf` is lazy the other way: a LazyState whose every tensor is made from
+its own HF tensors when asked for.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator, Mapping
 
 import torch
 
+from megalite.checkpoint.hf_files import LazyState
 from megalite.checkpoint.hf_rope import hf_rope_fields, rope_overrides
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig, head_dim
@@ -133,44 +137,55 @@ def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch
         yield "lm_head.weight", need(state, f"blocks.{L + 1}.output.weight", [cfg.vocab_size, h])
 
 
-def from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full megalite state (unpadded vocabulary, fp32) from HF Llama tensors; names every missing one."""
+def from_hf(hf: Mapping, cfg: ModelConfig) -> LazyState:
+    """Full megalite state (unpadded vocabulary, in the files' dtype) from HF Llama tensors, each made when
+    asked for (checkpoint.hf_files.LazyState; the import casts each shard to fp32)."""
     check(cfg)
     return tensors_from_hf(hf, cfg)
 
 
-def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """from_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms)."""
+def _qkv_rows(hf: Mapping, o: str, suffix: str, hq: int, hkv: int, trailing: list[int]) -> torch.Tensor:
+    """q/k/v_proj.<suffix> fused into megalite's rows: per kv group its r q heads, then k, then v."""
+    r = hq // hkv
+    q = need(hf, f"{o}self_attn.q_proj.{suffix}", [hq * trailing[0], *trailing[1:]])
+    k, v = (need(hf, f"{o}self_attn.{n}_proj.{suffix}", [hkv * trailing[0], *trailing[1:]]) for n in "kv")
+    parts = (q.view(hkv, r, *trailing), k.view(hkv, 1, *trailing), v.view(hkv, 1, *trailing))
+    return torch.cat(parts, dim=1).reshape(-1, *trailing[1:])  # -> [(hq + 2hkv) d, ...]
+
+
+def _interleaved_fc1(hf: Mapping, o: str, f: int, h: int) -> torch.Tensor:
+    gate, up = need(hf, o + "mlp.gate_proj.weight", [f, h]), need(hf, o + "mlp.up_proj.weight", [f, h])
+    return torch.stack((gate, up), dim=1).reshape(2 * f, h)  # rows alternate gate_j, up_j
+
+
+def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> LazyState:
+    """from_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms).
+
+    Each megalite tensor is a recipe over only the HF tensors it is made of, so an import holds
+    one of them at a time (checkpoint.hf.import_hf)."""
     h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
-    hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
-    r, V = hq // hkv, cfg.vocab_size
-    g = lambda name, shape: need(hf, name, shape).float()  # noqa: E731
-    out = {"blocks.0.word.weight": g("model.embed_tokens.weight", [V, h])}
+    hkv, d, V = cfg.num_kv_heads or hq, head_dim(cfg), cfg.vocab_size
+    read = lambda name, shape: partial(need, hf, name, shape)  # noqa: E731
+    out = {"blocks.0.word.weight": read("model.embed_tokens.weight", [V, h])}
     for i in range(1, L + 1):
         p, o = f"blocks.{i}.", f"model.layers.{i - 1}."
-        q = g(o + "self_attn.q_proj.weight", [hq * d, h]).view(hkv, r, d, h)
-        k = g(o + "self_attn.k_proj.weight", [hkv * d, h]).view(hkv, 1, d, h)
-        v = g(o + "self_attn.v_proj.weight", [hkv * d, h]).view(hkv, 1, d, h)
-        gate, up = g(o + "mlp.gate_proj.weight", [f, h]), g(o + "mlp.up_proj.weight", [f, h])
-        out[p + "norm1.weight"] = g(o + "input_layernorm.weight", [h])
-        out[p + "attn.qkv.weight"] = torch.cat((q, k, v), dim=1).reshape(-1, h)  # -> [(hq + 2hkv) d, h]
+        out[p + "norm1.weight"] = read(o + "input_layernorm.weight", [h])
+        out[p + "attn.qkv.weight"] = partial(_qkv_rows, hf, o, "weight", hq, hkv, [d, h])
         if cfg.qkv_bias:  # the same [hkv, r + 2, d] order as the weight rows, so tp shards them alike
-            qb = g(o + "self_attn.q_proj.bias", [hq * d]).view(hkv, r, d)
-            kb, vb = (g(o + f"self_attn.{n}_proj.bias", [hkv * d]).view(hkv, 1, d) for n in "kv")
-            out[p + "attn.qkv.bias"] = torch.cat((qb, kb, vb), dim=1).reshape(-1)
-        out[p + "attn.proj.weight"] = g(o + "self_attn.o_proj.weight", [h, hq * d])
+            out[p + "attn.qkv.bias"] = partial(_qkv_rows, hf, o, "bias", hq, hkv, [d])
         if cfg.qk_norm:
-            out[p + "attn.q_norm.weight"] = g(o + "self_attn.q_norm.weight", [d])
-            out[p + "attn.k_norm.weight"] = g(o + "self_attn.k_norm.weight", [d])
-        out[p + "norm2.weight"] = g(o + "post_attention_layernorm.weight", [h])
-        out[p + "mlp.fc1.weight"] = torch.stack((gate, up), dim=1).reshape(2 * f, h)  # interleave rows
-        out[p + "mlp.fc2.weight"] = g(o + "mlp.down_proj.weight", [h, f])
-    out[f"blocks.{L + 1}.norm.weight"] = g("model.norm.weight", [h])
+            out[p + "attn.q_norm.weight"] = read(o + "self_attn.q_norm.weight", [d])
+            out[p + "attn.k_norm.weight"] = read(o + "self_attn.k_norm.weight", [d])
+        out[p + "attn.proj.weight"] = read(o + "self_attn.o_proj.weight", [h, hq * d])
+        out[p + "norm2.weight"] = read(o + "post_attention_layernorm.weight", [h])
+        out[p + "mlp.fc1.weight"] = partial(_interleaved_fc1, hf, o, f, h)
+        out[p + "mlp.fc2.weight"] = read(o + "mlp.down_proj.weight", [h, f])
+    out[f"blocks.{L + 1}.norm.weight"] = read("model.norm.weight", [h])
     if cfg.tie_embeddings:
         out[f"blocks.{L + 1}.weight"] = out["blocks.0.word.weight"]
     else:
-        out[f"blocks.{L + 1}.output.weight"] = g("lm_head.weight", [V, h])
-    return out
+        out[f"blocks.{L + 1}.output.weight"] = read("lm_head.weight", [V, h])
+    return LazyState(out)
 
 
 def model_overrides(conf: dict) -> list[str]:

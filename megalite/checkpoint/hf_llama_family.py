@@ -100,8 +100,8 @@ class LlamaRelative:
         self.check(cfg)
         return hf_llama.tensors_to_hf(state, cfg)
 
-    def from_hf(self, hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        """Full megalite state (unpadded vocabulary, fp32) from the HF tensors; names every missing one."""
+    def from_hf(self, hf: Mapping, cfg: ModelConfig) -> Mapping[str, torch.Tensor]:
+        """Full megalite state (unpadded vocabulary, the files' dtype) from the HF tensors, each made when asked for."""
         self.check(cfg)
         return hf_llama.tensors_from_hf(hf, cfg)
 

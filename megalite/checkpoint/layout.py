@@ -13,6 +13,7 @@ one leaves no half-written output.
 """
 from __future__ import annotations
 
+import ctypes
 import random
 from pathlib import Path
 
@@ -69,9 +70,12 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
 
 
-def take_shard(full: torch.Tensor, partition_dim: int | None, tp: int, tp_rank: int) -> torch.Tensor:
-    """tp rank tp_rank's piece of `full` (a copy): the contiguous chunk along partition_dim, or all of it."""
-    return full.clone() if partition_dim is None else full.chunk(tp, dim=partition_dim)[tp_rank].clone()
+def take_shard(full: torch.Tensor, partition_dim: int | None, tp: int, tp_rank: int,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """tp rank tp_rank's piece of `full` (a copy, in `dtype` if given): the contiguous chunk along
+    partition_dim, or all of it."""
+    piece = full if partition_dim is None else full.chunk(tp, dim=partition_dim)[tp_rank]
+    return piece.to(dtype or piece.dtype, copy=True)
 
 
 def fresh_rng(seed: int, tp_rank: int) -> dict:
@@ -103,8 +107,8 @@ class StagePlan:
                 shape[0] = padded
             self.meta[name] = {**entry, "tp_size": p.tp, "full_shape": shape}
 
-    def cut(self, name: str, full: torch.Tensor, where) -> list[torch.Tensor]:
-        """The tp shards of an unpadded full tensor `name` (a weight or a per-element optimizer state)."""
+    def _padded(self, name: str, full: torch.Tensor, where) -> torch.Tensor:
+        """An unpadded full tensor `name` checked against the stage's shape and padded to this layout's rows."""
         entry = self.meta[name]
         expected = list(entry["full_shape"])
         if "valid_rows" in entry:
@@ -114,7 +118,12 @@ class StagePlan:
                                   f"expects {expected}; wrong --config?")
         if "valid_rows" in entry:
             full = pad_rows(full, entry["full_shape"][0])  # zeros for the padding of this layout's tp
-        return [take_shard(full, entry["partition_dim"], self.tp, t) for t in range(self.tp)]
+        return full
+
+    def cut(self, name: str, full: torch.Tensor, where) -> list[torch.Tensor]:
+        """The tp shards of an unpadded full tensor `name` (a weight or a per-element optimizer state)."""
+        full = self._padded(name, full, where)
+        return [take_shard(full, self.meta[name]["partition_dim"], self.tp, t) for t in range(self.tp)]
 
     def weights(self, read, where) -> list[dict]:
         """Every tp rank's model state from `read(name)` -> the full unpadded tensor, one tensor at a time."""
@@ -123,6 +132,26 @@ class StagePlan:
             for t, shard in enumerate(self.cut(name, read(name), where)):
                 per_rank[t][name] = shard
         return per_rank
+
+    def rank_weights(self, read, where, tp_rank: int, dtype: torch.dtype | None = None) -> dict:
+        """tp rank tp_rank's model state alone (each shard cast to `dtype` if given): each full tensor is
+        read, cut and dropped before the next, so one rank's shards plus one full tensor are held (a
+        stream of ranks reads each tensor tp times)."""
+        return {name: take_shard(self._padded(name, read(name), where), self.meta[name]["partition_dim"], self.tp,
+                                 tp_rank, dtype) for name in self.meta}
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed blocks back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A rank's shards of a few MB to a few tens of MB land in glibc's heap, not in mappings of their
+    own, and glibc keeps them after they are freed; without this each rank written offline leaves
+    its memory resident under the next one's.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def layout_of(cfg, dp: int) -> Layout:
@@ -141,7 +170,8 @@ def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: 
 
 def write_offline(out_root, cfg, layout: Layout, step: int, stages) -> Path:
     """A checkpoint root OUT (OUT/step_N, `latest`, OUT/config.yaml) from `stages`: for each pipeline
-    stage in order, the list of its tp ranks' RankStates, each written for all dp replicas of `layout`.
+    stage in order, its tp ranks' RankStates (a list, or a generator that makes each when asked), each
+    written for all dp replicas of `layout`.
 
     Written into OUT.tmp and renamed last; a refused or failed write leaves nothing at OUT.
     """
@@ -150,9 +180,13 @@ def write_offline(out_root, cfg, layout: Layout, step: int, stages) -> Path:
         tmp = tmp_root / (step_dir_name(step) + ".tmp")
         tmp.mkdir()
         for stage, states in enumerate(stages):
-            for t, state in enumerate(states):
+            ranks = iter(states)
+            for t in range(layout.tp):  # not enumerate(states): its reused result tuple keeps the last rank alive
+                state = next(ranks)
                 for dp in range(topo.dp):
                     write_rank(tmp, topo.rank(tp=t, pp=stage, dp=dp), state.to_dict())
+                del state  # a lazy `states` then makes the next rank's tensors after this rank's are gone
+                return_freed_memory()
         write_extra(tmp, {"config.yaml": to_yaml(cfg)})
         publish(tmp_root, tmp, tmp_root / step_dir_name(step), step, world)
         save_config(cfg, tmp_root / "config.yaml")

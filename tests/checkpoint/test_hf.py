@@ -178,8 +178,12 @@ def test_refusals_write_nothing(tmp_path):
     conf_path.write_text(json.dumps({**conf, "intermediate_size": 64}))
     with pytest.raises(CheckpointError, match="gate_proj.weight' has shape"):
         import_hf(tmp_path / "hf", tmp_path / "out")
-    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not a safetensors file")
+    weights = tmp_path / "hf" / "model.safetensors"
     conf_path.write_text(json.dumps(conf))
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short: its header promises bytes that are gone
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable .* outside the file"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    weights.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         import_hf(tmp_path / "hf", tmp_path / "out")
     assert _listing(tmp_path) == before  # no output, no leftover .tmp

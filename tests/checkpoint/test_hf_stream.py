@@ -1,9 +1,12 @@
-"""Streaming Hugging Face export: tensor by tensor from tp x pp and ZeRO checkpoints, memory bounded.
+"""Streaming Hugging Face export and import: tensor by tensor, rank file by rank file, memory bounded.
 
-The memory proof instruments CheckpointReader.read: every full tensor it hands
-out is counted (its storage bytes) until it is garbage collected. An export
-that consolidated the model first would hold every tensor at once (peak = the
-whole model); the streamed one holds at most one output file plus one tensor.
+The memory proofs instrument the readers: every tensor CheckpointReader.read
+(export) or HFTensors (import) hands out is counted (its storage bytes) until it
+is garbage collected, and so is every rank shard an import cuts. An export that
+consolidated the model first, or an import that converted it first, would hold
+every tensor at once (peak = the whole model); the streamed ones hold at most
+one output file plus one tensor. tools/bench_import_memory.py measures the
+import's peak RSS at Llama-3.2-1B shapes.
 """
 import json
 import weakref
@@ -27,22 +30,23 @@ DEEP = ["model.vocab_size=100", "model.hidden_size=64", "model.num_layers=8", "m
 
 
 class LiveBytes:
-    """Bytes of the tensors CheckpointReader.read returned that are still alive: now, at peak, in total."""
+    """Bytes of the tensors `owner.name` (default CheckpointReader.read) returned that are still alive: now,
+    at peak, in total."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, owner=CheckpointReader, name: str = "read"):
         self.live = self.peak = self.total = 0
         self.largest = 0
-        original = CheckpointReader.read
+        original = getattr(owner, name)
 
-        def read(reader, name, **kwargs):
-            t = original(reader, name, **kwargs)
+        def counted(*args, **kwargs):
+            t = original(*args, **kwargs)
             n = t.untyped_storage().nbytes()  # a padding-stripped view keeps its whole table alive
             self.live, self.total, self.largest = self.live + n, self.total + n, max(self.largest, n)
             self.peak = max(self.peak, self.live)
             weakref.finalize(t, self._free, n)
             return t
 
-        monkeypatch.setattr(CheckpointReader, "read", read)
+        monkeypatch.setattr(owner, name, counted)
 
     def _free(self, n: int) -> None:
         self.live -= n
@@ -124,3 +128,34 @@ def test_zero3_tp2_dp2_export_streams_the_consolidated_model(counting_data, tmp_
     got = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     want = dict(megalite_to_hf(full, load_config(str(tmp_path / "z3" / "config.yaml")).model))
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_tp2_pp2_import_streams_rank_file_by_rank_file(tmp_path, monkeypatch):
+    """Each HF tensor is read only while the one megalite tensor made from it is cut, and each rank's
+    shards are written before the next rank's are made: never the whole model, never a whole stage."""
+    from megalite.checkpoint import layout
+    from megalite.checkpoint.hf_files import HFTensors
+
+    write_ckpt(tmp_path / "tp1", DEEP)
+    export_hf(tmp_path / "tp1", tmp_path / "hf")
+    model_bytes = (tmp_path / "hf" / "model.safetensors").stat().st_size
+    hf_reads = LiveBytes(monkeypatch, HFTensors, "__getitem__")
+    shards = LiveBytes(monkeypatch, layout, "take_shard")
+    import_hf(tmp_path / "hf", tmp_path / "tp2pp2", ["parallel.tp=2", "parallel.pp=2"])
+    files = [f.stat().st_size for f in (tmp_path / "tp2pp2").glob("step_*/rank_*.safetensors")]
+    assert len(files) == 4 and hf_reads.total >= model_bytes * 0.99  # every tensor read (tp times, the shards)
+    assert hf_reads.peak <= 3 * hf_reads.largest, (hf_reads.peak, hf_reads.largest)  # at most q, k and v at once
+    assert hf_reads.peak * 5 < model_bytes, (hf_reads.peak, model_bytes)
+    # the shards alive at once are at most one rank file's (which also holds RNG state and a header)
+    assert shards.peak <= max(files) < 2 * min(files), (shards.peak, files)
+
+
+def test_bf16_import_holds_the_exact_fp32_upcast(tmp_path, tp2_pp2_ckpt):
+    """Cut in the files' dtype, cast per shard: the imported fp32 weights are the bf16 values exactly."""
+    ckpt, _ = tp2_pp2_ckpt
+    export_hf(ckpt, tmp_path / "hf16", dtype="bf16")
+    import_hf(tmp_path / "hf16", tmp_path / "back", ["parallel.tp=2", "parallel.pp=2"])
+    got, want = consolidate_fp32(tmp_path / "back"), consolidate_fp32(ckpt)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor.to(torch.bfloat16).float()), name
