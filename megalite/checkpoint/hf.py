@@ -39,16 +39,18 @@ from megalite.checkpoint.hf_llama import model_overrides as model_overrides_from
 from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
 from megalite.checkpoint.hf_llama_family import MISTRAL, QWEN2, QWEN3
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
-from megalite.checkpoint.io import CheckpointError, fresh_output, step_directory
+from megalite.checkpoint.io import CheckpointError, fresh_output, read_manifest, step_directory
 from megalite.checkpoint.layout import StagePlan, fresh_engine_state, fresh_rng, layout_of, run_config, write_offline
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.schema import Progress, RankState
-from megalite.config import ModelConfig, load_config
+from megalite.config import ModelConfig, head_dim, load_config, padded_vocab_size
+from megalite.config import resolved_ffn_hidden_size as ffn_size
 from megalite.model import check_model
+from megalite.model.transformer import total_parameters
 from megalite.preflight import preflight
 
 __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_style", "export_hf", "hf_config",
-           "hf_to_megalite", "import_hf", "megalite_to_hf", "model_overrides_from_hf",
+           "hf_to_megalite", "import_hf", "import_report", "megalite_to_hf", "model_overrides_from_hf",
            "sentencepiece_to_tokenizer_json", "write_safetensors", "write_tokenizer"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # each (a module or a LlamaRelative): ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf,
@@ -119,6 +121,30 @@ def export_hf(checkpoint, out_dir, config: str | None = None, max_shard_bytes: i
 
 
 # ------------------------------------------------------------------ import
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _tokenizer(hf_dir: Path, out_root: Path, overrides, vocab_size: int) -> tuple[list[str], dict[str, Path]]:
+    """The data.tokenizer_* overrides and the files to copy for the HF directory's tokenizer.json, which
+    is used as is (copied to OUT/tokenizer/); none when it has none or `overrides` name a tokenizer."""
+    if not (hf_dir / "tokenizer.json").is_file() or any(o.startswith("data.tokenizer_model=") for o in overrides):
+        return [], {}
+    from megalite.data.tokenizer import build_tokenizer
+
+    try:  # refused here, not at the first training step: a tokenizer without an end-of-document token
+        tok = build_tokenizer("HuggingFaceTokenizer", str(hf_dir))
+    except ValueError as e:
+        raise CheckpointError(f"{hf_dir}/tokenizer.json cannot tokenize for training: {e}; or import with "
+                              "data.tokenizer_model=PATH naming another tokenizer") from e
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{hf_dir}/tokenizer.json has {tok.vocab_size} tokens but config.json vocab_size="
+                              f"{vocab_size}: ids past the embedding table; import with data.tokenizer_model=PATH "
+                              "naming the model's own tokenizer")
+    copies = {f"tokenizer/{n}": hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()}
+    where = Path(out_root).resolve() / "tokenizer"
+    return ["data.tokenizer_type=HuggingFaceTokenizer", f"data.tokenizer_model={where}"], copies
+
+
 def _import_config(conf: dict, arch, overrides):
     """The tiny preset with the HF model section, a sequence length that fits it, then `overrides`."""
     model_kv = arch.model_overrides(conf)
@@ -133,14 +159,18 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
 
     `overrides` are dotted config overrides (parallel.tp=2 parallel.pp=2 parallel.dp=..). The output root
     also gets config.yaml (the tiny preset with the imported model section and the overrides), so
-    `megalite train OUT/config.yaml train.resume=OUT data.path=...` continues training from it.
+    `megalite train OUT/config.yaml train.resume=OUT data.path=...` continues training from it
+    (`import_report` prints the exact command). A tokenizer.json in `hf_dir` is copied to OUT/tokenizer/
+    and configured (data.tokenizer_type=HuggingFaceTokenizer), so data preprocessed with it matches and
+    export writes it back unchanged.
     """
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir} has no config.json; give a Hugging Face model directory")
     conf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     arch = arch_for_hf(conf)
-    cfg = _import_config(conf, arch, overrides)
+    tokenizer, copies = _tokenizer(hf_dir, out_root, overrides, conf.get("vocab_size", 0))
+    cfg = _import_config(conf, arch, tokenizer + list(overrides))
     if cfg.engine.backend != "native":
         raise CheckpointError(f"engine.backend={cfg.engine.backend!r}: import writes fresh native-engine "
                               "state; import with engine.backend=native")
@@ -159,10 +189,42 @@ def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
             yield RankState(plan.rank_weights(full.__getitem__, hf_dir, t, torch.float32), plan.meta, engine,
                             fresh_rng(cfg.train.seed, t), Progress(), layout)
 
-    return write_offline(out_root, cfg, layout, 0, (stage(s) for s in range(p.pp)))
+    return write_offline(out_root, cfg, layout, 0, (stage(s) for s in range(p.pp)), copies)
 
 
 def _dry_run(cfg, meta_state, hf_dir: Path) -> None:
     """The conversion on meta tensors: every HF name and shape, and every stage's tensors, checked."""
     for s in range(cfg.parallel.pp):
         StagePlan(cfg, s).rank_weights(meta_state.__getitem__, hf_dir, 0)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def import_report(hf_dir, out_root) -> str:
+    """What `import_hf` found in `hf_dir` and wrote at `out_root`, and the command that continues
+    pretraining from it (printed by `megalite convert from-hf`)."""
+    conf = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
+    cfg = load_config(str(Path(out_root) / "config.yaml"))
+    m, p = cfg.model, cfg.parallel
+    world = read_manifest(out_root)["world_size"]
+    rope = "learned positions" if m.position != "rope" else (
+        f"rope theta {m.rope_theta:g}, scaling {m.rope_scaling}"
+        + ("" if m.rope_scaling == "none" else f" x{m.rope_scaling_factor:g}"))
+    extras = [name for name, on in (("q/k/v bias", m.qkv_bias), ("q/k RMSNorm", m.qk_norm),
+                                    ("tied embeddings", m.tie_embeddings)) if on]
+    launcher = "megalite" if world == 1 else f"torchrun --nproc_per_node {world} -m megalite"
+    tokenizer = cfg.data.tokenizer_model or "none (set data.tokenizer_type and data.tokenizer_model)"
+    return "\n".join([
+        f"found {', '.join(conf.get('architectures') or [conf.get('model_type', '?')])} in {hf_dir}: "
+        f"{_count(total_parameters(m))} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.num_heads} query / {m.num_kv_heads or m.num_heads} kv heads of {head_dim(m)}, FFN {ffn_size(m)}",
+        f"  vocabulary {m.vocab_size} (padded to {padded_vocab_size(m, p.tp)} at tp={p.tp}), max positions "
+        f"{m.max_seq_len}, {rope}" + "".join(f", {e}" for e in extras),
+        f"  tokenizer: {tokenizer}",
+        f"wrote {out_root}: step 0, fresh optimizer, tp={p.tp} x pp={p.pp} x dp={world // (p.tp * p.pp)} "
+        f"({world} rank files)",
+        "continue pretraining with:",
+        f"  {launcher} train {Path(out_root) / 'config.yaml'} train.resume={out_root} data.path=[PREFIX]",
+    ])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -168,10 +169,11 @@ def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: 
             for t in range(plan.tp)]
 
 
-def write_offline(out_root, cfg, layout: Layout, step: int, stages) -> Path:
+def write_offline(out_root, cfg, layout: Layout, step: int, stages, copies: dict[str, Path] | None = None) -> Path:
     """A checkpoint root OUT (OUT/step_N, `latest`, OUT/config.yaml) from `stages`: for each pipeline
     stage in order, its tp ranks' RankStates (a list, or a generator that makes each when asked), each
-    written for all dp replicas of `layout`.
+    written for all dp replicas of `layout`. `copies` maps names under OUT to files copied there (an
+    imported model's tokenizer).
 
     Written into OUT.tmp and renamed last; a refused or failed write leaves nothing at OUT.
     """
@@ -190,4 +192,7 @@ def write_offline(out_root, cfg, layout: Layout, step: int, stages) -> Path:
         write_extra(tmp, {"config.yaml": to_yaml(cfg)})
         publish(tmp_root, tmp, tmp_root / step_dir_name(step), step, world)
         save_config(cfg, tmp_root / "config.yaml")
+        for name, source in (copies or {}).items():
+            (tmp_root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp_root / name)
     return Path(out_root)

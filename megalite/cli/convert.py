@@ -14,7 +14,7 @@ from megalite.cli.errors import add_debug_argument, report_failures
 
 CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transformers, or reshard them.
 
-    megalite convert to-hf CKPT OUT_DIR [--config RUN/config.yaml]
+    megalite convert to-hf CKPT OUT_DIR [--config RUN/config.yaml] [--arch MistralForCausalLM]
                            [--max-shard-size 5GB] [--dtype fp32|bf16|fp16]
     megalite convert from-hf HF_DIR OUT_CKPT [parallel.tp=2 parallel.pp=2 ...]
     megalite convert reshard CKPT OUT --tp N --pp M [--dp D] [--virtual-stages V]
@@ -26,10 +26,13 @@ models, rope scaling linear or llama3 included), Qwen2ForCausalLM (Llama style w
 model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
 GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
 from-hf imports any of these architectures, and MistralForCausalLM whose sliding_window is null
-or >= max_position_embeddings (a real window is refused; to-hf writes Llama for it).
-from-hf writes a megalite checkpoint (step 0, fresh optimizer) plus OUT_CKPT/config.yaml; continue training with
-`megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` and the
-same parallel layout. reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
+or >= max_position_embeddings (a real window is refused; to-hf writes Llama for it unless
+--arch MistralForCausalLM asks for Mistral).
+from-hf streams (memory: about one output rank file plus one tensor) and writes a megalite checkpoint
+(step 0, fresh optimizer) plus OUT_CKPT/config.yaml, with the model's tokenizer.json copied to
+OUT_CKPT/tokenizer/ and configured; it prints what it found and the command that continues
+pretraining: `megalite train OUT_CKPT/config.yaml train.resume=OUT_CKPT data.path=[...]` (under
+torchrun for the parallel layout). reshard rewrites a (native-engine) training checkpoint at another tensor/pipeline
 layout, optimizer state and data position included; resume with
 `megalite train OUT/config.yaml train.resume=OUT train.run_dir=...` on N*M*D ranks.
 Nothing is written when a conversion is refused.
@@ -56,14 +59,18 @@ def add_commands(sub) -> None:
 def add_conversions(p: argparse.ArgumentParser) -> None:
     """The to-hf, from-hf and reshard subcommands under parser `p`; each runs convert_command."""
     sub = p.add_subparsers(dest="conversion", required=True, metavar="CONVERSION", title="conversions")
-    to = sub.add_parser("to-hf",
-                        help="megalite checkpoint -> Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory")
+    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face Llama, Mistral, Qwen2, Qwen3 or GPT-2 "
+                        "directory")
     to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
     to.add_argument("out_dir")
     to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
     to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    frm = sub.add_parser("from-hf", help="Hugging Face Llama, Qwen2, Qwen3 or GPT-2 directory -> megalite checkpoint")
+    to.add_argument("--arch", default=None, help="Hugging Face architecture to write (default: the first of "
+                    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel that represents the "
+                    "model; MistralForCausalLM only when named)")
+    frm = sub.add_parser("from-hf",
+                         help="Hugging Face Llama, Mistral, Qwen2, Qwen3 or GPT-2 directory -> megalite checkpoint")
     frm.add_argument("hf_dir")
     frm.add_argument("out_ckpt")
     frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")
@@ -85,19 +92,21 @@ def convert_command(args: argparse.Namespace) -> int:
         what = "Hugging Face directory" if args.conversion == "from-hf" else "checkpoint"
         print(f"megalite convert {args.conversion}: {what} {source} does not exist", file=sys.stderr)
         return 2
-    from megalite.checkpoint.hf import export_hf, import_hf
+    from megalite.checkpoint.hf import export_hf, import_hf, import_report
     from megalite.checkpoint.io import CheckpointError
     from megalite.config import ConfigError
 
     try:
         if args.conversion == "to-hf":
-            out = export_hf(args.checkpoint, args.out_dir, args.config, args.max_shard_size, args.dtype)
+            out = export_hf(args.checkpoint, args.out_dir, args.config, args.max_shard_size, args.dtype, args.arch)
         elif args.conversion == "reshard":
             from megalite.checkpoint.reshard import reshard
 
             out = reshard(args.checkpoint, args.out, args.tp, args.pp, args.dp, args.virtual_stages, args.config)
         else:
             out = import_hf(args.hf_dir, args.out_ckpt, args.overrides)
+            print(import_report(args.hf_dir, out))
+            return 0
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"megalite convert {args.conversion}: {e}", file=sys.stderr)
         return 2

@@ -217,6 +217,48 @@ def test_sentencepiece_tokenizer_exported_for_autotokenizer(tmp_path):
     assert (conf["eos_token_id"], conf["bos_token_id"]) == (ours.eod, ours.bos) == (auto.eos_token_id, 1)
 
 
+def _word_tokenizer(directory: Path, words: list[str], eos: str | None) -> None:
+    """A `tokenizers` WordLevel tokenizer.json (+ tokenizer_config.json naming its eos) in `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos} if eos else {}))
+
+
+def test_from_hf_uses_the_models_tokenizer_as_is_and_prints_the_command(tmp_path, capsys):
+    write_ckpt(tmp_path / "ckpt", TIED_MHA)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf, out = tmp_path / "hf", tmp_path / "back"
+    _word_tokenizer(hf, ["<unk>", "</s>", "the", "quick", "fox"], "</s>")
+    original = (hf / "tokenizer.json").read_bytes()
+    assert main(["from-hf", str(hf), str(out), "parallel.tp=2"]) == 0
+    report = capsys.readouterr().out
+    assert f"found LlamaForCausalLM in {hf}: " in report and "vocabulary 70 (padded to 128 at tp=2)" in report
+    assert f"wrote {out}: step 0, fresh optimizer, tp=2 x pp=1 x dp=1 (2 rank files)" in report
+    assert (f"torchrun --nproc_per_node 2 -m megalite train {out / 'config.yaml'} train.resume={out} "
+            "data.path=[PREFIX]") in report
+    cfg = load_config(str(out / "config.yaml"))
+    assert cfg.data.tokenizer_type == "HuggingFaceTokenizer"
+    assert cfg.data.tokenizer_model == str(out.resolve() / "tokenizer")
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == original
+    from megalite.data.tokenizer import build_tokenizer
+
+    assert build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model).encode("the fox") == [2, 4]
+    assert main(["to-hf", str(out), str(tmp_path / "again"), "--arch", "MistralForCausalLM"]) == 0
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == original  # written back unchanged
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    assert main(["to-hf", str(out), str(tmp_path / "bad"), "--arch", "GemmaForCausalLM"]) == 2
+    _word_tokenizer(hf, ["<unk>", "the"], None)  # no end-of-document token: refused before anything is written
+    with pytest.raises(CheckpointError, match="tokenizer.json cannot tokenize for training.*end-of-document"):
+        import_hf(hf, tmp_path / "refused")
+    _word_tokenizer(hf, [f"w{i}" for i in range(71)] + ["</s>"], "</s>")
+    with pytest.raises(CheckpointError, match="has 72 tokens but config.json vocab_size=70"):
+        import_hf(hf, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 def _train_tp2(overrides: list[str]) -> None:
     import torch.distributed as dist
 

@@ -50,7 +50,7 @@ COMMANDS = {
                 "--data-split", "--seed", "--train-samples", "--cache-dir", "--tokenizer-type",
                 "--tokenizer-model", "--words"],
     "convert": [],
-    "convert to-hf": ["--config", "--max-shard-size", "--dtype"],
+    "convert to-hf": ["--config", "--max-shard-size", "--dtype", "--arch"],
     "convert from-hf": [],
     "convert reshard": ["--tp", "--pp", "--dp", "--virtual-stages", "--config"],
 }
