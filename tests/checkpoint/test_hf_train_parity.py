@@ -1,4 +1,4 @@
-"""A transformers Qwen3 model imported at tp=2 x pp=2 trains its first steps as the same import at one process.
+"""A transformers Qwen3 or Qwen2 model imported at tp=2 x pp=2 trains its first steps as the same import at one process.
 
 Qwen3 carries the features the Llama path lacks: per-head q/k RMSNorm (gains shared by a rank's
 heads, their gradients summed over tp), head_dim != hidden / heads and GQA. Both runs resume
@@ -17,7 +17,7 @@ from megalite.checkpoint.hf import import_hf
 from megalite.config import load_config
 from megalite.topology import ProcessGroups
 from megalite.train import Trainer, build_groups
-from tests.checkpoint.test_hf_families import random_hf
+from tests.checkpoint.test_hf_families import LLAMA3, random_hf
 from tests.training_helpers import step_metrics, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
@@ -35,8 +35,16 @@ def _train(ckpt: str, prefix: str, run_dir: str):
     return step_metrics(run_dir, "loss", "grad_norm") if trainer.rank == 0 else None
 
 
-def test_qwen3_import_at_tp2_pp2_trains_as_one_process(tmp_path, spawn, counting_data):
-    hf = random_hf(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=32)  # 4 x 32 != 64
+# Qwen3: q/k norms, head_dim 4 x 32 != 64, GQA; Qwen2: q/k/v biases cut with their weight rows, plus
+# Llama 3's rope scaling (Llama and Mistral are Qwen2's tensor map without the biases)
+FAMILIES = {"qwen3": ("Qwen3", {"head_dim": 32}),
+            "qwen2-llama3-rope": ("Qwen2", {"rope_parameters": dict(LLAMA3)})}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_at_tp2_pp2_trains_as_one_process(family, tmp_path, spawn, counting_data):
+    name, extra = FAMILIES[family]
+    hf = random_hf(getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM"), **extra)
     hf.save_pretrained(str(tmp_path / "hf"))
     one = import_hf(tmp_path / "hf", tmp_path / "one")
     split = import_hf(tmp_path / "hf", tmp_path / "split", ["parallel.tp=2", "parallel.pp=2"])
