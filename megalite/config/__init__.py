@@ -21,6 +21,7 @@ from megalite.config.sections import (
     OptimConfig,
     ParallelConfig,
     TrainConfig,
+    attention_window,
     head_dim,
     kv_heads,
     padded_vocab_size,
@@ -29,7 +30,8 @@ from megalite.config.sections import (
 from megalite.config.validation import data_parallel_size, samples_per_split, split_weights, splits_in_use, validate
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "ConfigWarning", "DataConfig", "EngineConfig",
-           "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "all_choices", "choices",
+           "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "all_choices",
+           "attention_window", "choices",
            "data_parallel_size", "did_you_mean", "follow_the_run", "head_dim", "is_number", "kv_heads",
            "list_presets", "load_config", "padded_vocab_size", "parse_data_path", "resolved_ffn_hidden_size",
            "samples_per_split", "save_config", "split_blend_string", "split_weights", "splits_in_use", "to_yaml",

@@ -57,6 +57,14 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head's query and key (gains [head_dim], shared by the heads), after the
     projection and before rotary, as Qwen3 does."""
+    attention_window: int | None = None
+    """Sliding-window attention: a query sees itself and the attention_window - 1 keys before it
+    (Mistral's sliding_window, flash-attn's window_size=(window - 1, 0)); None sees the whole causal
+    context. Which layers use it: global_attention_every."""
+    global_attention_every: int = 0
+    """With attention_window: every N-th layer (layers N, 2N, ... counted from 1) attends globally and
+    the others use the window (Gemma 2: 2, Gemma 3: 6; Megatron's window_attn_skip_freq); 0 puts the
+    window on every layer (Mistral)."""
     ffn_hidden_size: int | None = None
     """MLP inner width; None picks 4h for GELU and the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
     max_seq_len: int = 256
@@ -295,6 +303,13 @@ class Config:
 def head_dim(model: ModelConfig) -> int:
     """Per-head width: model.head_dim, or hidden_size / num_heads when unset."""
     return model.head_dim or model.hidden_size // model.num_heads
+
+
+def attention_window(model: ModelConfig, layer: int) -> int | None:
+    """The sliding window of transformer layer `layer` (1 .. num_layers), or None where it attends over
+    the whole causal context (model.attention_window, model.global_attention_every)."""
+    every = model.global_attention_every
+    return None if model.attention_window is None or (every and layer % every == 0) else model.attention_window
 
 
 def kv_heads(model: ModelConfig) -> int:

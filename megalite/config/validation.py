@@ -18,9 +18,9 @@ POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "mode
             "parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
             "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
             "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
-            "train.min_loss_scale", "checkpoint.keep_last", "logging.interval")
+            "train.min_loss_scale", "checkpoint.keep_last", "logging.interval", "model.attention_window")
 NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.clip_grad",
-                "train.eval_interval", "checkpoint.interval")
+                "train.eval_interval", "checkpoint.interval", "model.global_attention_every")
 
 
 def _get(cfg: Config, dotted: str):
@@ -70,6 +70,10 @@ def _check_model(cfg: Config, err) -> None:
     if not 0 <= m.dropout < 1:
         err(f"model.dropout={m.dropout} must be in [0, 1)")
     _check_rope_scaling(m, err)
+    if m.global_attention_every and m.attention_window is None:
+        err(f"model.global_attention_every={m.global_attention_every} picks the global layers among windowed "
+            "ones, but model.attention_window is None; set model.attention_window or "
+            "model.global_attention_every=0")
     if tp > 1:
         if m.num_heads % tp:
             err(f"model.num_heads={m.num_heads} must be divisible by parallel.tp={tp} (heads are split over tp)")

@@ -19,6 +19,11 @@ logged once on the "megalite.kernels" logger, with the reason):
 MEGALITE_ATTENTION=flash|sdpa|math forces one; forcing flash where it cannot
 run is an error rather than a silent fallback.
 
+Sliding windows (model.attention_window): a query sees itself and the
+window - 1 positions before it; flash-attn takes it as window_size=(window - 1, 0),
+SDPA and math as a boolean band mask (combined with the document mask when
+both apply).
+
 Document masking (data.reset_attention_mask): a packed sample holds several
 documents, each ended by an EOD token. megalite.data.documents numbers them per
 position (the EOD belongs to the document it ends, as in Megatron's
@@ -65,7 +70,7 @@ class DocumentMask:
             raise ValueError(f"doc_ids must be an integer tensor [batch, seq]; got {doc_ids.dtype} "
                              f"{tuple(doc_ids.shape)}")
         self.doc_ids = doc_ids
-        self._dense: dict[bool, torch.Tensor] = {}
+        self._dense: dict[tuple[bool, int | None], torch.Tensor] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
 
     @property
@@ -73,16 +78,16 @@ class DocumentMask:
         """(batch, seq) the mask was built for."""
         return tuple(self.doc_ids.shape)
 
-    def dense(self, causal: bool = True) -> torch.Tensor:
-        """Boolean [b, 1, s, s], True where query i may attend to key j (same document, and j <= i if causal)."""
-        if causal not in self._dense:
+    def dense(self, causal: bool = True, window: int | None = None) -> torch.Tensor:
+        """Boolean [b, 1, s, s], True where query i may attend to key j (same document, j <= i if causal,
+        and i - j < window if a sliding window is given)."""
+        if (causal, window) not in self._dense:
             ids = self.doc_ids
             mask = ids[:, :, None] == ids[:, None, :]  # [b, s, 1] == [b, 1, s] -> [b, s, s]
             if causal:
-                s = ids.shape[1]
-                mask &= torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
-            self._dense[causal] = mask.unsqueeze(1)  # -> [b, 1, s, s]: broadcast over heads
-        return self._dense[causal]
+                mask &= causal_mask(ids.shape[1], ids.shape[1], window, ids.device)
+            self._dense[causal, window] = mask.unsqueeze(1)  # -> [b, 1, s, s]: broadcast over heads
+        return self._dense[causal, window]
 
     def varlen(self) -> tuple[torch.Tensor, int]:
         """(cu_seqlens int32 [n + 1], max_seqlen) of the n documents of the flattened [b * s] batch.
@@ -173,7 +178,8 @@ def _log_once(backend: str, reason: str) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
-              scale: float | None = None, documents: DocumentMask | None = None) -> torch.Tensor:
+              scale: float | None = None, documents: DocumentMask | None = None,
+              window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [s, b, hq, d], k/v [t, b, hkv, d] -> [s, b, hq * d].
 
     hq must be a multiple of hkv; query head j uses kv head j // (hq/hkv).
@@ -181,10 +187,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     probabilities; pass 0.0 in eval. t >= s: the queries are the LAST s of
     the t positions (incremental decoding), so the causal mask is aligned
     bottom-right. `documents` (t == s only) also confines every query to
-    its own document.
+    its own document. `window` (causal only) is a sliding window: a query
+    sees itself and the window - 1 positions before it.
     """
     _check_shapes(q, k, v, documents)
-    return _IMPLS[_backend(q.device.type, q.dtype, q.shape[-1])](q, k, v, causal, dropout_p, scale, documents)
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"a sliding window needs causal attention and window >= 1; got window={window}, "
+                         f"causal={causal}")
+    impl = _IMPLS[_backend(q.device.type, q.dtype, q.shape[-1])]
+    return impl(q, k, v, causal, dropout_p, scale, documents, window)
 
 
 def _check_shapes(q, k, v, documents) -> None:
@@ -199,27 +210,34 @@ def _check_shapes(q, k, v, documents) -> None:
                          f"k {tuple(k.shape)}: it needs [b, s] = [{b}, {s}] and as many keys as queries")
 
 
+def causal_mask(s: int, t: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [s, t]: query i sits at position t - s + i and may see keys j <= t - s + i, and with a
+    sliding window only those with t - s + i - j < window."""
+    position, key = torch.arange(t - s, t, device=device)[:, None], torch.arange(t, device=device)[None, :]
+    allowed = key <= position
+    return allowed if window is None else allowed & (position - key < window)
+
+
 def _mask(s: int, t: int, causal: bool, documents: DocumentMask | None, device,
-          need_causal: bool) -> torch.Tensor | None:
+          need_causal: bool, window: int | None = None) -> torch.Tensor | None:
     """Boolean [b or 1, 1, s, t], True = may attend; None when no mask is needed (or, unless
     `need_causal`, when a plain causal s == t mask is left to the kernel's is_causal)."""
     if documents is not None:
-        return documents.dense(causal)
-    if not causal or (t == s and not need_causal):
+        return documents.dense(causal, window)
+    if not causal or (t == s and not need_causal and window is None):
         return None
-    # query i sits at position t - s + i and may see keys 0 .. t - s + i
-    return (torch.arange(t, device=device)[None, :] <= torch.arange(t - s, t, device=device)[:, None])[None, None]
+    return causal_mask(s, t, window, device)[None, None]
 
 
 # ------------------------------------------------------------- backends
-def _math(q, k, v, causal, dropout_p, scale, documents) -> torch.Tensor:
+def _math(q, k, v, causal, dropout_p, scale, documents, window) -> torch.Tensor:
     s, b, hq, d = q.shape
     t, hkv = k.shape[0], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg = q.float().permute(1, 2, 0, 3).reshape(b, hkv, hq // hkv, s, d)  # [s, b, hq, d] -> [b, hkv, r, s, d]
     kg, vg = (x.float().permute(1, 2, 0, 3) for x in (k, v))  # [t, b, hkv, d] -> [b, hkv, t, d]
     scores = torch.einsum("bgrsd,bgtd->bgrst", qg, kg) * scale  # kv shared by the r heads of a group, no copy
-    mask = _mask(s, t, causal, documents, q.device, need_causal=True)
+    mask = _mask(s, t, causal, documents, q.device, need_causal=True, window=window)
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))  # [b|1, 1, s, t] -> [b|1, 1, 1, s, t]
     probs = scores.softmax(dim=-1)
@@ -229,7 +247,7 @@ def _math(q, k, v, causal, dropout_p, scale, documents) -> torch.Tensor:
     return out.reshape(b, hq, s, d).permute(2, 0, 1, 3).reshape(s, b, hq * d).to(q.dtype)  # -> [s, b, hq*d]
 
 
-def _sdpa(q, k, v, causal, dropout_p, scale, documents) -> torch.Tensor:
+def _sdpa(q, k, v, causal, dropout_p, scale, documents, window) -> torch.Tensor:
     s, b, hq, d = q.shape
     t, hkv = k.shape[0], k.shape[2]
     qh, kh, vh = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [., b, h, d] -> [b, h, ., d]
@@ -240,24 +258,25 @@ def _sdpa(q, k, v, causal, dropout_p, scale, documents) -> torch.Tensor:
         else:  # torch < 2.5 only: SDPA needs as many kv heads as query heads
             kh = kh.repeat_interleave(hq // hkv, dim=1)  # [b, hkv, t, d] -> [b, hq, t, d]
             vh = vh.repeat_interleave(hq // hkv, dim=1)
-    mask = _mask(s, t, causal, documents, q.device, need_causal=False)
+    mask = _mask(s, t, causal, documents, q.device, need_causal=False, window=window)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=causal and mask is None, scale=scale, **kwargs)  # [b, hq, s, d]
     return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)  # [b, hq, s, d] -> [s, b, hq, d] -> [s, b, hq*d]
 
 
-def _flash(q, k, v, causal, dropout_p, scale, documents) -> torch.Tensor:
+def _flash(q, k, v, causal, dropout_p, scale, documents, window) -> torch.Tensor:
     fa = _flash_module()[0]
     s, b, hq, d = q.shape
+    span = (-1, -1) if window is None else (window - 1, 0)  # keys i - (window - 1) .. i
     if documents is None:  # flash-attn's causal mask is bottom-right aligned, as decoding needs
         out = fa.flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), dropout_p,
-                                 softmax_scale=scale, causal=causal)  # [b, s, hq, d]
+                                 softmax_scale=scale, causal=causal, window_size=span)  # [b, s, hq, d]
         return out.transpose(0, 1).reshape(s, b, hq * d)  # -> [s, b, hq, d] -> [s, b, hq*d]
     cu, longest = documents.varlen()
     # [s, b, h, d] -> [b, s, h, d] -> [b*s, h, d]: sample-major, so each document is contiguous
     qp, kp, vp = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (q, k, v))
     out = fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, longest, longest, dropout_p, softmax_scale=scale,
-                                    causal=causal)  # [b*s, hq, d]
+                                    causal=causal, window_size=span)  # [b*s, hq, d]
     return out.view(b, s, hq, d).transpose(0, 1).reshape(s, b, hq * d)  # -> [s, b, hq*d]
 
 

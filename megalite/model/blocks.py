@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megalite import kernels
-from megalite.config import ModelConfig, head_dim, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, attention_window, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.model.norms import RMSNorm, make_norm
 from megalite.model.rope import rope_tables
@@ -214,10 +214,11 @@ class Attention(nn.Module):
     de-interleave q, k and v.)
     """
 
-    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings(), window: int | None = None):
         super().__init__()
         _need_tracker(cfg, par)
         self.rng_tracker = par.rng_tracker
+        self.window = window  # sliding window of this layer (config.attention_window), None = global
         tp_group, sequence_parallel, tp = par.tp_group, par.sequence_parallel, par.tp
         n_kv = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = head_dim(cfg)
@@ -272,7 +273,7 @@ class Attention(nn.Module):
     def _core(self, q, k, v, dropout_p: float, documents: DocumentMask | None) -> torch.Tensor:
         """The attention kernel on this rank's heads -> [s, b, hq/tp * d]."""
         with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
-            return attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents)
+            return attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents, window=self.window)
 
     def _cached_attention(self, q, k, v, cache: KVCache) -> torch.Tensor:
         """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
@@ -282,7 +283,7 @@ class Attention(nn.Module):
             k = kernels.apply_rotary(k, self.rope_cos[offset:], self.rope_sin[offset:])
         k, v = cache.append(k, v)  # [t, b, hkv/tp, d], t = offset + s
         # the queries are the last s of t positions: attention aligns the causal mask bottom-right
-        return attention(q, k, v, causal=True)  # [s, b, hq/tp * d]
+        return attention(q, k, v, causal=True, window=self.window)  # [s, b, hq/tp * d]
 
 
 def _swiglu_grad(d_act: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,14 +371,15 @@ class TransformerBlock(nn.Module):
     masks match).
     """
 
-    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings()):
+    def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings(), layer: int = 1):
+        """`layer` (1 .. num_layers) picks this block's sliding window (model.global_attention_every)."""
         super().__init__()
         self.recompute_all = par.activation_checkpointing == "full"
         self.rng_tracker = par.rng_tracker
         # residual dropout: the same mask on every tp rank, unless each rank holds its own sequence chunk
         self.residual_rng = par.rng_tracker if par.sequence_parallel else None
         self.norm1 = make_norm(cfg, par.sequence_parallel)
-        self.attn = Attention(cfg, par)
+        self.attn = Attention(cfg, par, attention_window(cfg, layer))
         self.norm2 = make_norm(cfg, par.sequence_parallel)
         self.mlp = MLP(cfg, par)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -468,4 +470,4 @@ def build_block(cfg: ModelConfig, index: int, par: BlockSettings = BlockSettings
         return Embedding(cfg, par)
     if index == last:
         return Head(cfg, par, tied=tied if cfg.tie_embeddings else None)
-    return TransformerBlock(cfg, par)
+    return TransformerBlock(cfg, par, index)

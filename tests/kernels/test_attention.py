@@ -186,6 +186,57 @@ def test_document_gradients_sdpa_equal_math(monkeypatch):
         assert_close(a, b, RTOL, ATOL_FRAC, f"d{name}")
 
 
+# ------------------------------------------------------------ sliding window
+def _band(s: int, t: int, window: int) -> torch.Tensor:
+    """[s, t] by definition, one query at a time: query i (position t - s + i) sees keys
+    max(0, pos - window + 1) .. pos."""
+    mask = torch.zeros(s, t, dtype=torch.bool)
+    for i in range(s):
+        pos = t - s + i
+        mask[i, max(0, pos - window + 1):pos + 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("window", [1, 3])
+def test_sliding_window_is_the_band_of_the_last_window_keys(backend, shape, window, monkeypatch):
+    s = shape[0]
+    for t in (s, s + 4):  # training, and new queries after 4 cached keys (decoding)
+        q, k, v = _qkv(*shape, t=t)
+        got = _run(backend, monkeypatch, q, k, v, window=window)
+        assert_close(got.double(), _naive(q, k, v, _band(s, t, window)), RTOL, ATOL_FRAC, f"{backend} t={t}")
+    assert_close(_run(backend, monkeypatch, q, k, v, window=t), _run(backend, monkeypatch, q, k, v), RTOL, ATOL_FRAC,
+                 "a window as long as the keys is no window")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_sliding_window_within_documents_and_its_gradients(backend, monkeypatch):
+    s, b, hq, hkv, d, window = PACKED.shape[1], PACKED.shape[0], 4, 2, 8, 2
+    documents = DocumentMask(document_ids(PACKED, EOD))
+    q, k, v = _qkv(s, b, hq, hkv, d, seed=5)
+    got = _run(backend, monkeypatch, q, k, v, documents=documents, window=window)
+    for i in range(b):  # each document on its own, with the same window
+        for start, end in _segments(PACKED[i]):
+            alone = _naive(*(x[start:end, i:i + 1] for x in (q, k, v)), _band(end - start, end - start, window))
+            assert_close(got[start:end, i:i + 1].double(), alone, RTOL, ATOL_FRAC, f"sample {i} doc {start}:{end}")
+    got.pow(2).sum().backward()
+    mine = [x.grad for x in (q, k, v)]
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    mask = documents.dense(True, window)  # [b, 1, s, s]
+    want = torch.stack([_naive(*(x[:, i:i + 1] for x in (q2, k2, v2)), mask[i, 0])[:, 0] for i in range(b)], 1)
+    want.pow(2).sum().backward()
+    for a, w, name in zip(mine, (q2.grad, k2.grad, v2.grad), "qkv"):
+        assert_close(a.double(), w, RTOL, ATOL_FRAC, f"d{name}")
+
+
+def test_sliding_window_needs_causal_attention_and_a_positive_width():
+    q, k, v = _qkv(4, 1, 2, 2, 4)
+    for kwargs in ({"window": 0}, {"window": 2, "causal": False}):
+        with pytest.raises(ValueError, match="sliding window needs causal attention and window >= 1"):
+            attention(q, k, v, **kwargs)
+
+
 # ------------------------------------------------------------------ GPU
 def _needs_flash():
     if attn_mod._flash_module()[0] is None:
@@ -195,16 +246,17 @@ def _needs_flash():
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(129, 2, 8, 2, 64), (77, 3, 4, 4, 128)])
 @pytest.mark.parametrize("with_documents", [False, True])
-def test_flash_and_cuda_sdpa_equal_math(shape, with_documents, monkeypatch):
+@pytest.mark.parametrize("window", [None, 17], ids=["global", "window17"])
+def test_flash_and_cuda_sdpa_equal_math(shape, with_documents, window, monkeypatch):
     s, b = shape[:2]
     tokens = torch.randint(1, 50, (b, s), generator=torch.Generator().manual_seed(0))
     tokens[:, ::23] = EOD
     documents = DocumentMask(document_ids(tokens.cuda(), EOD)) if with_documents else None
     q, k, v = _qkv(*shape, seed=4, dtype=torch.bfloat16, device="cuda")
-    want = _run("math", monkeypatch, q, k, v, documents=documents).float()
+    want = _run("math", monkeypatch, q, k, v, documents=documents, window=window).float()
     backends = ["sdpa"] + ([] if attn_mod._flash_module()[0] is None else ["flash"])
     for backend in backends:
-        got = _run(backend, monkeypatch, q, k, v, documents=documents).float()
+        got = _run(backend, monkeypatch, q, k, v, documents=documents, window=window).float()
         # bf16 outputs of two kernels: each within half an ulp of its fp32 result, which differ by bf16
         # rounding of the intermediates: rtol two bf16 ulps (2 * 2^-7), floor one ulp of max|want|
         assert_close(got, want, rtol=1.6e-2, atol_frac=8e-3, what=backend)

@@ -24,6 +24,8 @@ VARIANTS = {
     # Qwen-style attention: q/k/v-only bias, per-head q/k RMSNorm, head_dim 16 (4 * 16 != 32), llama3 rotary
     "qwen-style": {"qkv_bias": True, "qk_norm": True, "head_dim": 16, "rope_scaling": "llama3",
                    "rope_scaling_factor": 4.0, "rope_original_max_seq_len": 8},
+    # sliding window of 5 on layer 1, layer 2 global (Gemma 2's alternation), over 12-token sequences
+    "windowed": {"attention_window": 5, "global_attention_every": 2},
 }
 
 
@@ -203,9 +205,28 @@ def _tp_parity(change, sp):
     return errors
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen-style"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen-style", "windowed"])
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_matches_tp1_logits_loss_and_gradients(spawn, name, sp):
     for errors in spawn(_tp_parity, 2, VARIANTS[name], sp):
         ratio, message = max(errors.values())
         assert ratio <= 1, message
+
+
+def test_sliding_window_layers_follow_global_attention_every():
+    """Every global_attention_every-th layer attends globally; a window as long as the sequence changes
+    nothing, a shorter one changes every later position's logits."""
+    cfg = replace(TINY, num_layers=4, attention_window=4, global_attention_every=2)
+    model = Transformer(cfg, seed=3)
+    assert [model.blocks[str(i)].attn.window for i in range(1, 5)] == [4, None, 4, None]
+    plain = Transformer(replace(cfg, attention_window=None, global_attention_every=0), seed=3)
+    tokens = _tokens(s=12)[:, :-1]
+    assert torch.equal(model(tokens[:, :4]), plain(tokens[:, :4]))  # 4 tokens: the window holds all of them
+    windowed, full = model(tokens), plain(tokens)
+    assert torch.equal(windowed[:4], full[:4]) and not torch.allclose(windowed[4:], full[4:], atol=1e-4)
+    from megalite.config import ConfigError, load_config, validate
+
+    for bad, message in ((["model.global_attention_every=2"], "global_attention_every=2 picks the global layers"),
+                         (["model.attention_window=0"], "model.attention_window=0 must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            validate(load_config("tiny", bad))
