@@ -3,8 +3,9 @@
 Five architectures, picked from the model config (export) or config.json (import):
 Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama); on the same tensor
 map (checkpoint.hf_llama_family) the same with q/k/v-only biases <-> Qwen2ForCausalLM, with per-head
-q/k RMSNorm and any head_dim <-> Qwen3ForCausalLM, and without a sliding window <-> MistralForCausalLM
-(export writes it when asked by name); GPT-2 style (layernorm, learned positions, gelu) <->
+q/k RMSNorm and any head_dim <-> Qwen3ForCausalLM, and with a sliding window on every layer
+(model.attention_window) <-> MistralForCausalLM (an unwindowed one is written as Mistral when asked
+by name); GPT-2 style (layernorm, learned positions, gelu) <->
 GPT2LMHeadModel (checkpoint.hf_gpt2).
 Anything else is refused by name.
 

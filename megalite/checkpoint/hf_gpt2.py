@@ -34,7 +34,8 @@ from megalite.config import ModelConfig
 from megalite.config import resolved_ffn_hidden_size as ffn_size
 
 ARCH, MODEL_TYPE = "GPT2LMHeadModel", "gpt2"
-_WANTED = {"norm": "layernorm", "position": "learned", "activation": "gelu", "head_dim": None, "qk_norm": False}
+_WANTED = {"norm": "layernorm", "position": "learned", "activation": "gelu", "head_dim": None, "qk_norm": False,
+           "attention_window": None}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
 
 

@@ -43,7 +43,7 @@ from megalite.config import resolved_ffn_hidden_size as ffn_size
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
-          "qk_norm": False, "dropout": 0.0}
+          "qk_norm": False, "dropout": 0.0, "attention_window": None, "global_attention_every": 0}
 
 
 def field_mismatches(cfg: ModelConfig, wanted: Mapping) -> dict[str, tuple]:
@@ -217,5 +217,6 @@ def common_overrides(conf: dict) -> dict:
             "num_kv_heads": conf.get("num_key_value_heads") or hq, "ffn_hidden_size": conf["intermediate_size"],
             "max_seq_len": conf.get("max_position_embeddings", 2048), "norm": "rmsnorm", "position": "rope",
             "activation": "swiglu", "bias": False, "qkv_bias": False, "qk_norm": False, "dropout": 0.0,
+            "attention_window": None, "global_attention_every": 0,
             "norm_eps": conf.get("rms_norm_eps", 1e-6), **rope_overrides(conf),
             "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}

@@ -4,11 +4,12 @@ Each is one `LlamaRelative`: the fields it fixes, the config.json keys it adds, 
 config.json megalite cannot express (refused by name). The tensors go through checkpoint.hf_llama.
 
 - MistralForCausalLM: Llama (the same names, rotate-half rotary, GQA, SwiGLU) plus sliding-window
-  attention. Imported only where the window changes nothing: sliding_window null, or at least
-  max_position_embeddings, since a query at position i then sees keys back to i - (window - 1) <= 0,
-  every causal key of any sequence the model takes (megalite's max_seq_len is
-  max_position_embeddings). The weights alone cannot tell Mistral from Llama, so export writes
-  Mistral only when asked (export_hf(arch="MistralForCausalLM")).
+  attention on every layer: sliding_window <-> model.attention_window (a query at position i sees
+  keys i - (window - 1) .. i in both). A window of at least max_position_embeddings masks no causal
+  key of any sequence the model takes, so it imports as no window (megalite's max_seq_len is
+  max_position_embeddings). Export writes Mistral for a windowed model; the weights alone cannot
+  tell an unwindowed Mistral from Llama, so that one is written as Mistral only when asked
+  (export_hf(arch="MistralForCausalLM")).
 - Qwen2ForCausalLM (Qwen2, Qwen2.5): biases on q, k and v, none on o_proj or the MLP
   (model.qkv_bias); the bias rows take the fused [hkv, r + 2, d] order of the qkv weight rows, so
   tp shards them alike.
@@ -17,8 +18,8 @@ config.json megalite cannot express (refused by name). The tensors go through ch
   hidden_size / heads (model.head_dim). attention_bias is refused (Qwen3's puts a bias on o_proj
   too, which megalite has not).
 
-Sliding-window layers (Qwen's use_sliding_window / layer_types, Mistral's acting window) are
-refused by name: megalite attends over the whole causal context (issue 17).
+Qwen's sliding-window layers (use_sliding_window, max_window_layers / layer_types) are refused by
+name: megalite's windowed layers are picked by model.global_attention_every, not Qwen's rule.
 """
 from __future__ import annotations
 
@@ -37,22 +38,20 @@ def refuse_sliding_layers(conf: dict) -> None:
     sliding = [i for i, t in enumerate(conf.get("layer_types") or []) if t != "full_attention"]
     if conf.get("use_sliding_window") or sliding:
         raise CheckpointError(f"config.json use_sliding_window={conf.get('use_sliding_window')!r} (sliding layers "
-                              f"{sliding}, sliding_window={conf.get('sliding_window')!r}) is not supported: megalite "
-                              "has no sliding-window attention; convert a model with use_sliding_window=false")
+                              f"{sliding}, sliding_window={conf.get('sliding_window')!r}) is not supported: Qwen's "
+                              "windowed layers follow max_window_layers, which megalite's model.attention_window "
+                              "with model.global_attention_every cannot express; convert a model with "
+                              "use_sliding_window=false")
 
 
-def refuse_acting_window(conf: dict) -> None:
-    """Refuse a Mistral config.json whose sliding window is shorter than its positions (it would mask)."""
+def mistral_window(conf: dict) -> dict:
+    """model.attention_window of a Mistral config.json: its sliding_window where that masks anything
+    (shorter than max_position_embeddings), else None (the whole causal context, the same model)."""
     window, positions = conf.get("sliding_window"), conf.get("max_position_embeddings", 2048)
-    if window is not None and window < positions:
-        raise CheckpointError(f"config.json sliding_window={window!r} < max_position_embeddings={positions}: "
-                              "sliding-window attention is not supported yet (issue 17); megalite attends over "
-                              "the whole causal context, so only sliding_window null or >= "
-                              "max_position_embeddings imports")
+    return {"attention_window": window if window is not None and window < positions else None}
 
 
 def refuse_mistral(conf: dict) -> None:
-    refuse_acting_window(conf)
     hf_llama.refuse_biases(conf)
 
 
@@ -79,14 +78,21 @@ class LlamaRelative:
     style: str = "Llama style"  # what those fields mean, for refusals
     refuse: Callable[[dict], None] = lambda conf: None  # config.json settings megalite cannot express
     extra_config: Callable[[ModelConfig], dict] = lambda cfg: {}  # its config.json keys beyond Llama's
+    free: tuple[str, ...] = ()  # Llama-fixed model fields it represents at any value (Mistral's window)
+    extra_overrides: Callable[[dict], dict] = lambda conf: {}  # model fields read from its config.json
+
+    @property
+    def wanted(self) -> dict:
+        """model.<field> -> the value this architecture needs."""
+        return {**{k: v for k, v in hf_llama.WANTED.items() if k not in self.free}, **self.fixed}
 
     def mismatches(self, cfg: ModelConfig) -> dict[str, tuple]:
         """model.<field> -> (value, what this architecture needs), for every field it cannot represent."""
-        return hf_llama.field_mismatches(cfg, {**hf_llama.WANTED, **self.fixed})
+        return hf_llama.field_mismatches(cfg, self.wanted)
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse model shapes this architecture cannot represent, naming the setting."""
-        hf_llama.refuse_mismatches(cfg, {**hf_llama.WANTED, **self.fixed}, self.ARCH, self.style)
+        hf_llama.refuse_mismatches(cfg, self.wanted, self.ARCH, self.style)
 
     def hf_config(self, cfg: ModelConfig, bos: int | None = None, eos: int | None = None,
                   dtype: torch.dtype = torch.float32) -> dict:
@@ -108,11 +114,14 @@ class LlamaRelative:
     def model_overrides(self, conf: dict) -> list[str]:
         """megalite model.* overrides equal to a HF config.json; refuses what megalite cannot build."""
         self.refuse(conf)
-        return [f"model.{k}={v}" for k, v in {**hf_llama.common_overrides(conf), **self.fixed}.items()]
+        fields = {**hf_llama.common_overrides(conf), **self.fixed, **self.extra_overrides(conf)}
+        return [f"model.{k}={v}" for k, v in fields.items()]
 
 
-MISTRAL = LlamaRelative("MistralForCausalLM", "mistral", refuse=refuse_mistral,
-                        extra_config=lambda cfg: {"sliding_window": None})
+MISTRAL = LlamaRelative("MistralForCausalLM", "mistral", style="Llama style with any model.attention_window on "
+                        "every layer (model.global_attention_every=0)", refuse=refuse_mistral,
+                        extra_config=lambda cfg: {"sliding_window": cfg.attention_window},
+                        free=("attention_window",), extra_overrides=mistral_window)
 QWEN2 = LlamaRelative("Qwen2ForCausalLM", "qwen2", {"qkv_bias": True},
                       "Llama style with q/k/v-only biases: model.qkv_bias=true", refuse_sliding_layers, _full_attention)
 QWEN3 = LlamaRelative("Qwen3ForCausalLM", "qwen3", {"qk_norm": True},

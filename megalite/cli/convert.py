@@ -25,9 +25,9 @@ to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: 
 models, rope scaling linear or llama3 included), Qwen2ForCausalLM (Llama style with
 model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
 GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
-from-hf imports any of these architectures, and MistralForCausalLM whose sliding_window is null
-or >= max_position_embeddings (a real window is refused; to-hf writes Llama for it unless
---arch MistralForCausalLM asks for Mistral).
+from-hf imports any of these architectures and MistralForCausalLM (its sliding_window becomes
+model.attention_window); to-hf writes Mistral for a model with model.attention_window, and for an
+unwindowed one when --arch MistralForCausalLM asks for it.
 from-hf streams (memory: about one output rank file plus one tensor) and writes a megalite checkpoint
 (step 0, fresh optimizer) plus OUT_CKPT/config.yaml, with the model's tokenizer.json copied to
 OUT_CKPT/tokenizer/ and configured; it prints what it found and the command that continues

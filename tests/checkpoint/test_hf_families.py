@@ -15,7 +15,8 @@ import torch
 
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.hf import export_hf, import_hf
-from tests.checkpoint.test_hf import hf_tensors, ours, tp_logits
+from megalite.config import load_config
+from tests.checkpoint.test_hf import hf_tensors, ours, tp_logits, write_ckpt
 from tests.tolerance import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -137,30 +138,36 @@ def test_qwen_tp2_import_logits(tmp_path, spawn, family):
 def test_qwen2_sliding_window_refused_by_name(tmp_path):
     conf = transformers.Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     transformers.Qwen2ForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"use_sliding_window=True .*sliding-window attention"):
+    with pytest.raises(CheckpointError, match=r"use_sliding_window=True .*follow max_window_layers"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("window", [None, SHAPE["max_position_embeddings"]], ids=["no-window", "window-covers-all"])
+@pytest.mark.parametrize("window", [None, SHAPE["max_position_embeddings"], 8],
+                         ids=["no-window", "window-covers-all", "window-8"])
 def test_mistral_parity(tmp_path, window):
-    """Mistral without a window that acts is Llama (a window >= max positions masks no causal key)."""
+    """Mistral: Llama plus a sliding window; one >= max positions masks no causal key (no window), one of 8
+    over 24 tokens masks most (model.attention_window)."""
     hf = random_hf(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=window)
+    check_parity_and_round_trip(tmp_path, hf)  # a windowed model exports as Mistral unasked
+    acting = window if window == 8 else None
+    assert load_config(str(tmp_path / "ckpt" / "config.yaml")).model.attention_window == acting
+    conf = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (conf["model_type"], conf["architectures"], conf.get("sliding_window")) == \
+        (("mistral", ["MistralForCausalLM"], 8) if acting else ("llama", ["LlamaForCausalLM"], None))
+    if acting:
+        assert type(transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(str(tmp_path / "back")))) is transformers.MistralForCausalLM
+
+
+def test_mistral_exported_when_asked_and_alternating_windows_refused(tmp_path):
+    hf = random_hf(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=None)
     check_parity_and_round_trip(tmp_path, hf, arch="MistralForCausalLM")
     conf = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert (conf["model_type"], conf["architectures"], conf["sliding_window"]) == \
-        ("mistral", ["MistralForCausalLM"], None)
-    assert type(transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.from_pretrained(str(tmp_path / "back")))) is transformers.MistralForCausalLM
-
-
-def test_mistral_sliding_window_refused_by_name(tmp_path):
-    conf = transformers.MistralConfig(**SHAPE, sliding_window=16)
-    transformers.MistralForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"sliding_window=16 < .*sliding-window attention is not supported "
-                                              r"yet \(issue 17\)"):
-        import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt").exists()
+    assert (conf["architectures"], conf["sliding_window"]) == (["MistralForCausalLM"], None)
+    write_ckpt(tmp_path / "gemma_like", ["model.attention_window=4", "model.global_attention_every=2"])
+    with pytest.raises(CheckpointError, match=r"MistralForCausalLM needs model\.global_attention_every=0"):
+        export_hf(tmp_path / "gemma_like", tmp_path / "refused")
 
 
 def test_qwen3_attention_bias_refused_by_name(tmp_path):
@@ -172,12 +179,14 @@ def test_qwen3_attention_bias_refused_by_name(tmp_path):
 
 
 FAMILIES = {"llama-llama3-rope": ("Llama", {"rope_parameters": dict(LLAMA3)}), "qwen2": ("Qwen2", {}),
-            "qwen3": ("Qwen3", {"head_dim": 32, "rope_parameters": dict(LINEAR)})}
+            "qwen3": ("Qwen3", {"head_dim": 32, "rope_parameters": dict(LINEAR)}),
+            "mistral-window-6": ("Mistral", {"sliding_window": 6})}  # 24 positions: the cache outgrows it
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_generate_matches_transformers(tmp_path, family):
-    """The KV-cache path too: rotary at an offset with scaled frequencies, q/k norm before the cache."""
+    """The KV-cache path too: rotary at an offset with scaled frequencies, q/k norm before the cache, the
+    sliding window over cached keys."""
     from megalite.generate import generate, load_model
 
     name, extra = FAMILIES[family]
