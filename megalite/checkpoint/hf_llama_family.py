@@ -1,7 +1,9 @@
 """Hugging Face architectures that are Llama's tensor map with some model fields fixed.
 
 Each is one `LlamaRelative`: the fields it fixes, the config.json keys it adds, and what of its
-config.json megalite cannot express (refused by name). The tensors go through checkpoint.hf_llama.
+config.json megalite cannot express (refused by name). The tensors go through checkpoint.hf_llama,
+and the rotary settings through checkpoint.hf_rope as for Llama: rope types default, linear,
+llama3, yarn (Qwen2.5's long context) and dynamic import and export alike.
 
 - MistralForCausalLM: Llama (the same names, rotate-half rotary, GQA, SwiGLU) plus sliding-window
   attention on every layer: sliding_window <-> model.attention_window (a query at position i sees

@@ -3,16 +3,30 @@
 transformers 5 writes `rope_parameters` ({rope_type, rope_theta, factor, ...}); older configs
 write `rope_theta` and `rope_scaling` ({type or rope_type, factor, ...}). Import reads either;
 export writes both, so transformers 4 and 5 read the same scaling. megalite implements the
-rope types default, linear and llama3 (model.rope); any other is refused by name.
+rope types default, linear, llama3, yarn and dynamic (model.rope); any other (longrope, ...) is
+refused by name.
+
+original_max_position_embeddings is read as transformers reads it: a top-level key wins over the
+one in the rope dict, and max_position_embeddings stands in for both (llama3, yarn). yarn's optional
+keys take transformers' defaults (beta_fast 32, beta_slow 1, truncate true; attention_factor, mscale,
+mscale_all_dim absent), and a null factor is max_position_embeddings / original, as transformers
+derives it; export writes that factor out. dynamic rescales above max_position_embeddings itself
+(transformers ignores any original_max_position_embeddings there), which import keeps as
+model.rope_original_max_seq_len, so model.max_seq_len may be raised for longer sequences; export
+then refuses unless the two are equal, since config.json's max_position_embeddings is model.max_seq_len.
 """
 from __future__ import annotations
 
 from megalite.checkpoint.io import CheckpointError
 from megalite.config import ModelConfig
 
-SUPPORTED = ("default", "linear", "llama3")
-_OURS = {"default": "none", "linear": "linear", "llama3": "llama3"}  # HF rope_type -> model.rope_scaling
-_REQUIRED = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+SUPPORTED = ("default", "linear", "llama3", "yarn", "dynamic")
+_OURS = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn",
+         "dynamic": "dynamic"}  # HF rope_type -> model.rope_scaling
+_REQUIRED = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+             "yarn": ("factor",), "dynamic": ("factor",)}
+_YARN_OPTIONAL = {"attention_factor": "rope_attention_factor", "mscale": "rope_mscale",
+                  "mscale_all_dim": "rope_mscale_all_dim"}  # HF key -> model.<field>, None when absent
 
 
 def rope_parameters(cfg: ModelConfig) -> dict:
@@ -24,6 +38,19 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     if kind == "llama3":
         out.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor),
                    original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+    if kind == "yarn":
+        out.update(original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len,
+                   beta_fast=float(cfg.rope_beta_fast), beta_slow=float(cfg.rope_beta_slow))
+        given = {k: getattr(cfg, ours) for k, ours in _YARN_OPTIONAL.items()}
+        out.update({k: float(v) for k, v in given.items() if v is not None})
+        if not cfg.rope_truncate:
+            out["truncate"] = False
+    if kind == "dynamic" and cfg.rope_original_max_seq_len not in (None, cfg.max_seq_len):
+        raise CheckpointError(
+            f"model.rope_scaling='dynamic' with model.rope_original_max_seq_len={cfg.rope_original_max_seq_len} != "
+            f"model.max_seq_len={cfg.max_seq_len}: transformers' dynamic rope rescales above "
+            "max_position_embeddings, which export writes from model.max_seq_len; export with "
+            f"model.max_seq_len={cfg.rope_original_max_seq_len} (transformers runs longer sequences anyway)")
     return out
 
 
@@ -60,11 +87,23 @@ def rope_overrides(conf: dict) -> dict:
     missing = [k for k in _REQUIRED[kind] if k not in params]
     if missing:
         raise CheckpointError(f"config.json rope_type={kind!r} lacks {missing} (transformers needs them too)")
+    positions = conf.get("max_position_embeddings", 2048)
+    # llama3, yarn: a top-level original_max_position_embeddings wins, as in transformers
+    original = int(conf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or positions)
     if kind != "default":
-        out["rope_scaling_factor"] = float(params["factor"])
-    if kind == "llama3":  # a top-level original_max_position_embeddings wins, as in transformers
-        original = (conf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-                    or conf.get("max_position_embeddings", 2048))
+        factor = params["factor"]
+        if factor is None and kind == "yarn":  # transformers: the ratio of the two lengths (DeepSeek-V3)
+            factor = positions / original
+        out["rope_scaling_factor"] = float(factor)
+    if kind == "llama3":
         out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]), rope_original_max_seq_len=int(original))
+                   rope_high_freq_factor=float(params["high_freq_factor"]), rope_original_max_seq_len=original)
+    if kind == "yarn":  # transformers reads a missing or zero beta as the default
+        out.update(rope_original_max_seq_len=original, rope_beta_fast=float(params.get("beta_fast") or 32),
+                   rope_beta_slow=float(params.get("beta_slow") or 1),
+                   rope_truncate=bool(params.get("truncate", True)))
+        out.update({ours: None if params.get(k) is None else float(params[k]) for k, ours in _YARN_OPTIONAL.items()})
+    if kind == "dynamic":  # transformers rescales above max_position_embeddings, whatever else the dict says
+        out["rope_original_max_seq_len"] = int(positions)
     return out

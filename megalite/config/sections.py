@@ -12,7 +12,7 @@ from typing import Literal
 # their lists of allowed values from these.
 Norm = Literal["rmsnorm", "layernorm"]
 Position = Literal["rope", "learned"]
-RopeScaling = Literal["none", "linear", "llama3"]
+RopeScaling = Literal["none", "linear", "llama3", "yarn", "dynamic"]
 Activation = Literal["swiglu", "gelu"]
 GridOrder = Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"]
 Schedule = Literal["1f1b", "interleaved", "afab"]
@@ -79,18 +79,33 @@ class ModelConfig:
     """Rotary base frequency."""
     rope_scaling: RopeScaling = "none"
     """Rotary frequency scaling for contexts longer than pretraining's, as Hugging Face's rope_type:
-    'none' (theta^(-2i/d)), 'linear' (every frequency / rope_scaling_factor) or 'llama3'
+    'none' (theta^(-2i/d)), 'linear' (every frequency / rope_scaling_factor), 'llama3'
     (Llama 3.1+: frequencies with wavelength above rope_original_max_seq_len / rope_low_freq_factor
     divided by the factor, below rope_original_max_seq_len / rope_high_freq_factor kept, and
-    interpolated smoothly between)."""
+    interpolated smoothly between), 'yarn' (YaRN: frequencies turning over rope_beta_fast times in
+    rope_original_max_seq_len kept, under rope_beta_slow times divided by the factor, a ramp between;
+    cos and sin times rope_attention_factor) or 'dynamic' (dynamic NTK: a forward over more than
+    rope_original_max_seq_len positions rescales rope_theta for its length)."""
     rope_scaling_factor: float = 1.0
-    """The divisor of the scaled frequencies ('linear', 'llama3'; Llama 3.1 uses 8)."""
+    """The scaling factor ('linear', 'llama3', 'yarn', 'dynamic'; Llama 3.1 uses 8)."""
     rope_low_freq_factor: float = 1.0
     """'llama3': wavelengths above rope_original_max_seq_len / this are fully scaled."""
     rope_high_freq_factor: float = 4.0
     """'llama3': wavelengths below rope_original_max_seq_len / this are left alone."""
     rope_original_max_seq_len: int | None = None
-    """'llama3': the context length of pretraining before scaling (Llama 3.1: 8192); None means max_seq_len."""
+    """'llama3', 'yarn', 'dynamic': pretraining's context length before scaling (Llama 3.1: 8192); None: max_seq_len."""
+    rope_beta_fast: float = 32.0
+    """'yarn': dimensions turning more than this many times over rope_original_max_seq_len keep their frequency."""
+    rope_beta_slow: float = 1.0
+    """'yarn': dimensions turning fewer than this many times over rope_original_max_seq_len are fully scaled."""
+    rope_attention_factor: float | None = None
+    """'yarn': multiplier of cos and sin; None derives it from the factor (and rope_mscale / rope_mscale_all_dim)."""
+    rope_mscale: float | None = None
+    """'yarn': mscale of the attention factor's numerator (DeepSeek); used only with rope_mscale_all_dim."""
+    rope_mscale_all_dim: float | None = None
+    """'yarn': mscale of the attention factor's denominator (DeepSeek); used only with rope_mscale."""
+    rope_truncate: bool = True
+    """'yarn': round the ramp's ends to whole dimensions (floor, ceil), as transformers' truncate."""
     activation: Activation = "swiglu"
     """MLP: 'swiglu' (gated, Llama) or 'gelu' (GPT-2)."""
     tie_embeddings: bool = False

@@ -14,7 +14,8 @@ SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
             "model.head_dim", "model.num_kv_heads", "model.ffn_hidden_size", "model.max_seq_len", "model.norm_eps",
             "model.rope_theta", "model.rope_scaling_factor", "model.rope_low_freq_factor",
-            "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.init_std",
+            "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.rope_beta_fast",
+            "model.rope_beta_slow", "model.rope_attention_factor", "model.init_std",
             "parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
             "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
             "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
@@ -84,6 +85,10 @@ def _check_model(cfg: Config, err) -> None:
             err(f"model.ffn_hidden_size={resolved_ffn_hidden_size(m)} must be divisible by parallel.tp={tp}")
 
 
+_YARN_DEFAULTS = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_attention_factor": None, "rope_mscale": None,
+                 "rope_mscale_all_dim": None, "rope_truncate": True}  # transformers' defaults
+
+
 def _check_rope_scaling(m, err) -> None:
     """Scaling settings that would be silently ignored, or divide by zero in the llama3 interpolation."""
     if m.rope_scaling != "none" and m.position != "rope":
@@ -91,10 +96,24 @@ def _check_rope_scaling(m, err) -> None:
             "or set model.rope_scaling=none")
     if m.rope_scaling == "none" and m.rope_scaling_factor != 1.0:
         err(f"model.rope_scaling_factor={m.rope_scaling_factor} has no effect with model.rope_scaling='none'; "
-            "set model.rope_scaling=linear or llama3, or the factor to 1")
+            "set model.rope_scaling=linear, llama3, yarn or dynamic, or the factor to 1")
     if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
         err(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_factor="
             f"{m.rope_low_freq_factor} for model.rope_scaling='llama3' (Llama 3.1 uses 4 and 1)")
+    for key, default in _YARN_DEFAULTS.items():
+        value = getattr(m, key)
+        if m.rope_scaling != "yarn" and value != default:
+            err(f"model.{key}={value!r} has no effect with model.rope_scaling={m.rope_scaling!r}; "
+                f"set model.rope_scaling=yarn, or model.{key}={'null' if default is None else default}")
+    for key in ("rope_mscale", "rope_mscale_all_dim"):
+        if isinstance(getattr(m, key), (int, float)) and getattr(m, key) < 0:
+            err(f"model.{key}={getattr(m, key)!r} must be >= 0 (or null: the attention factor from the factor alone)")
+    if m.rope_scaling == "yarn" and m.rope_beta_fast < m.rope_beta_slow:
+        err(f"model.rope_beta_fast={m.rope_beta_fast} must be >= model.rope_beta_slow={m.rope_beta_slow} for "
+            "model.rope_scaling='yarn' (YaRN uses 32 and 1)")
+    if m.rope_scaling == "dynamic" and m.num_heads > 0 and head_dim(m) == 2:
+        err("model.rope_scaling='dynamic' needs head_dim > 2 (its theta exponent is d / (d - 2)); "
+            "raise model.head_dim or use another rope_scaling")
 
 
 def _check_parallel(cfg: Config, world_size: int | None, err) -> None:

@@ -37,7 +37,7 @@ from megalite import kernels
 from megalite.config import ModelConfig, attention_window, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.model.norms import RMSNorm, make_norm
-from megalite.model.rope import rope_tables
+from megalite.model.rope import dynamic_from, rope_tables
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -241,6 +241,7 @@ class Attention(nn.Module):
             cos, sin = rope_tables(cfg, self.head_dim)  # model.rope_scaling applied
             self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
             self.register_buffer("rope_sin", sin, persistent=False)
+            self.rope_cfg, self.rope_dynamic_from = cfg, dynamic_from(cfg)  # dynamic NTK: longer forwards differ
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
                 documents: DocumentMask | None = None) -> torch.Tensor:
@@ -260,8 +261,9 @@ class Attention(nn.Module):
                                  "incremental decoding with a KVCache takes none")
             return self.proj(self._cached_attention(q, k, v, kv_cache))
         if self.rope:
-            q = kernels.apply_rotary(q, self.rope_cos, self.rope_sin)
-            k = kernels.apply_rotary(k, self.rope_cos, self.rope_sin)
+            cos, sin = self._rope_tables(s)
+            q = kernels.apply_rotary(q, cos, sin)
+            k = kernels.apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
         if self.recompute_core and torch.is_grad_enabled():  # selective: keep q, k, v, not the probabilities
             out = checkpoint(self._core, q, k, v, dropout_p, documents, use_reentrant=False,
@@ -269,6 +271,15 @@ class Attention(nn.Module):
         else:
             out = self._core(q, k, v, dropout_p, documents)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
+
+    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for a forward over positions 0 .. length-1: the stored tables, except with dynamic NTK
+        beyond the original length, which rotates by that length's own frequencies (as transformers)."""
+        dynamic_from = self.rope_dynamic_from
+        if dynamic_from is None or length <= dynamic_from or length > self.rope_cos.shape[0]:
+            return self.rope_cos, self.rope_sin  # (past max_seq_len, apply_rotary refuses the length)
+        cos, sin = rope_tables(self.rope_cfg, self.head_dim, length, device=self.rope_cos.device)
+        return cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
 
     def _core(self, q, k, v, dropout_p: float, documents: DocumentMask | None) -> torch.Tensor:
         """The attention kernel on this rank's heads -> [s, b, hq/tp * d]."""
@@ -279,8 +290,9 @@ class Attention(nn.Module):
         """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
         offset = cache.offset
         if self.rope:  # positions offset .. offset+s-1
-            q = kernels.apply_rotary(q, self.rope_cos[offset:], self.rope_sin[offset:])
-            k = kernels.apply_rotary(k, self.rope_cos[offset:], self.rope_sin[offset:])
+            cos, sin = self._rope_tables(offset + q.shape[0])
+            q = kernels.apply_rotary(q, cos[offset:], sin[offset:])
+            k = kernels.apply_rotary(k, cos[offset:], sin[offset:])
         k, v = cache.append(k, v)  # [t, b, hkv/tp, d], t = offset + s
         # the queries are the last s of t positions: attention aligns the causal mask bottom-right
         return attention(q, k, v, causal=True, window=self.window)  # [s, b, hq/tp * d]

@@ -94,9 +94,10 @@ def test_llama_legacy_rope_scaling_form(tmp_path):
 
 
 def test_unsupported_rope_type_refused_by_name(tmp_path):
-    conf = transformers.LlamaConfig(**SHAPE, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+    conf = transformers.LlamaConfig(**SHAPE, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                              "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
     transformers.LlamaForCausalLM(conf).save_pretrained(str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"rope_type='yarn' is not supported.*default, linear, llama3"):
+    with pytest.raises(CheckpointError, match=r"rope_type='longrope' is not supported.*default, linear, llama3"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
@@ -202,11 +203,11 @@ def test_greedy_generate_matches_transformers(tmp_path, family):
 
 
 @pytest.mark.parametrize("conf, message", [
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type='dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_type='longrope' is not supported"),
     ({"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, r"lacks \['low_freq_factor', 'high_freq_factor'\]"),
     ({"rope_parameters": {"full_attention": {}, "sliding_attention": {}}}, "rope_parameters per layer type"),
-], ids=["dynamic", "partial-rotary", "llama3-incomplete", "per-layer"])
+], ids=["longrope", "partial-rotary", "llama3-incomplete", "per-layer"])
 def test_rope_settings_megalite_lacks_are_refused_by_name(conf, message):
     from megalite.checkpoint.hf_rope import rope_overrides
 
