@@ -22,7 +22,7 @@ CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transform
 
 to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
 --max-shard-size file plus one tensor) and writes a directory that LlamaForCausalLM (Llama-style
-models, rope scaling linear or llama3 included), Qwen2ForCausalLM (Llama style with
+models, rope scaling linear, llama3, yarn or dynamic included), Qwen2ForCausalLM (Llama style with
 model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
 GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
 from-hf imports any of these architectures and MistralForCausalLM (its sliding_window becomes
