@@ -40,8 +40,8 @@ def _train(prefix, run_dir, extra, stop_after=None, steps=STEPS):
     return curve(run_dir) if dist.get_rank() == 0 else None
 
 
-def assert_same_curve(native, ds):
-    assert len(native) == len(ds) == STEPS
+def assert_same_curve(native, ds, steps=STEPS):
+    assert len(native) == len(ds) == steps
     for step, ((ln, gn), (ld, gd)) in enumerate(zip(native, ds), start=1):
         assert abs(ln - ld) <= LOSS_RTOL * abs(ln), f"step {step}: loss native {ln} vs deepspeed {ld}"
         assert abs(gn - gd) <= NORM_RTOL * gn, f"step {step}: grad norm native {gn} vs deepspeed {gd}"
@@ -89,14 +89,19 @@ def test_zero_tp2_dp2_sequence_parallel_matches_native(stage, counting_data, nat
 
 
 PP2 = {"parallel.pp": 2, "model.num_layers": 4, "model.tie_embeddings": True, **NO_CKPT}  # tied: the embedding group
+# What ZeRO-1 can get wrong under the scheduler (a stage's gradients not reduced, the tied embedding's counted
+# twice) shows from step 1 (the norm) and step 2 (the loss) on, far outside the tolerance (a pipeline-replicated
+# embedding counted twice: grad norm 38% off at step 1), so 8 steps prove it as well as 20; on two cores the
+# 8-rank case takes ~16 s less
+PP_STEPS = 8
 
 
 @pytest.mark.parametrize("ranks, layout", [(4, PP2), (8, {**PP2, **TP2})], ids=["pp2-dp2", "pp2-tp2-dp2-sp"])
 def test_zero1_under_the_pipeline_scheduler_matches_native(ranks, layout, counting_data, tmp_path, spawn):
     """Non-last stages backpropagate outside DeepSpeed's backward; ZeRO-1 reduces only in step(), so it holds."""
-    native = spawn(_train, ranks, counting_data, str(tmp_path / "native"), layout)[0]
-    ds = spawn(_train, ranks, counting_data, str(tmp_path / "zero1"), zero(1, **layout))[0]
-    assert_same_curve(native, ds)
+    native = spawn(_train, ranks, counting_data, str(tmp_path / "native"), layout, steps=PP_STEPS)[0]
+    ds = spawn(_train, ranks, counting_data, str(tmp_path / "zero1"), zero(1, **layout), steps=PP_STEPS)[0]
+    assert_same_curve(native, ds, steps=PP_STEPS)
 
 
 @pytest.mark.parametrize("stage, offload", [(1, False), (3, False), (2, True)], ids=["zero1", "zero3", "zero2-offload"])
