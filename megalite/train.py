@@ -9,6 +9,7 @@ the engine, the runner and the data loader.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -28,9 +29,19 @@ from megalite.checkpoint.resume import (
     resume_point,
 )
 from megalite.checkpoint.schema import Layout, Progress, RankState
-from megalite.config import Config, ConfigError, head_dim, load_config, samples_per_split, save_config, to_yaml
+from megalite.config import (
+    Config,
+    ConfigError,
+    head_dim,
+    load_config,
+    samples_per_split,
+    save_config,
+    seq_len_at,
+    to_yaml,
+)
 from megalite.data.demo import ensure_demo_data
 from megalite.data.loader import build_dataloader, build_datasets
+from megalite.data.seq_warmup import cut_batches
 from megalite.data.tokenizer import build_tokenizer
 from megalite.distributed import device_index, discover, init_distributed
 from megalite.distributed.comm import take_comm_bytes
@@ -193,9 +204,9 @@ class Trainer:
         self.datasets = build_datasets(cfg.data, samples_per_split(cfg))
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
-        self.flops_per_token = flops_per_token(matmul_parameters(cfg.model), cfg.model.num_layers,
-                                               cfg.model.num_heads, head_dim(cfg.model),
-                                               cfg.data.seq_len)
+        # MFU's FLOPs per token at a sequence length (the attention term grows with it: a warm-up's vary)
+        self.flops_per_token = functools.partial(flops_per_token, matmul_parameters(cfg.model), cfg.model.num_layers,
+                                                 cfg.model.num_heads, head_dim(cfg.model))
 
     def _loader(self, split: str, consumed_samples: int):
         t = self.cfg.train
@@ -272,11 +283,17 @@ class Trainer:
         """The dtype of activations and of everything between blocks (pipeline sends included)."""
         return COMPUTE_DTYPES[self.cfg.train.precision]
 
+    @property
+    def seq_len_now(self) -> int:
+        """This step's training sequence length (data.seq_len, or its warm-up's data.seq_len_schedule)."""
+        return seq_len_at(self.cfg.data.seq_len_schedule, self.cfg.data.seq_len, self.step)
+
     def train_step(self, train_iter) -> dict:
         start = time.perf_counter()
         take_comm_bytes()  # count only this step's traffic, not evaluation's
         self.model.train()
-        loss_sum = self.runner.train_batch([next(train_iter) for _ in range(self.accum)])
+        batches = cut_batches([next(train_iter) for _ in range(self.accum)], self.seq_len_now)
+        loss_sum = self.runner.train_batch(batches)
         result = self.engine.step()
         loss = self._dp_mean(loss_sum)
         if not math.isfinite(loss):
@@ -297,8 +314,8 @@ class Trainer:
         peak = peak_flops(self.device, t.precision)
         world = self.groups.topology.world_size
         return {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                "skipped": result.skipped, "tokens_per_s": tokens_per_s,
-                "mfu": self.flops_per_token * tokens_per_s / (peak * world) if peak else None,
+                "skipped": result.skipped, "seq_len": self.seq_len_now, "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token(self.seq_len_now) * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
                 "consumed_samples": self.step * t.global_batch_size,
                 **{f"comm_{key}_bytes": n for key, n in take_comm_bytes().items()}}

@@ -160,6 +160,10 @@ class DataConfig:
     """Train/valid/test proportions over documents; valid needs a share when train.eval_interval > 0."""
     seq_len: int = 256
     """Tokens per sample fed to the model (each sample reads seq_len + 1)."""
+    seq_len_schedule: list[str] = field(default_factory=list)
+    """Sequence-length warm-up: ['1:512', '1000:2048', '3000:8192'] trains on sequences of 512 tokens
+    from step 1, 2048 from step 1000, 8192 from 3000 (config.seq_schedule). Each length divides
+    seq_len; samples are cut into whole sequences, so tokens per step and the sample order stay."""
     tokenizer_type: TokenizerType = "SentencePieceTokenizer"
     """'SentencePieceTokenizer' or 'HuggingFaceTokenizer'."""
     tokenizer_model: str | None = None

@@ -9,6 +9,7 @@ import math
 from megalite.config.blend import parse_data_path
 from megalite.config.fields import coerce, describe_type, field_types, section_types
 from megalite.config.sections import Config, ConfigError, head_dim, kv_heads, resolved_ffn_hidden_size
+from megalite.config.seq_schedule import parse_seq_len_schedule
 
 SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -278,6 +279,16 @@ def _check_data(cfg: Config, err) -> None:
         err(f"data.split={d.split!r} must be up to three non-negative numbers with a positive sum, e.g. '969,30,1'")
     else:
         _check_split_shares(cfg, err)
+    try:
+        schedule = parse_seq_len_schedule(list(d.seq_len_schedule), d.seq_len)
+    except ValueError as e:
+        err(str(e))
+    else:
+        tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        for step, length in schedule:
+            if length % tp:
+                err(f"data.seq_len_schedule entry '{step}:{length}': sequence parallelism splits every sequence "
+                    f"over parallel.tp={tp}; use lengths divisible by {tp}")
     if d.path:
         try:
             parse_data_path(list(d.path))

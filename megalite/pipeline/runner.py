@@ -48,14 +48,18 @@ class PipelineRunner:
         self.p2p = None if self.pp == 1 else self._p2p(seq_len, micro_batch, dtype)
         self.last_peak_stashed = 0
 
-    def _p2p(self, seq_len: int, micro_batch: int, dtype: torch.dtype) -> P2P:
-        groups, topo, tp = self.groups, self.groups.topology, self.groups.tp_size
+    def _boundary_shape(self, seq_len: int, micro_batch: int) -> tuple[int, int, int]:
+        """[s (/tp under SP), b, h] of the tensors crossing a stage boundary."""
+        tp = self.groups.tp_size
         if self.model.sequence_parallel and seq_len % tp:
             raise ValueError(f"data.seq_len={seq_len} must be divisible by tp={tp} under sequence parallelism")
-        s = seq_len // tp if self.model.sequence_parallel else seq_len
+        return (seq_len // tp if self.model.sequence_parallel else seq_len), micro_batch, self.model.cfg.hidden_size
+
+    def _p2p(self, seq_len: int, micro_batch: int, dtype: torch.dtype) -> P2P:
+        groups, topo = self.groups, self.groups.topology
         c = groups.coords
         self.last_rank = topo.rank(tp=c.tp, pp=self.pp - 1, dp=c.dp)
-        p2p = P2P(groups.prev_rank, groups.next_rank, (s, micro_batch, self.model.cfg.hidden_size),
+        p2p = P2P(groups.prev_rank, groups.next_rank, self._boundary_shape(seq_len, micro_batch),
                   dtype, self.device, self.pp, groups.pp_group)
         # batched p2p must not be the first call on a NCCL group unless every rank joins it: one
         # collective over the pipeline group first sets its communicator up on all of them
@@ -85,6 +89,9 @@ class PipelineRunner:
         """The m micro-batch losses [m] on every pipeline rank."""
         if len(batches) != self.m:
             raise ValueError(f"the pipeline was set up for {self.m} micro-batches, got {len(batches)}")
+        if self.p2p is not None:  # a sequence-length warm-up changes [s, b] (not s * b) from step to step
+            tokens = batches[0]["tokens"]
+            self.p2p.shape = self._boundary_shape(tokens.shape[1] - 1, tokens.shape[0])
         executor = Executor(self._hooks(batches, training), self.p2p, self.stage, self.pp, self.v)
         stats = executor.run(self.train_steps if training else self.eval_steps, forward_only=not training)
         self.last_peak_stashed = stats.peak_stashed
