@@ -169,6 +169,20 @@ def settings(run_dir: str | None = None, config: str | None = None, **given) -> 
     return base
 
 
+def warmup_note(run_dir: str | None, config: str | None, batch: int, seq_len: int) -> str | None:
+    """How step batch + 1 of the run cut its samples under data.seq_len_schedule, or None where it did not."""
+    if not (run_dir or config):
+        return None
+    from megalite.config import load_config, seq_len_at
+
+    schedule = list(load_config(config or os.path.join(run_dir, "config.yaml")).data.seq_len_schedule)
+    length = seq_len_at(schedule, seq_len, batch + 1)
+    if length == seq_len:
+        return None
+    return (f"step {batch + 1} trained on sequences of {length} tokens (data.seq_len_schedule {schedule}): each "
+            f"sample above was cut into {seq_len // length} consecutive sequences of {length}")
+
+
 def format_pieces(pieces: list[Piece]) -> str:
     """One line per document piece: sample, dataset, document, offset, tokens, first words."""
     lines = [f"{'sample':>9} {'pos':>4}  {'dataset':<28} {'document':>9} {'offset':>7} {'tokens':>6}  first words"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from megalite.cli.data import inspect_main
-from megalite.config import DataConfig
+from megalite.config import DataConfig, load_config
 from megalite.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megalite.data.inspect import inspect_batch, run_settings
 from megalite.data.loader import build_datasets
@@ -104,3 +104,20 @@ def test_run_dir_answer_is_what_the_trainer_consumed(counting_data, tmp_path, ca
     assert inspect_main(["--run-dir", str(run_dir), "--batch", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + len(pieces) and lines[1].split()[0] == str(3 * 8)
+
+
+def test_inspect_names_the_warmup_length_of_a_step(counting_data, tmp_path, capsys):
+    from megalite.config import save_config
+    from tests.training_helpers import tiny_overrides
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config("tiny", tiny_overrides(counting_data, run_dir, steps=8, **{
+        "data.seq_len_schedule": "[1:8,3:16,5:32]", "data.cache_dir": str(tmp_path / "cache")})),
+        run_dir / "config.yaml")
+    assert inspect_main(["--run-dir", str(run_dir), "--batch", "2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "step 3 trained on sequences of 16 tokens (data.seq_len_schedule ['1:8', '3:16', '5:32']): each sample above "
+        "was cut into 2 consecutive sequences of 16")
+    assert inspect_main(["--run-dir", str(run_dir), "--batch", "5"]) == 0  # past the schedule: nothing cut
+    assert "trained on sequences" not in capsys.readouterr().out.split("\n")[-2]
