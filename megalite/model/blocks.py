@@ -37,7 +37,7 @@ from megalite import kernels
 from megalite.config import ModelConfig, attention_window, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.model.norms import RMSNorm, make_norm
-from megalite.model.rope import dynamic_from, rope_tables
+from megalite.model.rope import RotaryTables
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -73,13 +73,15 @@ class BlockSettings:
     between blocks are [s/tp, b, h] chunks (only meaningful with tp > 1). activation_checkpointing:
     what transformer blocks recompute in backward instead of keeping (see TransformerBlock;
     True/False mean 'full'/'none'). rng_tracker: the per-tp-rank dropout stream (needed with dropout
-    under tp; Transformer makes one).
+    under tp; Transformer makes one). rotary: the rotary tables every layer shares (Transformer
+    makes one; model.rope.RotaryTables).
     """
 
     tp_group: object = None
     sequence_parallel: bool = False
     activation_checkpointing: str | bool = "none"
     rng_tracker: TPRngTracker | None = None
+    rotary: nn.Module | None = None  # rope.RotaryTables shared by the model's layers (None: each its own)
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
@@ -238,10 +240,8 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.rope = cfg.position == "rope"
         if self.rope:
-            cos, sin = rope_tables(cfg, self.head_dim)  # model.rope_scaling applied
-            self.register_buffer("rope_cos", cos, persistent=False)  # derived from cfg: not checkpointed
-            self.register_buffer("rope_sin", sin, persistent=False)
-            self.rope_cfg, self.rope_dynamic_from = cfg, dynamic_from(cfg)  # dynamic NTK: longer forwards differ
+            # the model's one table pair (Transformer shares it across layers), else this layer's own
+            self.rotary = par.rotary if par.rotary is not None else RotaryTables(cfg, self.head_dim)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
                 documents: DocumentMask | None = None) -> torch.Tensor:
@@ -261,7 +261,7 @@ class Attention(nn.Module):
                                  "incremental decoding with a KVCache takes none")
             return self.proj(self._cached_attention(q, k, v, kv_cache))
         if self.rope:
-            cos, sin = self._rope_tables(s)
+            cos, sin = self.rotary(s)
             q = kernels.apply_rotary(q, cos, sin)
             k = kernels.apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
@@ -272,15 +272,6 @@ class Attention(nn.Module):
             out = self._core(q, k, v, dropout_p, documents)  # [s, b, hq/tp * d]
         return self.proj(out)  # [s, b, h] (SP: [s/tp, b, h])
 
-    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for a forward over positions 0 .. length-1: the stored tables, except with dynamic NTK
-        beyond the original length, which rotates by that length's own frequencies (as transformers)."""
-        dynamic_from = self.rope_dynamic_from
-        if dynamic_from is None or length <= dynamic_from or length > self.rope_cos.shape[0]:
-            return self.rope_cos, self.rope_sin  # (past max_seq_len, apply_rotary refuses the length)
-        cos, sin = rope_tables(self.rope_cfg, self.head_dim, length, device=self.rope_cos.device)
-        return cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-
     def _core(self, q, k, v, dropout_p: float, documents: DocumentMask | None) -> torch.Tensor:
         """The attention kernel on this rank's heads -> [s, b, hq/tp * d]."""
         with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
@@ -290,7 +281,7 @@ class Attention(nn.Module):
         """Attention of new queries [s, b, hq/tp, d] over cached + new keys/values -> [s, b, hq/tp * d]."""
         offset = cache.offset
         if self.rope:  # positions offset .. offset+s-1
-            cos, sin = self._rope_tables(offset + q.shape[0])
+            cos, sin = self.rotary(offset + q.shape[0])
             q = kernels.apply_rotary(q, cos[offset:], sin[offset:])
             k = kernels.apply_rotary(k, cos[offset:], sin[offset:])
         k, v = cache.append(k, v)  # [t, b, hkv/tp, d], t = offset + s

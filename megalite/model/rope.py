@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from megalite import kernels
 from megalite.config import ModelConfig
@@ -135,3 +136,28 @@ def rope_tables(cfg: ModelConfig, rot_dim: int, seq_len: int | None = None,
     if scale != 1.0:  # as transformers: cos() * attention_scaling, sin() * attention_scaling in fp32
         cos, sin = cos * scale, sin * scale
     return cos, sin
+
+
+class RotaryTables(nn.Module):
+    """The cos/sin tables of one model's attention layers, held once and shared by every layer.
+
+    Each layer holding its own [max_seq_len, head_dim / 2] fp32 pair would cost, for Llama 3.1 8B's
+    131072 positions, 64 MiB per layer, 2 GiB per rank; one module shared as a child of every
+    Attention holds them once (Module.to converts it once; named_buffers lists it once). The
+    buffers are not checkpointed: they derive from the config.
+    """
+
+    def __init__(self, cfg: ModelConfig, rot_dim: int):
+        super().__init__()
+        cos, sin = rope_tables(cfg, rot_dim)  # model.rope_scaling applied
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.cfg, self.rot_dim, self.dynamic_from = cfg, rot_dim, dynamic_from(cfg)
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for a forward over positions 0 .. length-1: the stored tables, except with dynamic NTK
+        beyond the original length, which rotates by that length's own frequencies (as transformers)."""
+        if self.dynamic_from is None or length <= self.dynamic_from or length > self.cos.shape[0]:
+            return self.cos, self.sin  # (past max_seq_len, apply_rotary refuses the length)
+        cos, sin = rope_tables(self.cfg, self.rot_dim, length, device=self.cos.device)
+        return cos.to(self.cos.dtype), sin.to(self.sin.dtype)

@@ -22,6 +22,7 @@ from megalite.config import ModelConfig, choices, head_dim, padded_vocab_size, r
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
 from megalite.model.compiled import compile_blocks as compile_transformer_blocks
+from megalite.model.rope import RotaryTables
 from megalite.tensor_parallel import group_rank, group_size, init_model_weights, mark, vocab_parallel_cross_entropy
 from megalite.tensor_parallel.random import TPRngTracker
 
@@ -97,7 +98,8 @@ class Transformer(nn.Module):
         last = cfg.num_layers + 1
         self.chunks = [range(0, last + 1)] if chunks is None else [range(r.start, r.stop) for r in chunks]
         self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
-        par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker)
+        rotary = RotaryTables(cfg, head_dim(cfg)) if cfg.position == "rope" else None  # one pair for all layers
+        par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker, rotary)
         self.blocks = Blocks(last + 1)
         for chunk in self.chunks:
             for i in chunk:

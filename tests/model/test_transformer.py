@@ -230,3 +230,13 @@ def test_sliding_window_layers_follow_global_attention_every():
                          (["model.attention_window=0"], "model.attention_window=0 must be > 0")):
         with pytest.raises(ConfigError, match=message):
             validate(load_config("tiny", bad))
+
+
+def test_every_layer_shares_one_rotary_table_pair():
+    """Tables per layer would cost num_layers x 2 x max_seq_len x head_dim/2 fp32 (2 GiB/rank for
+    Llama 3.1 8B at 131072 positions); the model holds one pair, also after moving it."""
+    cfg = replace(TINY, num_layers=4, max_seq_len=64)
+    model = Transformer(cfg, seed=0).to(torch.float32)
+    assert sum(b.numel() * b.element_size() for b in model.buffers()) == 2 * 64 * (32 // 4 // 2) * 4
+    tables = {id(model.blocks[str(i)].attn.rotary) for i in range(1, 5)}
+    assert len(tables) == 1
