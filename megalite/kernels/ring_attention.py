@@ -189,6 +189,18 @@ def _chunk_positions(cp: int, rank: int, c: int, device) -> list[torch.Tensor]:
     return [torch.arange(g * c, g * c + c, device=device) for g in _chunk_ids(cp, rank)]
 
 
+def _block_scores(q_rows, kv, keys, c, q_pos, k_pos, doc_ids, docs, rows, causal, window, need_mask, scale):
+    """Scaled, masked scores [b, hkv, r, c, t] of one query chunk against the visiting block's `keys`,
+    and that block's k and v as [b, hkv, t, d] fp32 (the same in forward and backward)."""
+    kb, vb = (_key_slice(kv[i], keys, c, 0).float().permute(1, 2, 0, 3) for i in (0, 1))  # [b, hkv, t, d]
+    scores = torch.einsum("bgrsd,bgtd->bgrst", q_rows, kb) * scale
+    mask = _block_mask(q_pos, _key_slice(k_pos, keys, c, 0), None if docs is None else doc_ids[:, rows],
+                       None if docs is None else _key_slice(docs, keys, c, 1), causal, window, need_mask)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores, kb, vb
+
+
 class RingAttention(torch.autograd.Function):
     """The ring kernel as an autograd Function; ring_attention is the entry point. group None: cp = 1."""
 
@@ -215,14 +227,8 @@ class RingAttention(torch.autograd.Function):
             k_pos = torch.cat(_chunk_positions(cp, src, c, q.device))
             for a, keys, need_mask in block_plan(cp, rank, src, c, causal, window):
                 rows = slice(a * c, a * c + c)
-                kb, vb = (_key_slice(kv[i], keys, c, 0).float().permute(1, 2, 0, 3) for i in (0, 1))  # [b,hkv,t,d]
-                scores = torch.einsum("bgrsd,bgtd->bgrst", qg[..., rows, :], kb) * scale
-                mask = _block_mask(q_pos[a], _key_slice(k_pos, keys, c, 0),
-                                   None if docs is None else doc_ids[:, rows],
-                                   None if docs is None else _key_slice(docs, keys, c, 1),
-                                   causal, window, need_mask)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                scores, kb, vb = _block_scores(qg[..., rows, :], kv, keys, c, q_pos[a], k_pos, doc_ids, docs, rows,
+                                               causal, window, need_mask, scale)
                 m_old = m[..., rows]
                 m_new = torch.maximum(m_old, scores.amax(-1))
                 # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
@@ -269,15 +275,9 @@ class RingAttention(torch.autograd.Function):
             k_pos = torch.cat(_chunk_positions(cp, src, c, q.device))
             for a, keys, need_mask in block_plan(cp, rank, src, c, causal, window):
                 rows = slice(a * c, a * c + c)
-                kb, vb = (_key_slice(kv[i], keys, c, 0).float().permute(1, 2, 0, 3) for i in (0, 1))
                 qa, doa = qg[..., rows, :], do[..., rows, :]
-                scores = torch.einsum("bgrsd,bgtd->bgrst", qa, kb) * scale
-                mask = _block_mask(q_pos[a], _key_slice(k_pos, keys, c, 0),
-                                   None if docs is None else doc_ids[:, rows],
-                                   None if docs is None else _key_slice(docs, keys, c, 1),
-                                   causal, window, need_mask)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                scores, kb, vb = _block_scores(qa, kv, keys, c, q_pos[a], k_pos, doc_ids, docs, rows, causal, window,
+                                               need_mask, scale)
                 p = torch.exp(scores - lse[..., rows, None])  # the forward's probabilities, from its lse
                 dp = torch.einsum("bgrsd,bgtd->bgrst", doa, vb)
                 ds = p * (dp - delta[..., rows, None]) * scale
