@@ -8,12 +8,12 @@ rotates by the same angles to the last bit. The rotation itself is the plain one
 - linear, llama3: only the frequencies change.
 - yarn: the frequencies blend interpolated (/ factor) and original ones over a ramp of
   dimensions, and cos and sin are both multiplied by the attention factor (YaRN's mscale,
-  transformers' attention_scaling), which scales every q.k logit by its square. The tables
-  are per layer, so tensor, sequence and pipeline parallelism need nothing more.
+  transformers' attention_scaling), which scales every q.k logit by its square. Every rank
+  holds the whole tables, so tensor, sequence and pipeline parallelism need nothing more.
 - dynamic (dynamic NTK): the frequencies depend on the length of the forward. Up to
   rope_original_max_seq_len positions they are the plain ones; a forward over more positions
   (a whole sequence, or a KV-cache step whose cache plus new tokens exceed it) uses rope_theta
-  rescaled for that length; model.blocks.Attention asks `rope_tables(cfg, d, length)` for it.
+  rescaled for that length; `RotaryTables(length)` makes those tables for the forward.
   transformers keeps the frequencies of the longest length seen until a sequence within the
   original length resets them; megalite computes each forward's own (equal for a fresh model
   and for growing lengths, as in generation).
