@@ -1,5 +1,5 @@
 """Sequence-length warm-up (data.seq_len_schedule): samples cut into shorter sequences, the same tokens
-per step, the same order at any layout, resumable mid-warm-up.
+per step, the same order at any layout, resumable mid-warm-up (on a model with a sliding-window layer).
 
 Tolerance of the layout comparison: fp32, rel 1e-5 per step on loss and grad norm, as the pipeline
 and tp parity curves (tests/pipeline, tests/checkpoint/test_hf_train_parity): pp and dp only
@@ -49,8 +49,10 @@ def test_schedule_is_checked_before_any_process_starts():
 
 
 def _train(prefix, run_dir, extra: dict, stop_after=None):
+    # a sliding window on layer 1 (layer 2 global), so pp=2 also shows that stages keep global layer numbers
     overrides = tiny_overrides(prefix, run_dir, STEPS, **{"data.seq_len_schedule": SCHEDULE,
-                                                          "checkpoint.interval": 3, **extra})
+                                                          "checkpoint.interval": 3, "model.attention_window": 12,
+                                                          "model.global_attention_every": 2, **extra})
     cfg = load_config("tiny", overrides)
     trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()) if dist.is_initialized()
                       else ProcessGroups.single())
