@@ -8,8 +8,6 @@ others). Rows stay in sample order: sample i's sequences are rows i*L/n .. (i+1)
 """
 from __future__ import annotations
 
-import torch
-
 
 def cut_batch(batch: dict, length: int) -> dict:
     """A micro-batch {"tokens": [b, L + 1], "doc_ids": [b, L] (optional)} as sequences of `length` tokens:
@@ -29,8 +27,3 @@ def cut_batch(batch: dict, length: int) -> dict:
 def cut_batches(batches: list[dict], length: int) -> list[dict]:
     return [cut_batch(b, length) for b in batches]
 
-
-def sequences_shape(batch: dict) -> tuple[int, int]:
-    """(sequence length, sequences) of a micro-batch."""
-    tokens: torch.Tensor = batch["tokens"]
-    return tokens.shape[1] - 1, tokens.shape[0]
