@@ -92,9 +92,11 @@ def placement(topology, rank: int) -> Placement:
     return Placement(rank, topology, topology.coords(rank))
 
 
-def describe(rank: int, coords) -> str:
-    """'rank 3 (pipeline stage 0, coordinates tp=1 pp=0 dp=1)'."""
-    return f"rank {rank} (pipeline stage {coords.pp}, coordinates tp={coords.tp} pp={coords.pp} dp={coords.dp})"
+def describe(rank: int, coords, cp_size: int = 1) -> str:
+    """'rank 3 (pipeline stage 0, coordinates tp=1 pp=0 dp=1)'; with context parallelism also cp=."""
+    cp = f" cp={coords.cp}" if cp_size > 1 else ""
+    return (f"rank {rank} (pipeline stage {coords.pp}, coordinates tp={coords.tp}{cp} pp={coords.pp} "
+            f"dp={coords.dp})")
 
 
 class FailureGuard:
@@ -118,12 +120,18 @@ class FailureGuard:
         self.run_dir, self.groups, self.timeout_s = Path(run_dir), groups, float(timeout_s)
         self.rank, self.world_size = groups.rank, groups.topology.world_size
         self.coords, self.poll_s = groups.coords, poll_s
+        self.where = describe(self.rank, self.coords, getattr(groups.topology, "cp", 1))  # this rank, in words
         self.phase, self.step = ("setup", lambda: 0) if step is None else ("training", step)
         self.failures_dir, self.stacks_dir = self.run_dir / "failures", self.run_dir / "stacks"
         # Dump stacks a little before gloo/NCCL raise, while the hang is still in place.
         self.stall_s = max(self.timeout_s * 0.9 - 2 * poll_s, poll_s)
-        # Rank 0 waits this long for the other ranks' records before it reports.
-        self.grace_s = max(2.0, min(5.0, self.timeout_s / 4))
+        # A rank that sees a peer's record calls itself stalled only after this long without a step:
+        # a rank blocked in a collective has by then failed with its own timeout (a symptom), so
+        # only a rank hung in its own code (the cause) is recorded as stalled.
+        self.peer_stall_s = self.timeout_s + 2 * poll_s
+        # Rank 0 waits this long for the other ranks' records before it reports: long enough for
+        # a hung rank's watchdog to record itself after the peers' timeouts.
+        self.grace_s = max(2.0, min(5.0, self.timeout_s / 4)) + 3 * poll_s
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
         self._sigterm = None  # the SIGTERM handler replaced during setup
@@ -177,15 +185,17 @@ class FailureGuard:
     # --------------------------------------------------------------- failure
     def fail(self, exc: BaseException) -> None:
         """Record `exc`, report (rank 0), abort the process groups and exit(1); never returns."""
+        if threading.current_thread() is threading.main_thread():
+            # torchrun's SIGTERM must not cut the report, also when the watchdog thread writes it:
+            # the exception that brought us here restored the default handler on its way out.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if not self._lock.acquire(blocking=False):  # the other thread is already failing us
             self._stop.wait()
             os._exit(1)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's SIGTERM must not cut the report
         try:
             kind = classify(exc)
             record = self._record(kind, exc)
-            print(f"megalite: {describe(self.rank, self.coords)} {_when(record)}: {kind}: "
+            print(f"megalite: {self.where} {_when(record)}: {kind}: "
                   f"{record['error']}", file=sys.stderr, flush=True)
             if kind == "error":  # the cause: show where it came from
                 traceback.print_exception(exc, file=sys.stderr)
@@ -246,7 +256,7 @@ class FailureGuard:
         lines = [f"megalite: job failed {_when(latest)} ({len(records)} of {self.world_size} ranks left a record "
                  f"in {self.failures_dir})"]
         for r in culprits[:8]:
-            where = describe(r, topo.coords(r))
+            where = describe(r, topo.coords(r), getattr(topo, "cp", 1))
             if kind == "missing":
                 during = "during setup" if latest.get("phase") == "setup" else f"during step {latest['step']}"
                 lines.append(f"megalite: {where} failed: it died without a record (killed, e.g. by the OOM "
@@ -273,7 +283,7 @@ class FailureGuard:
                 doing = "setup" if self.phase == "setup" else f"step {step}"
                 self.dump_stacks(f"no step finished for {stalled:.1f} s ({doing} in progress)")
                 dumped = True
-            if stalled >= self.poll_s * 3 and any(r != self.rank for r in self._read_records()):
+            if stalled >= self.peer_stall_s and any(r != self.rank for r in self._read_records()):
                 self.fail(PeerFailure(f"no progress for {stalled:.1f} s at step {step} and another rank "
                                       f"recorded a failure in {self.failures_dir}"))
 
@@ -283,7 +293,7 @@ class FailureGuard:
         try:
             self.stacks_dir.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
-                f.write(f"=== {describe(self.rank, self.coords)} on {socket.gethostname()} pid {os.getpid()} "
+                f.write(f"=== {self.where} on {socket.gethostname()} pid {os.getpid()} "
                         f"at {time.strftime('%Y-%m-%d %H:%M:%S')}: {reason}\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)

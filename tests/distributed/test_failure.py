@@ -101,6 +101,8 @@ def test_hang_times_out_everywhere_with_stacks_labelled_by_coordinates(counting_
                                 fault="rank=3,step=3,mode=hang"), started, timeout_s=8)
     assert took < 8 * 2 + MARGIN_S, out[-4000:]
     assert re.search(RANK3 + r" failed on \S+ at step 3: stalled", out), out[-4000:]
+    # The ranks waiting on rank 3 timed out in their collectives: only the hung one is blamed.
+    assert not re.search(r"rank [012] \(.*failed on \S+ at step 3: stalled", out), out[-4000:]
     assert re.search(r"Timed out|timeout", out), out[-4000:]
     stacks = (tmp_path / "stacks" / "rank_00003.txt").read_text()
     assert stacks.startswith("=== rank 3 (pipeline stage 0, coordinates tp=1 pp=0 dp=1)")
