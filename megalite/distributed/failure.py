@@ -53,7 +53,27 @@ _BLAME_ORDER = ("error", "missing", "stalled", "timeout", "peer")
 
 
 class PeerFailure(RuntimeError):
-    """Another rank recorded a failure while this one made no progress."""
+    """Another rank recorded a failure while this one made no progress: `waiting` in communication
+    (a symptom: blocked on the rank that failed) or not (stalled in its own code: a cause)."""
+
+    def __init__(self, message: str, waiting: bool = False):
+        super().__init__(message)
+        self.waiting = waiting
+
+
+def _in_communication(thread: threading.Thread) -> bool:
+    """Whether `thread` is blocked in communication: a frame of its stack in torch.distributed (the
+    collectives), or its innermost frame a wait helper (megalite's p2p and ring attention wait on
+    their works from functions named `_wait`)."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is not None and frame.f_code.co_name.endswith("wait"):
+        return True
+    marker = f"{os.sep}torch{os.sep}distributed{os.sep}"
+    while frame is not None:
+        if marker in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Terminated(RuntimeError):
@@ -67,7 +87,7 @@ def _raise_terminated(signum, frame):
 def classify(exc: BaseException) -> str:
     """'peer' (a peer vanished), 'timeout' (a collective waited too long), 'stalled' or 'error'."""
     if isinstance(exc, PeerFailure):
-        return "stalled"
+        return "peer" if exc.waiting else "stalled"
     if isinstance(exc, Terminated):
         return "peer"
     text = f"{type(exc).__name__}: {exc}"
@@ -125,13 +145,8 @@ class FailureGuard:
         self.failures_dir, self.stacks_dir = self.run_dir / "failures", self.run_dir / "stacks"
         # Dump stacks a little before gloo/NCCL raise, while the hang is still in place.
         self.stall_s = max(self.timeout_s * 0.9 - 2 * poll_s, poll_s)
-        # A rank that sees a peer's record calls itself stalled only after this long without a step:
-        # a rank blocked in a collective has by then failed with its own timeout (a symptom), so
-        # only a rank hung in its own code (the cause) is recorded as stalled.
-        self.peer_stall_s = self.timeout_s + 2 * poll_s
-        # Rank 0 waits this long for the other ranks' records before it reports: long enough for
-        # a hung rank's watchdog to record itself after the peers' timeouts.
-        self.grace_s = max(2.0, min(5.0, self.timeout_s / 4)) + 3 * poll_s
+        # Rank 0 waits this long for the other ranks' records before it reports.
+        self.grace_s = max(2.0, min(5.0, self.timeout_s / 4))
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
         self._sigterm = None  # the SIGTERM handler replaced during setup
@@ -283,9 +298,11 @@ class FailureGuard:
                 doing = "setup" if self.phase == "setup" else f"step {step}"
                 self.dump_stacks(f"no step finished for {stalled:.1f} s ({doing} in progress)")
                 dumped = True
-            if stalled >= self.peer_stall_s and any(r != self.rank for r in self._read_records()):
-                self.fail(PeerFailure(f"no progress for {stalled:.1f} s at step {step} and another rank "
-                                      f"recorded a failure in {self.failures_dir}"))
+            if stalled >= self.poll_s * 3 and any(r != self.rank for r in self._read_records()):
+                waiting = _in_communication(threading.main_thread())
+                doing = "waiting on its peers" if waiting else "no progress"
+                self.fail(PeerFailure(f"{doing} for {stalled:.1f} s at step {step} and another rank "
+                                      f"recorded a failure in {self.failures_dir}", waiting=waiting))
 
     def dump_stacks(self, reason: str) -> Path | None:
         """Write every thread's Python stack to stacks/rank_XXXXX.txt, headed by rank and coordinates."""

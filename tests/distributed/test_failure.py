@@ -9,13 +9,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from types import SimpleNamespace
 
 import pytest
 
-from megalite.distributed.failure import FailureGuard, PeerFailure, Terminated, classify, placement
+from megalite.distributed.failure import FailureGuard, PeerFailure, Terminated, _in_communication, classify, placement
 from megalite.distributed.faults import InjectedFault, fault_from_env, parse_fault
 from megalite.topology import Topology
 from tests.training_helpers import step_metrics, tiny_overrides
@@ -127,7 +128,28 @@ def test_classify_separates_causes_from_symptoms():
     assert classify(RuntimeError("Timed out waiting 10000ms for recv operation to complete")) == "timeout"
     assert classify(InjectedFault("injected fault, timeout")) == "error"
     assert classify(PeerFailure("no progress")) == "stalled"
+    assert classify(PeerFailure("waiting on its peers", waiting=True)) == "peer"
     assert classify(ValueError("bad shape")) == "error"
+
+
+def test_a_thread_blocked_in_a_wait_helper_is_in_communication_and_one_asleep_is_not():
+    release = threading.Event()
+
+    def _wait():  # named as megalite's p2p and ring attention wait helpers
+        release.wait()
+
+    def hang():
+        while not release.is_set():
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (_wait, hang)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    try:  # Event.wait itself is the innermost frame of the first; the second sleeps in `hang`
+        assert [_in_communication(t) for t in threads] == [True, False]
+    finally:
+        release.set()
 
 
 def _guard(tmp_path, world=4):
@@ -179,7 +201,7 @@ def test_a_guard_started_before_the_groups_reports_setup_then_steps(tmp_path, mo
     with pytest.raises(SystemExit):
         guard.fail(InjectedFault("boom"))
     rec = guard._read_records()[3]
-    assert (rec["phase"], rec["coords"], rec["stage"]) == ("setup", {"tp": 1, "pp": 0, "dp": 1}, 0)
+    assert (rec["phase"], rec["coords"], rec["stage"]) == ("setup", {"tp": 1, "pp": 0, "dp": 1, "cp": 0}, 0)
     report = _guard(tmp_path).report({3: rec})
     assert "job failed during setup" in report
     assert re.search(RANK3 + r" failed on \S+ during setup: error: InjectedFault: boom", report), report
