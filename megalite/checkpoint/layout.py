@@ -14,6 +14,7 @@ one leaves no half-written output.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import random
 import shutil
 from pathlib import Path
@@ -156,9 +157,9 @@ def return_freed_memory() -> None:
 
 
 def layout_of(cfg, dp: int) -> Layout:
-    """The Layout a run of `cfg` has on tp * pp * dp ranks."""
+    """The Layout a run of `cfg` has on tp * cp * pp * dp ranks."""
     p = cfg.parallel
-    return Layout(p.tp, p.pp, p.tp * p.pp * dp, p.virtual_stages, p.order, p.partition)
+    return Layout(p.tp, p.pp, p.tp * p.cp * p.pp * dp, p.virtual_stages, p.order, p.partition, p.cp)
 
 
 def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: Layout, progress: Progress,
@@ -172,7 +173,7 @@ def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: 
 def write_offline(out_root, cfg, layout: Layout, step: int, stages, copies: dict[str, Path] | None = None) -> Path:
     """A checkpoint root OUT (OUT/step_N, `latest`, OUT/config.yaml) from `stages`: for each pipeline
     stage in order, its tp ranks' RankStates (a list, or a generator that makes each when asked), each
-    written for all dp replicas of `layout`. `copies` maps names under OUT to files copied there (an
+    written for all dp (and cp) replicas of `layout`. `copies` maps names under OUT to files copied there (an
     imported model's tokenizer).
 
     Written into OUT.tmp and renamed last; a refused or failed write leaves nothing at OUT.
@@ -185,8 +186,8 @@ def write_offline(out_root, cfg, layout: Layout, step: int, stages, copies: dict
             ranks = iter(states)
             for t in range(layout.tp):  # not enumerate(states): its reused result tuple keeps the last rank alive
                 state = next(ranks)
-                for dp in range(topo.dp):
-                    write_rank(tmp, topo.rank(tp=t, pp=stage, dp=dp), state.to_dict())
+                for dp, cp in itertools.product(range(topo.dp), range(topo.cp)):
+                    write_rank(tmp, topo.rank(tp=t, pp=stage, dp=dp, cp=cp), state.to_dict())
                 del state  # a lazy `states` then makes the next rank's tensors after this rank's are gone
                 return_freed_memory()
         write_extra(tmp, {"config.yaml": to_yaml(cfg)})

@@ -79,12 +79,13 @@ class CheckpointReader:
         self._index()
 
     def _index(self) -> None:
-        """cells (pp, tp) -> ranks by dp; per stage its shard metadata; which stage owns each name."""
-        cells: dict[tuple[int, int], dict[int, int]] = defaultdict(dict)
+        """cells (pp, tp) -> their ranks in increasing order (the dp, or dp x cp, replicas: the order of
+        ZeRO's group ranks); per stage its shard metadata; which stage owns each name."""
+        cells: dict[tuple[int, int], list[int]] = defaultdict(list)
         for rank in range(len(self.skeletons)):
             c = self.layout.coords(rank)
-            cells[(c.pp, c.tp)][c.dp] = rank
-        self.cells = {k: [v[dp] for dp in sorted(v)] for k, v in cells.items()}
+            cells[(c.pp, c.tp)].append(rank)
+        self.cells = dict(cells)
         self.pp, self.tp = self.layout.pp, self.layout.tp
         self.meta, self.owner, self.zero = {}, {}, {}
         for pp in range(self.pp):

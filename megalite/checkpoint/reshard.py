@@ -22,7 +22,9 @@ masks.
 
 Data parallelism: the sampler orders samples independently of dp, so any dp may resume once every
 rank finds its file: the Trainer loads the file of its own global rank, so `dp` replicas
-(`--dp D`) are written for a run on tp*pp*D ranks.
+(`--dp D`) are written for a run on tp*pp*D ranks. Context parallelism (`--cp C`) is the same:
+cp ranks hold the same parameters and optimizer state, so each (tp, pp) cell is written dp * cp
+times, and a source at any cp is read from its first replica.
 
 Works stage by stage and tensor by tensor: the peak memory is one output pipeline stage (all its
 tp ranks) plus one full tensor, not the whole model.
@@ -60,7 +62,7 @@ class _Source:
                 "new layout without optimizer state: `megalite convert to-hf` (consolidates ZeRO slices), then "
                 "`megalite convert from-hf` with parallel.tp/pp")
         cfg = lay.run_config(self.dir, config)
-        self.cfg = replace(cfg, parallel=replace(cfg.parallel, tp=layout.tp, pp=layout.pp, dp=None,
+        self.cfg = replace(cfg, parallel=replace(cfg.parallel, tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=None,
                                                  virtual_stages=layout.virtual_stages, partition=layout.partition,
                                                  order=layout.order))
         self.engine = reader.load(0, "engine")
@@ -105,20 +107,20 @@ class _Source:
         return self.reader.optimizer_state(name, self.opt_index)
 
 
-def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int):
+def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int, cp: int = 1):
     """The run's Config at the new layout (dp left to be inferred), refused by name when it cannot build."""
-    for key, value in (("tp", tp), ("pp", pp), ("dp", dp), ("virtual_stages", virtual_stages)):
+    for key, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", dp), ("virtual_stages", virtual_stages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{key}={value!r} must be a positive integer")
     p = cfg.parallel
     schedule = "1f1b" if p.schedule == "interleaved" and virtual_stages == 1 else p.schedule
-    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, dp=None, virtual_stages=virtual_stages,
+    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, cp=cp, dp=None, virtual_stages=virtual_stages,
                                         sequence_parallel=p.sequence_parallel and tp > 1, schedule=schedule))
     try:
-        preflight(out, world_size=tp * pp * dp, data=False, engine=False)  # the run's data need not be here
+        preflight(out, world_size=tp * cp * pp * dp, data=False, engine=False)  # the run's data need not be here
         check_model(out.model, tp)
     except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"cannot lay the model out at tp={tp} pp={pp} virtual_stages={virtual_stages} "
+        raise CheckpointError(f"cannot lay the model out at tp={tp} cp={cp} pp={pp} virtual_stages={virtual_stages} "
                               f"dp={dp}:\n{e}") from e
     return out
 
@@ -154,17 +156,19 @@ def _stage_states(src: _Source, cfg, stage: int, layout) -> list:
 
 
 def reshard(checkpoint, out_root, tp: int, pp: int, dp: int = 1, virtual_stages: int = 1,
-            config: str | None = None) -> Path:
-    """Write `checkpoint` (a root or step directory) at layout (tp, pp, virtual_stages) into a new root `out_root`.
+            config: str | None = None, cp: int = 1) -> Path:
+    """Write `checkpoint` (a root or step directory) at layout (tp, cp, pp, virtual_stages) into a new root
+    `out_root`.
 
-    `dp` replicas of every (tp, pp) cell are written, for a resumed run on tp*pp*dp ranks. `config` is the
+    `dp` x `cp` replicas of every (tp, pp) cell are written (cp ranks hold the same parameters and
+    optimizer state), for a resumed run on tp*cp*pp*dp ranks. `config` is the
     run's config.yaml (default: found next to the checkpoint). Returns out_root, which then holds
     step_N/, `latest` and config.yaml (the run's config at the new layout, dp inferred): resume with
     `megalite train OUT/config.yaml train.resume=OUT train.run_dir=...`. Every refusal is a CheckpointError
     naming the problem; nothing is left at out_root (or out_root.tmp) when one is raised.
     """
     src = _Source(checkpoint, config)
-    cfg = _target_config(src.cfg, tp, pp, virtual_stages, dp)
+    cfg = _target_config(src.cfg, tp, pp, virtual_stages, dp, cp)
     layout = lay.layout_of(cfg, dp)
     stages = (_stage_states(src, cfg, stage, layout) for stage in range(pp))  # one stage in memory at a time
     return lay.write_offline(out_root, cfg, layout, src.step, stages)

@@ -62,7 +62,8 @@ def data_order(cfg) -> dict:
 
 def reshard_command(path, layout: Layout) -> str:
     """The command that writes a copy of checkpoint `path` for `layout`."""
-    return (f"megalite convert reshard {path} OUT --tp {layout.tp} --pp {layout.pp} --dp {layout.dp} "
+    cp = f" --cp {layout.cp}" if layout.cp > 1 else ""
+    return (f"megalite convert reshard {path} OUT --tp {layout.tp} --pp {layout.pp}{cp} --dp {layout.dp} "
             f"--virtual-stages {layout.virtual_stages}")
 
 
@@ -78,10 +79,10 @@ def check_world_size(path, now: Layout) -> None:
 def check_resumable(path, state: RankState, now: Layout, order_now: dict) -> None:
     """The saved layout and data order are this run's; CheckpointError naming the difference otherwise."""
     saved = state.layout
-    if (saved.tp, saved.pp, saved.virtual_stages) != (now.tp, now.pp, now.virtual_stages):
-        raise CheckpointError(f"{path} was written with tp={saved.tp} pp={saved.pp} virtual_stages="
-                              f"{saved.virtual_stages} but this run uses tp={now.tp} pp={now.pp} virtual_stages="
-                              f"{now.virtual_stages}; resume with that layout, or convert it first: "
+    if (saved.tp, saved.pp, saved.virtual_stages, saved.cp) != (now.tp, now.pp, now.virtual_stages, now.cp):
+        with_cp = saved.cp > 1 or now.cp > 1
+        raise CheckpointError(f"{path} was written with {_cells(saved, with_cp)} but this run uses "
+                              f"{_cells(now, with_cp)}; resume with that layout, or convert it first: "
                               f"{reshard_command(path, now)}")
     for key in ("partition", "order"):
         if getattr(saved, key) != getattr(now, key):
@@ -89,6 +90,12 @@ def check_resumable(path, state: RankState, now: Layout, order_now: dict) -> Non
                                   f"parallel.{key}={getattr(now, key)}; resume with parallel.{key}="
                                   f"{getattr(saved, key)}")
     _check_data_order(state.progress.data_order, order_now, path)
+
+
+def _cells(layout: Layout, with_cp: bool) -> str:
+    """'tp=2 pp=2 virtual_stages=1' (with cp=N after tp when either side has context parallelism)."""
+    cp = f" cp={layout.cp}" if with_cp else ""
+    return f"tp={layout.tp}{cp} pp={layout.pp} virtual_stages={layout.virtual_stages}"
 
 
 def _check_data_order(saved: dict | None, current: dict, path) -> None:

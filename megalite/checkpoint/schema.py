@@ -37,11 +37,11 @@ class Layout:
     virtual_stages: int = 1
     order: str = "tp-dp-pp"     # recorded since rank orders existed; the only order before
     partition: str = "uniform"  # recorded since balanced partitions existed
+    cp: int = 1                 # recorded since context parallelism existed; 1 before
 
     def __post_init__(self):
         try:
-            Topology.from_world(self.world_size, tp=self.tp, pp=self.pp, virtual_stages=self.virtual_stages,
-                                order=self.order)
+            self.topology
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint layout {self.to_dict()} is not a valid grid: {e}") from None
 
@@ -55,23 +55,27 @@ class Layout:
         return cls(**data)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.cp == 1:  # what layouts without context parallelism always wrote: they compare equal
+            del out["cp"]
+        return out
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.cp)
 
     @property
     def topology(self) -> Topology:
         return Topology.from_world(self.world_size, tp=self.tp, pp=self.pp, virtual_stages=self.virtual_stages,
-                                   order=self.order)
+                                   order=self.order, cp=self.cp)
 
     def coords(self, rank: int) -> Coords:
-        """(tp, pp, dp) of a rank of this layout."""
+        """(tp, pp, dp, cp) of a rank of this layout."""
         return self.topology.coords(rank)
 
     def describe(self) -> str:
-        return (f"tp={self.tp} pp={self.pp} dp={self.dp} virtual_stages={self.virtual_stages} "
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return (f"tp={self.tp}{cp} pp={self.pp} dp={self.dp} virtual_stages={self.virtual_stages} "
                 f"order={self.order} partition={self.partition}")
 
 

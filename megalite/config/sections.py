@@ -6,6 +6,7 @@ section (head dim, padded vocabulary, MLP width) are computed here too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import permutations
 from typing import Literal
 
 # Every choice is typed once, here; megalite.config.choices() and the rest of the package derive
@@ -14,7 +15,9 @@ Norm = Literal["rmsnorm", "layernorm"]
 Position = Literal["rope", "learned"]
 RopeScaling = Literal["none", "linear", "llama3", "yarn", "dynamic"]
 Activation = Literal["swiglu", "gelu"]
-GridOrder = Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp"]
+# Three dimensions (cp follows tp), then every order of the four.
+GridOrder = Literal[("tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp", "pp-dp-tp",
+                     *("-".join(p) for p in permutations(("tp", "cp", "dp", "pp"))))]
 Schedule = Literal["1f1b", "interleaved", "afab"]
 Partition = Literal["uniform", "balanced"]
 TokenCheck = Literal["sample", "all", "off"]
@@ -122,14 +125,19 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world is split: tensor x pipeline x data."""
+    """How the world is split: tensor x context x pipeline x data."""
 
     tp: int = 1
     """Tensor-parallel degree (ranks that split each layer)."""
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
+    cp: int = 1
+    """Context-parallel degree: ranks that split each sequence (ring attention, megalite.kernels.
+    ring_attention). Each holds two load-balanced chunks (i and 2cp-1-i of 2cp), so data.seq_len must
+    divide by 2 * cp (by 2 * cp * tp with sequence parallelism). cp ranks read the same samples and
+    hold the same parameters: gradients are averaged over dp x cp."""
     dp: int | None = None
-    """Data-parallel degree; None means world_size / (tp * pp)."""
+    """Data-parallel degree; None means world_size / (tp * cp * pp)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
     sequence_parallel: bool = False

@@ -17,7 +17,7 @@ POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "mode
             "model.rope_theta", "model.rope_scaling_factor", "model.rope_low_freq_factor",
             "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.rope_beta_fast",
             "model.rope_beta_slow", "model.rope_attention_factor", "model.init_std",
-            "parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
+            "parallel.tp", "parallel.pp", "parallel.cp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
             "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
             "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
             "train.min_loss_scale", "checkpoint.keep_last", "logging.interval", "model.attention_window")
@@ -134,19 +134,44 @@ def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
         err(f"model.num_layers={m.num_layers} must be divisible by parallel.pp * parallel.virtual_stages = "
             f"{p.pp}*{p.virtual_stages} = {chunks} (equal layers per model chunk with parallel.partition="
             f"{p.partition!r}); or set parallel.partition='balanced' to cut by parameter count")
-    if world_size is None or p.tp <= 0 or p.pp <= 0:
+    if p.cp > 1:
+        _check_context_parallel(cfg, err)
+    if world_size is None or p.tp <= 0 or p.pp <= 0 or p.cp <= 0:
         return
-    if world_size % (p.tp * p.pp):
-        err(f"world_size={world_size} must be divisible by parallel.tp * parallel.pp = {p.tp}*{p.pp}; "
-            f"launch a multiple of {p.tp * p.pp} ranks")
-    elif p.dp is not None and p.dp * p.tp * p.pp != world_size:
-        err(f"parallel.dp={p.dp} must equal world_size / (tp*pp) = {world_size // (p.tp * p.pp)}; "
+    split = p.tp * p.cp * p.pp
+    if world_size % split:
+        err(f"world_size={world_size} must be divisible by parallel.tp * parallel.cp * parallel.pp = "
+            f"{p.tp}*{p.cp}*{p.pp}; launch a multiple of {split} ranks")
+    elif p.dp is not None and p.dp * split != world_size:
+        err(f"parallel.dp={p.dp} must equal world_size / (tp*cp*pp) = {world_size // split}; "
             "or leave it unset (null) to infer it")
+
+
+def _cp_chunk_rule(cfg: Config) -> tuple[int, str]:
+    """What every sequence length must divide by under context parallelism, and why."""
+    p = cfg.parallel
+    sp = p.tp if p.sequence_parallel and p.tp > 1 else 1
+    why = f"2 * parallel.cp = {2 * p.cp} load-balanced chunks"
+    return 2 * p.cp * sp, why + (f", each rank's share split over parallel.tp={sp} by sequence parallelism"
+                                 if sp > 1 else "")
+
+
+def _check_context_parallel(cfg: Config, err) -> None:
+    p, m = cfg.parallel, cfg.model
+    multiple, why = _cp_chunk_rule(cfg)
+    if cfg.data.seq_len % multiple:
+        err(f"data.seq_len={cfg.data.seq_len} must be divisible by {multiple} with parallel.cp={p.cp} ({why})")
+    if m.dropout > 0:
+        err(f"model.dropout={m.dropout} with parallel.cp={p.cp}: ring attention has no attention dropout; "
+            "set model.dropout=0 or parallel.cp=1")
+    if cfg.train.compile:
+        err(f"train.compile=True with parallel.cp={p.cp}: the compiled blocks are not traced through ring "
+            "attention's point-to-point exchange; set train.compile=false or parallel.cp=1")
 
 
 def _check_train(cfg: Config, world_size: int | None, err) -> None:
     t, o, p = cfg.train, cfg.optim, cfg.parallel
-    dp = p.dp or (world_size // (p.tp * p.pp) if world_size and p.tp > 0 and p.pp > 0 else 1)
+    dp = p.dp or (world_size // (p.tp * p.pp * p.cp) if world_size and min(p.tp, p.pp, p.cp) > 0 else 1)
     if t.micro_batch_size > 0 and dp > 0 and t.global_batch_size % (t.micro_batch_size * dp):
         err(f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size * dp = "
             f"{t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}")
@@ -285,10 +310,12 @@ def _check_data(cfg: Config, err) -> None:
         err(str(e))
     else:
         tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        multiple, why = _cp_chunk_rule(cfg) if cfg.parallel.cp > 1 else (tp, f"parallel.tp={tp} by sequence "
+                                                                              "parallelism")
         for step, length in schedule:
-            if length % tp:
-                err(f"data.seq_len_schedule entry '{step}:{length}': sequence parallelism splits every sequence "
-                    f"over parallel.tp={tp}; use lengths divisible by {tp}")
+            if length % multiple:
+                err(f"data.seq_len_schedule entry '{step}:{length}': every sequence is split into {why}; use "
+                    f"lengths divisible by {multiple}")
     if d.path:
         try:
             parse_data_path(list(d.path))
@@ -328,6 +355,6 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
 
 def data_parallel_size(cfg: Config, world_size: int | None) -> int | None:
-    """dp of a valid config: parallel.dp, else world_size / (tp * pp); None when neither is known."""
+    """dp of a valid config: parallel.dp, else world_size / (tp * cp * pp); None when neither is known."""
     p = cfg.parallel
-    return p.dp or (world_size // (p.tp * p.pp) if world_size else None)
+    return p.dp or (world_size // (p.tp * p.cp * p.pp) if world_size else None)

@@ -11,6 +11,8 @@ traffic per row (metrics `comm_<group>_<kind>_bytes`). The groups:
                 traffic happens inside DeepSpeed and is not counted)
     pp          pipeline point-to-point sends (activations forward, gradients backward)
     embedding   the tied-embedding gradient sum between the first and last stage
+    cp          ring attention's k/v (and doc id) blocks and its dk/dv accumulators, sent to the
+                next cp rank (kernels.ring_attention.training_bytes_per_rank per layer)
 
 tp counters are always reported (zero without tp); the others appear once
 this process has recorded them.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import torch
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
-GROUPS = ("tp", "dp", "pp", "embedding")
+GROUPS = ("tp", "dp", "pp", "embedding", "cp")
 ALWAYS = ("tp_all_reduce", "tp_all_gather", "tp_reduce_scatter")  # reported even when zero
 
 _bytes: dict[str, int] = dict.fromkeys(ALWAYS, 0)

@@ -10,13 +10,13 @@ from torch import nn
 
 from megalite.engine.base import Engine, StepResult
 from megalite.engine.loss_scaler import ConstantScaler, DynamicLossScaler, build_scaler
-from megalite.engine.native import NativeEngine
+from megalite.engine.native import NativeEngine, accumulation_steps
 
 
 def build_engine(cfg, model: nn.Module, groups, device_type: str) -> Engine:
     """The engine for a whole-run Config `cfg`.
 
-    `groups` is the ProcessGroups object (only `dp_group`, `mp_group` and
+    `groups` is the ProcessGroups object (only `grad_group` (else `dp_group`), `mp_group` and
     `tp_group` are read here, so any object with those attributes works).
     """
     backend = cfg.engine.backend
@@ -24,8 +24,13 @@ def build_engine(cfg, model: nn.Module, groups, device_type: str) -> Engine:
         if cfg.engine.zero_stage:
             raise ValueError(f"engine.zero_stage={cfg.engine.zero_stage} needs engine.backend=deepspeed; "
                              "the native engine does not shard optimizer state")
-        return NativeEngine(model, cfg.optim, cfg.train, cfg.train.steps, dp_group=groups.dp_group,
+        # cp ranks are gradient replicas like dp ones: the native engine averages over dp x cp, while
+        # the micro-batches per step follow dp alone (cp ranks share each micro-batch's samples)
+        dp = getattr(groups, "dp_size", None)
+        return NativeEngine(model, cfg.optim, cfg.train, cfg.train.steps,
+                            dp_group=getattr(groups, "grad_group", groups.dp_group),
                             model_parallel_group=groups.mp_group, device_type=device_type,
+                            micro_batches=accumulation_steps(cfg.train, dp) if dp else None,
                             tp_group=getattr(groups, "tp_group", None))
     if backend == "deepspeed":
         try:

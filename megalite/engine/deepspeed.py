@@ -166,8 +166,8 @@ class DeepSpeedEngine(Engine):
         """
         g = self.groups
         out = {"backend": "deepspeed", "zero_stage": self.stage, "precision": self.precision,
-               "coords": {"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank},
-               "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size},
+               "coords": {"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank, **_cp(g, g.cp_rank)},
+               "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp(g, g.cp_size)},
                "schedule": self.schedule.state_dict(), "scaler": self._scaler_state(),
                "counters": {"global_steps": int(self.ds.global_steps), "global_samples": int(self.ds.global_samples),
                             "skipped_steps": int(self.ds.skipped_steps)},
@@ -216,7 +216,8 @@ class DeepSpeedEngine(Engine):
 
     def _check_layout(self, state: dict) -> None:
         g = self.groups
-        here = {"zero_stage": self.stage, "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size}}
+        here = {"zero_stage": self.stage,
+                "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp(g, g.cp_size)}}
         there = {"zero_stage": state.get("zero_stage"), "sizes": state.get("sizes")}
         if state.get("backend") != "deepspeed" or here != there:
             raise ValueError(f"engine state was written by backend={state.get('backend')!r} with {there}, but this "
@@ -267,13 +268,18 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
             if id(t) in canonical and canonical[id(t)] != name}
 
 
+def _cp(groups, value) -> dict:
+    """{'cp': value} under context parallelism; nothing without it (what states before cp recorded)."""
+    return {"cp": value} if groups.cp_size > 1 else {}
+
+
 def _param_names(engine: DeepSpeedEngine) -> dict[int, str]:
     return {id(p): name for name, p in engine.model.named_parameters()}
 
 
 def _stage12_partitions(engine: DeepSpeedEngine):
-    """ZeRO-1/2: each param group is one flat buffer split evenly over dp; rank r owns chunk r."""
-    opt, names, r = engine.optimizer, _param_names(engine), engine.groups.dp_rank
+    """ZeRO-1/2: each param group is one flat buffer split evenly over dp (x cp); rank r owns chunk r."""
+    opt, names, r = engine.optimizer, _param_names(engine), engine.groups.grad_rank
     out = []
     for i, params in enumerate(opt.bit16_groups):
         flat, master = opt.bit16_groups_flat[i], opt.single_partition_of_fp32_groups[i]
@@ -289,8 +295,8 @@ def _stage12_partitions(engine: DeepSpeedEngine):
 
 
 def _stage3_partitions(engine: DeepSpeedEngine):
-    """ZeRO-3: every parameter is split evenly over dp (padded); a group's master is its shards in order."""
-    opt, names, r = engine.optimizer, _param_names(engine), engine.groups.dp_rank
+    """ZeRO-3: every parameter is split evenly over dp (x cp, padded); a group's master is its shards in order."""
+    opt, names, r = engine.optimizer, _param_names(engine), engine.groups.grad_rank
     out = []
     for i, params in enumerate(opt.fp16_groups):
         offset, pieces = 0, []

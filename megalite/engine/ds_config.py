@@ -91,7 +91,11 @@ def _optimizer(cfg: Config) -> dict:
 def generate_ds_config(cfg: Config, dp_size: int) -> dict:
     """The DeepSpeed config dict for Config `cfg` on a grid with `dp_size` data-parallel ranks."""
     t = cfg.train
-    out = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+    # DeepSpeed's "data-parallel" ranks are dp x cp (ProcessGroups hands it that group) and it checks
+    # train_batch_size = micro * accumulation * its dp; a cp rank's micro-batch is a share of the same
+    # samples, so to DeepSpeed a step holds global_batch_size * cp of them.
+    out = {"train_batch_size": t.global_batch_size * cfg.parallel.cp,
+           "train_micro_batch_size_per_gpu": t.micro_batch_size,
            "gradient_accumulation_steps": accumulation_steps(cfg, dp_size),
            "managed_gradient_accumulation": False,
            # ZeRO-0 clips in DeepSpeedEngine (DeepSpeed reports no grad norm there); 0 keeps it from clipping twice

@@ -29,9 +29,10 @@ while the current one is computed. With documents, the block's doc ids
     with documents, + (cp - 1) * (S / cp) * b * e_id bytes of doc ids in each pass
 
 where e is the element size of k/v (2 for bf16) and e_id that of doc_ids
-(8 for int64). `forward_bytes_per_rank` states the forward figure; the test
-counts what `ring_exchange` really sends. Every block makes the whole trip even
-under a sliding window that no rank needs it for (a shorter trip is a possible
+(4: data.documents makes int32 ids). `forward_bytes_per_rank` states the forward figure; the test
+counts what `ring_exchange` really sends, and `training_bytes_per_rank` (forward plus backward)
+is what a training step's metric comm_cp_send_bytes adds up per layer and micro-batch.
+Every block makes the whole trip even under a sliding window that no rank needs it for (a shorter trip is a possible
 optimisation, not done). The dk/dv sends are not overlapped with compute.
 
 Computation. Each rank keeps, per query, a running max m and running sum l of
@@ -64,6 +65,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megalite.distributed import comm
 from megalite.kernels.attention import DocumentMask, attention
 
 
@@ -137,6 +139,14 @@ def forward_bytes_per_rank(S: int, cp: int, b: int, hkv: int, d: int, element_si
     return (cp - 1) * (S // cp) * b * (2 * hkv * d * element_size + doc_id_size)
 
 
+def training_bytes_per_rank(S: int, cp: int, b: int, hkv: int, d: int, element_size: int,
+                            doc_id_size: int = 0) -> int:
+    """Bytes each rank sends for one layer's forward and backward (the module docstring): k/v (and doc
+    ids) twice, plus the fp32 dk/dv accumulators once around the whole ring."""
+    kv = forward_bytes_per_rank(S, cp, b, hkv, d, element_size, doc_id_size)
+    return 2 * kv + cp * 2 * (S // cp) * b * hkv * d * 4
+
+
 # ------------------------------------------------------------ communication
 def ring_exchange(tensors: list[torch.Tensor], group, send_to: int, recv_from: int,
                   first_tag: int = 0) -> tuple[list, list]:
@@ -148,6 +158,7 @@ def ring_exchange(tensors: list[torch.Tensor], group, send_to: int, recv_from: i
     """
     received, works = [], []
     for tag, t in enumerate(tensors, first_tag):
+        comm.record("send", t, "cp")  # metrics: comm_cp_send_bytes per step
         buf = torch.empty_like(t)
         works.append(dist.isend(t.contiguous(), group=group, group_dst=send_to, tag=tag))
         works.append(dist.irecv(buf, group=group, group_src=recv_from, tag=tag))

@@ -19,11 +19,18 @@ f = ffn/tp this rank's widths:
     q/k norm         e*(q + kv) + 4*(hq + hkv)/tp   model.qk_norm: as a norm over each head's d
                                         features (fp32: 8*(q + kv) + 4*(hq + hkv)/tp); whole heads, so
                                         SP does not divide it
+    context parallel  everything / cp    cp > 1: a rank holds s/cp of each sequence; ring attention
+                      + 4*q, 4*hq        (kernels.ring_attention) keeps its fp32 output and fp32
+                                        log-sum-exp for backward instead of a backend's internals
+                                        (whatever the backend); figures are per token of the whole
+                                        sequence, as under SP
 
 'selective' keeps the same less the attention core's internals (lse or the probabilities) and
 SwiGLU's activation (e*f); 'full' keeps only the block input, e*h_sp, in each recomputed block.
 Under autocast every micro-batch's graph also holds the 16-bit copies of the block's matmul
-weights (e bytes per matmul parameter on this rank), which do not grow with the batch.
+weights (e bytes per matmul parameter on this rank), which do not grow with the batch; under cp
+also the rotary tables gathered at the rank's positions (fp32 cos and sin, 4 * d bytes per local
+position).
 
 A pipeline stage holds as many (micro-batch, chunk) graphs at once as its schedule leaves in
 flight (`in_flight`); parameters, gradients and optimizer state follow `STATE_BYTES`.
@@ -60,6 +67,7 @@ class Layout:
     recompute: str = "none"        # train.activation_checkpointing
     precision: str = "fp32"        # train.precision
     attention: str = "sdpa"        # the attention backend the run uses (megalite.kernels.attention)
+    cp: int = 1                    # parallel.cp: ring attention over s / cp positions per rank
 
 
 def _check(cfg: ModelConfig, lay: Layout) -> None:
@@ -94,7 +102,7 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int
     share = 1 / tp if lay.sequence_parallel and tp > 1 else 1  # of the micro-batch's tokens
     h_sp = h * share
     if lay.recompute == "full":
-        return e * h_sp
+        return e * h_sp / lay.cp
     d = head_dim(cfg)
     hq, hkv = cfg.num_heads / tp, (cfg.num_kv_heads or cfg.num_heads) / tp
     f = resolved_ffn_hidden_size(cfg) / tp
@@ -102,11 +110,13 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int
     out = 2 * _norm_bytes(cfg, e, h_sp, share) + 2 * e * h_sp + e * (2 * hq * d + 2 * hkv * d)
     if cfg.qk_norm:  # per-head RMSNorm of q and k, before rotary: never recomputed by 'selective'
         out += _rms_bytes(e, (hq + hkv) * d, hq + hkv)
-    if not selective:
+    if not selective and lay.cp > 1:
+        out += 4 * hq + 4 * hq * d  # ring attention: fp32 log-sum-exp and fp32 output
+    elif not selective:
         out += 4 * hq if lay.attention != "math" else e * hq * seq_len
     swiglu = cfg.activation == "swiglu"
     out += e * (2 * f + (0 if selective else f)) if swiglu else e * 2 * f
-    return out
+    return out / lay.cp  # per token of the whole sequence, of which this rank holds 1/cp
 
 
 def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
@@ -123,7 +133,9 @@ def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
         ffn = resolved_ffn_hidden_size(cfg)
         mlp = (3 if cfg.activation == "swiglu" else 2) * ffn * h // tp
         out += DTYPE_BYTES[lay.precision] * (qkv + cfg.num_heads * d * h // tp + mlp)
-    if lay.attention == "math" and lay.recompute == "none":
+    if lay.cp > 1 and cfg.position == "rope":  # cos and sin at this rank's positions, kept by rotary
+        out += 4 * head_dim(cfg) * seq_len // lay.cp
+    elif lay.attention == "math" and lay.recompute == "none" and lay.cp == 1:
         out += seq_len * seq_len  # the bool mask, one per micro-batch
     return out
 

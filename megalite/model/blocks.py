@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from megalite import kernels
 from megalite.config import ModelConfig, attention_window, head_dim, padded_vocab_size, resolved_ffn_hidden_size
 from megalite.kernels.attention import DocumentMask, attention
+from megalite.kernels.ring_attention import positions_of, ring_attention
 from megalite.model.norms import RMSNorm, make_norm
 from megalite.model.rope import RotaryTables
 from megalite.tensor_parallel import (
@@ -44,6 +45,7 @@ from megalite.tensor_parallel import (
     VocabParallelEmbedding,
     compute_dtype,
     copy_to_tp_region,
+    group_rank,
     group_size,
     init_shard_,
     mark,
@@ -74,7 +76,10 @@ class BlockSettings:
     what transformer blocks recompute in backward instead of keeping (see TransformerBlock;
     True/False mean 'full'/'none'). rng_tracker: the per-tp-rank dropout stream (needed with dropout
     under tp; Transformer makes one). rotary: the rotary tables every layer shares (Transformer
-    makes one; model.rope.RotaryTables).
+    makes one; model.rope.RotaryTables). cp_group: the context-parallel group (None: the whole
+    sequence is here); under it a block sees this rank's two load-balanced chunks of every
+    sequence (kernels.ring_attention), so rotary and learned positions look up their global
+    positions and attention runs around the ring.
     """
 
     tp_group: object = None
@@ -82,6 +87,7 @@ class BlockSettings:
     activation_checkpointing: str | bool = "none"
     rng_tracker: TPRngTracker | None = None
     rotary: nn.Module | None = None  # rope.RotaryTables shared by the model's layers (None: each its own)
+    cp_group: object = None
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
@@ -89,6 +95,16 @@ class BlockSettings:
     @property
     def tp(self) -> int:
         return group_size(self.tp_group)
+
+    @property
+    def cp(self) -> int:
+        return group_size(self.cp_group)
+
+    def global_positions(self, local_len: int, device) -> torch.Tensor | None:
+        """The global positions of this rank's `local_len` positions of a sequence; None without cp."""
+        if self.cp == 1:
+            return None
+        return positions_of(local_len * self.cp, self.cp, group_rank(self.cp_group)).to(device)
 
 
 def _sharded_rng(tracker: TPRngTracker | None):
@@ -126,7 +142,7 @@ class Embedding(nn.Module):
         super().__init__()
         _need_tracker(cfg, par)
         self.tp_group, self.sequence_parallel, self.max_seq_len = par.tp_group, par.sequence_parallel, cfg.max_seq_len
-        self.rng_tracker = par.rng_tracker
+        self.rng_tracker, self.par = par.rng_tracker, par
         self.init_std = cfg.init_std
         self.word = vocab_table(cfg, par)
         learned = cfg.position == "learned"
@@ -139,12 +155,14 @@ class Embedding(nn.Module):
             init_shard_(self.position, normal_init(self.init_std), seed, f"{prefix}.position", None, 0, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[1] > self.max_seq_len:
-            raise ValueError(f"tokens must be [batch, seq] with seq <= max_seq_len={self.max_seq_len}; "
-                             f"got shape {tuple(tokens.shape)}")
+        if tokens.dim() != 2 or tokens.shape[1] * self.par.cp > self.max_seq_len:
+            raise ValueError(f"tokens must be [batch, seq] with seq <= max_seq_len={self.max_seq_len} (under "
+                             f"context parallelism seq * cp); got shape {tuple(tokens.shape)}, cp={self.par.cp}")
         x = self.word(tokens.t())  # [b, s] -> ids [s, b] -> [s, b, h] (SP: [s/tp, b, h])
         if self.position is not None:
-            pos = self.position[: tokens.shape[1]].unsqueeze(1)  # [s, h] -> [s, 1, h]
+            where = self.par.global_positions(tokens.shape[1], tokens.device)  # cp: this rank's chunks
+            table = self.position[: tokens.shape[1]] if where is None else self.position[where]
+            pos = table.unsqueeze(1)  # [s, h] -> [s, 1, h]
             if self.sequence_parallel:  # this rank's rows; backward all-gathers, so the grad is complete
                 pos = scatter_to_sequence_parallel_region(pos, self.tp_group)  # -> [s/tp, 1, h]
             x = x + pos
@@ -219,7 +237,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, par: BlockSettings = BlockSettings(), window: int | None = None):
         super().__init__()
         _need_tracker(cfg, par)
-        self.rng_tracker = par.rng_tracker
+        self.rng_tracker, self.par = par.rng_tracker, par
         self.window = window  # sliding window of this layer (config.attention_window), None = global
         tp_group, sequence_parallel, tp = par.tp_group, par.sequence_parallel, par.tp
         n_kv = cfg.num_kv_heads or cfg.num_heads
@@ -261,7 +279,10 @@ class Attention(nn.Module):
                                  "incremental decoding with a KVCache takes none")
             return self.proj(self._cached_attention(q, k, v, kv_cache))
         if self.rope:
-            cos, sin = self.rotary(s)
+            cos, sin = self.rotary(s * self.par.cp)  # cp: the tables of the whole sequence ...
+            where = self.par.global_positions(s, cos.device)
+            if where is not None:  # ... at this rank's positions
+                cos, sin = cos[where], sin[where]
             q = kernels.apply_rotary(q, cos, sin)
             k = kernels.apply_rotary(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
@@ -274,6 +295,9 @@ class Attention(nn.Module):
 
     def _core(self, q, k, v, dropout_p: float, documents: DocumentMask | None) -> torch.Tensor:
         """The attention kernel on this rank's heads -> [s, b, hq/tp * d]."""
+        if self.par.cp > 1:  # exact over the cp group's whole sequence; dropout refused by the config
+            doc_ids = None if documents is None else documents.doc_ids
+            return ring_attention(q, k, v, self.par.cp_group, causal=True, doc_ids=doc_ids, window=self.window)
         with _sharded_rng(self.rng_tracker) if dropout_p else nullcontext():  # this rank's heads: own mask
             return attention(q, k, v, causal=True, dropout_p=dropout_p, documents=documents, window=self.window)
 

@@ -83,12 +83,14 @@ class Transformer(nn.Module):
     loss [b, s]. Under sequence parallelism hidden states between blocks are [s/tp, b, h].
     `rng_tracker` holds the per-tp-rank dropout stream (seeded from `seed` and the tp rank);
     checkpoint its get_state() to resume exactly. `compile_blocks` (train.compile) compiles every
-    transformer block in place with torch.compile; names and weights are unchanged.
+    transformer block in place with torch.compile; names and weights are unchanged. `cp_group`
+    (context parallelism): tokens, doc_ids and the loss's labels are this rank's load-balanced
+    chunks of each sequence (kernels.ring_attention.load_balanced_chunks along the sequence).
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
                  activation_checkpointing: str | bool = "none", seed: int = 1234, chunks: list[range] | None = None,
-                 recompute_num_layers: int = 0, compile_blocks: bool = False):
+                 recompute_num_layers: int = 0, compile_blocks: bool = False, cp_group=None):
         super().__init__()
         tp = group_size(tp_group)
         check_model(cfg, tp)
@@ -99,7 +101,8 @@ class Transformer(nn.Module):
         self.chunks = [range(0, last + 1)] if chunks is None else [range(r.start, r.stop) for r in chunks]
         self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
         rotary = RotaryTables(cfg, head_dim(cfg)) if cfg.position == "rope" else None  # one pair for all layers
-        par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker, rotary)
+        par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker, rotary,
+                            cp_group)
         self.blocks = Blocks(last + 1)
         for chunk in self.chunks:
             for i in chunk:

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from megalite.kernels.ring_attention import load_balanced_chunks
 from megalite.model import Transformer
 from megalite.pipeline.executor import Executor, StageHooks
 from megalite.pipeline.p2p import P2P
@@ -34,6 +35,9 @@ class PipelineRunner:
     pipeline sends and receives, activations forward and their gradients backward. A batch dict
     holds "tokens" [b, s + 1] and, for packed samples with data.reset_attention_mask, "doc_ids"
     [b, s] of the inputs, which every stage reads from the batch itself rather than receiving them over p2p.
+    Under context parallelism every cp rank gets the same batches and takes its load-balanced chunks of
+    inputs, labels and doc ids here; its loss is the mean over its share of the tokens (equal shares:
+    the mean over cp of these is the sequence's mean), and the losses returned are averaged over cp.
     """
 
     def __init__(self, model: Transformer, groups, engine, micro_batches: int, seq_len: int, micro_batch: int,
@@ -49,16 +53,18 @@ class PipelineRunner:
         self.last_peak_stashed = 0
 
     def _boundary_shape(self, seq_len: int, micro_batch: int) -> tuple[int, int, int]:
-        """[s (/tp under SP), b, h] of the tensors crossing a stage boundary."""
-        tp = self.groups.tp_size
-        if self.model.sequence_parallel and seq_len % tp:
-            raise ValueError(f"data.seq_len={seq_len} must be divisible by tp={tp} under sequence parallelism")
-        return (seq_len // tp if self.model.sequence_parallel else seq_len), micro_batch, self.model.cfg.hidden_size
+        """[s (/cp) (/tp under SP), b, h] of the tensors crossing a stage boundary."""
+        tp, cp = self.groups.tp_size, self.groups.cp_size
+        split = cp * (tp if self.model.sequence_parallel else 1)
+        if seq_len % split:
+            raise ValueError(f"data.seq_len={seq_len} must be divisible by cp * tp (under sequence parallelism) = "
+                             f"{split}")
+        return seq_len // split, micro_batch, self.model.cfg.hidden_size
 
     def _p2p(self, seq_len: int, micro_batch: int, dtype: torch.dtype) -> P2P:
         groups, topo = self.groups, self.groups.topology
         c = groups.coords
-        self.last_rank = topo.rank(tp=c.tp, pp=self.pp - 1, dp=c.dp)
+        self.last_rank = topo.rank(tp=c.tp, pp=self.pp - 1, dp=c.dp, cp=c.cp)
         p2p = P2P(groups.prev_rank, groups.next_rank, self._boundary_shape(seq_len, micro_batch),
                   dtype, self.device, self.pp, groups.pp_group)
         # batched p2p must not be the first call on a NCCL group unless every rank joins it: one
@@ -66,18 +72,24 @@ class PipelineRunner:
         dist.all_reduce(torch.zeros(1, device=self.device), group=groups.pp_group)
         return p2p
 
+    def _share(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, s] -> this rank's [b, s / cp]: its load-balanced chunks under context parallelism."""
+        cp = self.groups.cp_size
+        x = x if cp == 1 else load_balanced_chunks(x, cp, self.groups.cp_rank, dim=1)
+        return x.to(self.device, non_blocking=True)
+
     def _hooks(self, batches: list[dict], training: bool) -> StageHooks:
         def first_input(mb: int) -> torch.Tensor:
-            return batches[mb]["tokens"][:, :-1].to(self.device, non_blocking=True)  # [b, s]
+            return self._share(batches[mb]["tokens"][:, :-1])  # [b, s (/cp)]
 
         def loss(mb: int, logits: torch.Tensor) -> torch.Tensor:
-            labels = batches[mb]["tokens"][:, 1:].to(self.device, non_blocking=True)  # [b, s]
+            labels = self._share(batches[mb]["tokens"][:, 1:])  # [b, s (/cp)]
             mean = self.model.loss_from_logits(logits, labels).mean()
             return mean / self.m if training else mean  # training: the batch's mean is the sum of these
 
         def forward_kwargs(mb: int) -> dict:
             doc_ids = batches[mb].get("doc_ids")
-            return {} if doc_ids is None else {"doc_ids": doc_ids.to(self.device, non_blocking=True)}
+            return {} if doc_ids is None else {"doc_ids": self._share(doc_ids)}
 
         def forward(chunk: int, x: torch.Tensor, **kwargs) -> torch.Tensor:
             return self.model(x, chunk=chunk, **kwargs)
@@ -100,6 +112,9 @@ class PipelineRunner:
             losses[mb] = value.float()
         if self.pp > 1:
             dist.broadcast(losses, src=self.last_rank, group=self.groups.pp_group)
+        if self.groups.cp_size > 1:  # each cp rank's loss is over its share: the micro-batch's is their mean
+            dist.all_reduce(losses, group=self.groups.cp_group)
+            losses /= self.groups.cp_size
         return losses
 
     def train_batch(self, batches: list[dict]) -> torch.Tensor:

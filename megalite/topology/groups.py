@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megalite.topology.grid import GROUP_KINDS as _KINDS
 from megalite.topology.grid import Coords, Topology
-
-_KINDS = ("tp", "pp", "dp", "mp", "embedding")
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,8 @@ class ProcessGroups:
     dp_group: object = None
     mp_group: object = None
     embedding_group: object = None
+    cp_group: object = None
+    dp_cp_group: object = None
     _members: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -63,7 +64,7 @@ class ProcessGroups:
                 if rank in ranks:
                     mine[kind], members[kind] = made[ranks], ranks
         return cls(topology, rank, mine["tp"], mine["pp"], mine["dp"], mine["mp"], mine["embedding"],
-                   _members=members)
+                   mine["cp"], mine["dp_cp"], _members=members)
 
     @classmethod
     def single(cls) -> "ProcessGroups":
@@ -73,11 +74,11 @@ class ProcessGroups:
     # --- coordinates -------------------------------------------------------------
     @property
     def coords(self) -> Coords:
-        """(tp, pp, dp) coordinates of this rank."""
+        """(tp, pp, dp, cp) coordinates of this rank."""
         return self.topology.coords(self.rank)
 
     def members(self, kind: str) -> tuple[int, ...]:
-        """Global ranks in this rank's group of `kind` ('tp', 'pp', 'dp', 'mp', 'embedding')."""
+        """Global ranks in this rank's group of `kind` (one of GROUP_KINDS)."""
         if kind not in self._members:
             raise ValueError(f"group kind {kind!r} is unknown; use one of {_KINDS}")
         return self._members[kind]
@@ -91,6 +92,32 @@ class ProcessGroups:
     def tp_rank(self) -> int:
         """This rank's index in its tp group."""
         return self.coords.tp
+
+    @property
+    def cp_size(self) -> int:
+        """Context-parallel degree (ranks sharing one sequence)."""
+        return self.topology.cp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index in its cp group: which load-balanced chunks of the sequence it holds."""
+        return self.coords.cp
+
+    @property
+    def grad_group(self):
+        """The ranks this rank's parameter gradients are averaged over: dp x cp (cp ranks hold the
+        same parameters and their losses are means over equal shares of the tokens)."""
+        return self.dp_cp_group if self.cp_size > 1 else self.dp_group
+
+    @property
+    def grad_size(self) -> int:
+        """dp * cp: the size of grad_group."""
+        return self.dp_size * self.cp_size
+
+    @property
+    def grad_rank(self) -> int:
+        """This rank's index in grad_group (ranks sorted, as dist.get_rank(grad_group) numbers them)."""
+        return self.members("dp_cp").index(self.rank) if self.cp_size > 1 else self.dp_rank
 
     @property
     def pp_size(self) -> int:
@@ -138,26 +165,28 @@ class ProcessGroups:
         """Global rank of the previous pipeline stage; the first stage wraps to the last
         (interleaved schedules pass chunk boundaries around the ring)."""
         c = self.coords
-        return self.topology.rank(tp=c.tp, pp=(c.pp - 1) % self.pp_size, dp=c.dp)
+        return self.topology.rank(tp=c.tp, pp=(c.pp - 1) % self.pp_size, dp=c.dp, cp=c.cp)
 
     @property
     def next_rank(self) -> int:
         """Global rank of the next pipeline stage; the last stage wraps to the first."""
         c = self.coords
-        return self.topology.rank(tp=c.tp, pp=(c.pp + 1) % self.pp_size, dp=c.dp)
+        return self.topology.rank(tp=c.tp, pp=(c.pp + 1) % self.pp_size, dp=c.dp, cp=c.cp)
 
     # --- DeepSpeed / Megatron `mpu` interface -----------------------------------
+    # DeepSpeed reduces gradients and shards ZeRO state over its "data-parallel" group: dp x cp
+    # (Megatron hands DeepSpeed the same group with context parallelism).
     def get_data_parallel_group(self):
-        """mpu: the dp group."""
-        return self.dp_group
+        """mpu: the gradient group (dp, times cp under context parallelism)."""
+        return self.grad_group
 
     def get_data_parallel_world_size(self) -> int:
-        """mpu: dp degree."""
-        return self.dp_size
+        """mpu: dp * cp."""
+        return self.grad_size
 
     def get_data_parallel_rank(self) -> int:
-        """mpu: index in the dp group."""
-        return self.dp_rank
+        """mpu: index in the gradient group."""
+        return self.grad_rank
 
     def get_model_parallel_group(self):
         """tp x pp: the ranks that together hold one model replica."""

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megalite.checkpoint.reshard import reshard
+from megalite.checkpoint.resume import check_before_resume, data_order
+from megalite.checkpoint.schema import Layout
 from megalite.config import load_config
 from megalite.train import Trainer, build_groups
 from tests.training_helpers import step_metrics, tiny_overrides
@@ -74,6 +76,24 @@ def test_resume_at_tp2_pp2_and_back_continues_the_loss_curve(reference, tmp_path
     c = spawn(_train, 2, *_resume(back, tmp_path / "c"))[0]  # dp=2: the data position is dp-independent
     assert sorted(c) == list(range(K + 2, N + 1))
     _assert_continues(c, b, c)
+    _assert_continues(c, ref, c)
+
+
+def test_resume_at_cp2_continues_the_loss_curve_and_another_cp_is_refused_naming_the_reshard(reference, tmp_path,
+                                                                                              spawn):
+    run, ref = reference
+    there = reshard(_step_dir(run, K), tmp_path / "cp2", tp=1, pp=1, cp=2)
+    assert load_checkpoint(there, 1)["layout"]["cp"] == 2  # the checkpoint records cp
+    b = spawn(_train, 2, *_resume(there, tmp_path / "b", interval=1))[0]
+    assert sorted(b) == list(range(K + 1, N + 1))
+    _assert_continues(b, ref, b)
+    saved = _step_dir(tmp_path / "b", K + 1)
+    now = Layout(1, 1, 2)  # the same 2 ranks as dp=2, cp=1
+    with pytest.raises(CheckpointError, match=rf"written with tp=1 cp=2 .* this run uses tp=1 cp=1 .*megalite "
+                                              rf"convert reshard {saved} OUT --tp 1 --pp 1 --dp 2"):
+        check_before_resume(saved, 0, now, data_order(load_config(str(saved / "config.yaml"))))
+    back = reshard(saved, tmp_path / "dp2", tp=1, pp=1, dp=2)  # what the refusal says to run
+    c = spawn(_train, 2, *_resume(back, tmp_path / "c"))[0]
     _assert_continues(c, ref, c)
 
 
@@ -133,8 +153,10 @@ def test_refusals_name_the_problem_and_write_nothing(reference, tmp_path):
     def ds(state):
         state["engine"] = {"backend": "deepspeed", "zero_stage": 1}
     _assert_refused("DeepSpeed engine.*to-hf", _rewritten(src, tmp_path / "ds", ds), out)
-    bad_layout = _rewritten(src, tmp_path / "layout", lambda s: s["layout"].update(cp=2))
+    bad_layout = _rewritten(src, tmp_path / "layout", lambda s: s["layout"].update(stripes=2))
     _assert_refused("unknown layout metadata", bad_layout, out)
+    bad_cp = _rewritten(src, tmp_path / "cp", lambda s: s["layout"].update(cp=2))  # 1 rank cannot hold cp=2
+    _assert_refused(r"is not a valid grid: world_size=1 is not divisible by tp\*cp\*pp=1\*2\*1=2", bad_cp, out)
     missing = _rewritten(src, tmp_path / "missing", lambda s: s["model"].pop("blocks.1.attn.qkv.weight"))
     _assert_refused(r"blocks\.1\.attn\.qkv\.weight'\] are missing", missing, out)
     wide = tmp_path / "wide.yaml"

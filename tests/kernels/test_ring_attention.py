@@ -36,6 +36,7 @@ from megalite.kernels.ring_attention import (
     load_balanced_chunks,
     positions_of,
     ring_attention,
+    training_bytes_per_rank,
 )
 from tests.tolerance import assert_close, worst
 
@@ -238,6 +239,7 @@ def test_bytes_sent_match_the_docstring_formula(spawned, cp):
         forward = (cp - 1) * 2 * (S // cp) * B * hkv * D * e + (cp - 1) * (S // cp) * B * e_id
         backward = forward + cp * 2 * (S // cp) * B * hkv * D * 4
         assert forward_bytes_per_rank(S, cp, B, hkv, D, e, e_id) == forward
+        assert training_bytes_per_rank(S, cp, B, hkv, D, e, e_id) == forward + backward
         counted = [counts[name] for _, counts in spawned[cp]]
         print(f"cp={cp} {name}: counted (forward, backward) bytes per rank {counted}; "
               f"analytic ({forward}, {backward})")

@@ -99,6 +99,31 @@ def test_sequence_parallelism_divides_the_replicated_part(spawn, monkeypatch):
     assert sp == pytest.approx(one / 2, rel=REL)  # with SP nothing is left replicated
 
 
+def _cp_bytes(mode: str, precision: str) -> tuple:
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    block = TransformerBlock(CFG, BlockSettings(activation_checkpointing=mode, cp_group=dist.group.WORLD))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    lay = Layout(recompute=mode, precision=precision, cp=2)
+    measured = per_token_and_fixed(block, SEQ // 2, H, precision, tokens=SEQ)  # per token of the sequence
+    return measured, (layer_activation_bytes_per_token(CFG, lay, SEQ), layer_fixed_bytes(CFG, lay, SEQ))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_context_parallelism_divides_by_cp_and_ring_attention_keeps_its_fp32_output(spawn, precision):
+    for mode in ("none", "selective", "full"):
+        (per_token, fixed), (want, want_fixed) = spawn(_cp_bytes, 2, mode, precision)[0]
+        assert per_token == pytest.approx(want, rel=REL), mode
+        assert fixed == pytest.approx(want_fixed, rel=REL, abs=16), mode
+        one = layer_activation_bytes_per_token(CFG, Layout(recompute=mode, precision=precision), SEQ)
+        if mode == "none":  # half the tokens, plus the fp32 output ring attention keeps (4*q per token)
+            assert per_token == pytest.approx(one / 2 + 4 * H / 2, rel=REL)
+        else:
+            assert per_token == pytest.approx(one / 2, rel=REL)
+
+
 @pytest.mark.parametrize("kind, v, stage, want", [("1f1b", 1, 0, 4), ("1f1b", 1, 3, 1), ("interleaved", 2, 0, 11),
                                                   ("interleaved", 2, 3, 5), ("afab", 1, 2, 8)])
 def test_in_flight_counts_the_schedule(kind, v, stage, want):

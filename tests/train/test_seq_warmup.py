@@ -43,7 +43,7 @@ def test_schedule_is_checked_before_any_process_starts():
         with pytest.raises(ConfigError, match=message):
             validate(load_config("tiny", ["data.seq_len=32", "model.max_seq_len=32",
                                           f"data.seq_len_schedule=[{','.join(map(str, bad))}]"]))
-    with pytest.raises(ConfigError, match="sequence parallelism splits every sequence over parallel.tp=2"):
+    with pytest.raises(ConfigError, match="split into parallel.tp=2 by sequence parallelism"):
         validate(load_config("tiny", ["data.seq_len=32", "model.max_seq_len=32", "data.seq_len_schedule=[1:1]",
                                       "parallel.tp=2", "parallel.sequence_parallel=true"]), world_size=2)
 
