@@ -52,7 +52,7 @@ from megalite.distributed.stop import StopSignal
 from megalite.engine import build_engine
 from megalite.engine.checks import build_cpu_adam
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
-from megalite.model import matmul_parameters, total_parameters
+from megalite.model import active_matmul_parameters, matmul_parameters, total_parameters
 from megalite.pipeline import PipelineRunner, build_stage_model, schedule_kind
 from megalite.preflight import preflight
 from megalite.rng import rng_state, seed_everything, set_rng_state
@@ -205,7 +205,9 @@ class Trainer:
         self.step = 0
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
         # MFU's FLOPs per token at a sequence length (the attention term grows with it: a warm-up's vary)
-        self.flops_per_token = functools.partial(flops_per_token, matmul_parameters(cfg.model), cfg.model.num_layers,
+        # MoE: the parameters a token's matmuls touch (its top_k experts), not all of them
+        self.flops_per_token = functools.partial(flops_per_token, active_matmul_parameters(cfg.model),
+                                                 cfg.model.num_layers,
                                                  cfg.model.num_heads, head_dim(cfg.model))
 
     def _loader(self, split: str, consumed_samples: int):
@@ -225,10 +227,15 @@ class Trainer:
                 f"{f' ZeRO-{cfg.engine.zero_stage}' if cfg.engine.backend == 'deepspeed' else ''}, schedule {kind} "
                 f"over {self.accum} micro-batch(es) of {t.micro_batch_size}",
                 f"megalite: {total_parameters(cfg.model) / 1e6:.2f}M parameters "
-                f"({matmul_parameters(cfg.model) / 1e6:.2f}M in matmuls, {self.model.num_parameters() / 1e6:.2f}M on "
-                f"this rank); "
+                f"({matmul_parameters(cfg.model) / 1e6:.2f}M in matmuls{self._active_note()}, "
+                f"{self.model.num_parameters() / 1e6:.2f}M on this rank); "
                 f"{tokens:,} tokens per step ({t.global_batch_size} x {cfg.data.seq_len}) for {t.steps} steps",
                 f"megalite: run directory {self.run_dir} (config.yaml, metrics.jsonl, checkpoints in {self.ckpt_dir})"]
+
+    def _active_note(self) -> str:
+        """', 0.52M active per token' for an MoE model (what MFU counts), else ''."""
+        m = self.cfg.model
+        return f", {active_matmul_parameters(m) / 1e6:.2f}M active per token" if m.moe_num_experts else ""
 
     # ----------------------------------------------------------------- loop
     def fit(self, stop_after: int | None = None) -> dict:
@@ -300,7 +307,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; last good checkpoint: "
                                    f"{latest_checkpoint(self.ckpt_dir) or 'none saved yet'}")
-        return self._step_metrics(loss, result, time.perf_counter() - start)
+        return {**self._step_metrics(loss, result, time.perf_counter() - start), **self.runner.moe_metrics()}
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.groups.dp_size > 1:

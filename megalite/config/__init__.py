@@ -23,7 +23,9 @@ from megalite.config.sections import (
     TrainConfig,
     attention_window,
     head_dim,
+    is_moe_layer,
     kv_heads,
+    moe_ffn_hidden_size,
     padded_vocab_size,
     resolved_ffn_hidden_size,
 )
@@ -33,6 +35,7 @@ from megalite.config.validation import data_parallel_size, samples_per_split, sp
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "ConfigWarning", "DataConfig", "EngineConfig",
            "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "all_choices",
            "attention_window", "choices", "data_parallel_size", "did_you_mean", "follow_the_run", "head_dim",
-           "is_number", "kv_heads", "list_presets", "load_config", "padded_vocab_size", "parse_data_path",
+           "is_moe_layer", "is_number", "kv_heads", "list_presets", "load_config", "moe_ffn_hidden_size",
+           "padded_vocab_size", "parse_data_path",
            "parse_seq_len_schedule", "resolved_ffn_hidden_size", "samples_per_split", "save_config", "seq_len_at",
            "split_blend_string", "split_weights", "splits_in_use", "to_yaml", "validate"]

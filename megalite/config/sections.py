@@ -24,6 +24,7 @@ TokenCheck = Literal["sample", "all", "off"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant"]
 Recompute = Literal["none", "selective", "full"]
+MoERouter = Literal["softmax", "sigmoid"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cuda", "cpu"]
 Backend = Literal["native", "deepspeed"]
@@ -70,6 +71,35 @@ class ModelConfig:
     window on every layer (Mistral)."""
     ffn_hidden_size: int | None = None
     """MLP inner width; None picks 4h for GELU and the Llama rule (8h/3 rounded up to 256) for SwiGLU."""
+    moe_num_experts: int = 0
+    """Mixture-of-Experts: routed experts per MoE layer (also `model.moe.num_experts`); 0 is dense. Which
+    layers are MoE: moe_every and moe_first_dense."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (Megatron's --moe-router-topk)."""
+    moe_router: MoERouter = "softmax"
+    """'softmax': probabilities over all experts, the top k kept (Mixtral, Qwen-MoE); 'sigmoid': a
+    sigmoid score per expert, the top k normalised to sum to 1 (DeepSeek-V3)."""
+    moe_norm_topk_prob: bool = True
+    """softmax router: renormalise the k kept probabilities to sum to 1 (Mixtral always does; Qwen3-MoE's
+    norm_topk_prob)."""
+    moe_ffn_hidden_size: int | None = None
+    """Inner width of each expert; None: ffn_hidden_size (resolved)."""
+    moe_shared_experts: int = 0
+    """Experts every token passes through besides its routed ones (DeepSeek's n_shared_experts): one
+    MLP of moe_shared_experts * moe_ffn_hidden_size width, added to the routed output."""
+    moe_every: int = 1
+    """Every N-th layer (N, 2N, ... counted from 1) is MoE, the others dense; 1: every layer."""
+    moe_first_dense: int = 0
+    """The first this many layers stay dense whatever moe_every says (DeepSeek's first_k_dense_replace)."""
+    moe_aux_loss_coeff: float = 0.01
+    """Coefficient of the load-balancing loss E * sum_i f_i * P_i (Switch Transformer), per MoE layer;
+    f_i the fraction of routed slots expert i got, P_i its mean router probability over the tokens."""
+    moe_z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE), per MoE layer; 0: off."""
+    moe_capacity_factor: float | None = None
+    """None: dropless (every routed token is computed). A factor c caps each expert at
+    ceil(c * tokens * top_k / num_experts) tokens per micro-batch; the rest of its slots are dropped
+    (in routing order) and counted in the moe_dropped_tokens metric."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (rotary table or learned position rows)."""
     norm: Norm = "rmsnorm"
@@ -337,6 +367,17 @@ def attention_window(model: ModelConfig, layer: int) -> int | None:
     the whole causal context (model.attention_window, model.global_attention_every)."""
     every = model.global_attention_every
     return None if model.attention_window is None or (every and layer % every == 0) else model.attention_window
+
+
+def is_moe_layer(model: ModelConfig, layer: int) -> bool:
+    """Whether transformer layer `layer` (1 .. num_layers) has the MoE feed-forward (model.moe_*)."""
+    every = max(model.moe_every, 1)
+    return model.moe_num_experts > 0 and layer > model.moe_first_dense and layer % every == 0
+
+
+def moe_ffn_hidden_size(model: ModelConfig) -> int:
+    """Inner width of one expert: model.moe_ffn_hidden_size, else the dense MLP's."""
+    return model.moe_ffn_hidden_size or resolved_ffn_hidden_size(model)
 
 
 def kv_heads(model: ModelConfig) -> int:

@@ -8,7 +8,7 @@ import math
 
 from megalite.config.blend import parse_data_path
 from megalite.config.fields import coerce, describe_type, field_types, section_types
-from megalite.config.sections import Config, ConfigError, head_dim, kv_heads, resolved_ffn_hidden_size
+from megalite.config.sections import Config, ConfigError, head_dim, is_moe_layer, kv_heads, resolved_ffn_hidden_size
 from megalite.config.seq_schedule import parse_seq_len_schedule
 
 SPLITS = ("train", "valid", "test")
@@ -20,9 +20,12 @@ POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "mode
             "parallel.tp", "parallel.pp", "parallel.cp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
             "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
             "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
-            "train.min_loss_scale", "checkpoint.keep_last", "logging.interval", "model.attention_window")
+            "train.min_loss_scale", "checkpoint.keep_last", "logging.interval", "model.attention_window",
+            "model.moe_top_k", "model.moe_every", "model.moe_ffn_hidden_size", "model.moe_capacity_factor")
 NON_NEGATIVE = ("data.num_workers", "optim.weight_decay", "optim.warmup_steps", "optim.clip_grad",
-                "train.eval_interval", "checkpoint.interval", "model.global_attention_every")
+                "train.eval_interval", "checkpoint.interval", "model.global_attention_every",
+                "model.moe_num_experts", "model.moe_first_dense", "model.moe_shared_experts",
+                "model.moe_aux_loss_coeff", "model.moe_z_loss_coeff")
 
 
 def _get(cfg: Config, dotted: str):
@@ -71,6 +74,12 @@ def _check_model(cfg: Config, err) -> None:
             "(each kv head serves a whole group of query heads)")
     if not 0 <= m.dropout < 1:
         err(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.moe_num_experts > 0 and m.moe_top_k > m.moe_num_experts:
+        err(f"model.moe_top_k={m.moe_top_k} must be <= model.moe_num_experts={m.moe_num_experts} (a token is "
+            "routed to that many distinct experts)")
+    if m.moe_num_experts > 0 and not any(is_moe_layer(m, layer) for layer in range(1, m.num_layers + 1)):
+        err(f"model.moe_num_experts={m.moe_num_experts} but no layer is MoE: moe_every={m.moe_every} and "
+            f"moe_first_dense={m.moe_first_dense} leave all {m.num_layers} layers dense; lower them")
     _check_rope_scaling(m, err)
     if m.global_attention_every and m.attention_window is None:
         err(f"model.global_attention_every={m.global_attention_every} picks the global layers among windowed "
@@ -189,6 +198,9 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     if t.recompute_num_layers and t.activation_checkpointing != "full":
         err(f"train.recompute_num_layers={t.recompute_num_layers} needs train.activation_checkpointing='full' "
             f"(got {t.activation_checkpointing!r}); set it to 0 or choose 'full'")
+    if t.compile and cfg.model.moe_num_experts > 0:
+        err(f"train.compile=True with model.moe_num_experts={cfg.model.moe_num_experts}: the expert loop's "
+            "data-dependent token counts do not compile; set train.compile=false")
     if t.compile and cfg.model.dropout > 0:
         err(f"train.compile=True needs model.dropout=0 (got {cfg.model.dropout}): compiled blocks would draw "
             "dropout masks from Inductor's generator, not the tensor-parallel RNG tracker (masks neither per tp "

@@ -95,6 +95,11 @@ class NativeEngine(Engine):
         return OverlappedAllReduce(named, self.dp_group, self.micro_batches, self.bucket_elems,
                                    deferred=() if tied is None else (tied,))
 
+    @property
+    def loss_scale(self) -> float:
+        """The scale backward multiplies the loss by (fp16's dynamic scale; 1 for fp32/bf16)."""
+        return float(self.scaler.loss_scale)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Scale (fp16) and backpropagate one micro-batch loss; gradients accumulate."""
         self.scaler.scale(loss).backward()

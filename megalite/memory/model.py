@@ -37,7 +37,7 @@ flight (`in_flight`); parameters, gradients and optimizer state follow `STATE_BY
 
 The figures are checked against exact measurements in tools/bench_memory.py (saved-tensor bytes
 per layer) and tools/bench_zero_memory.py (state bytes per parameter). Not modelled (refused by
-name): dropout (its masks), which the predictions assume off.
+name): dropout (its masks), which the predictions assume off, and MoE layers' activations.
 """
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ def _check(cfg: ModelConfig, lay: Layout) -> None:
     if cfg.dropout:
         raise ValueError(f"model.dropout={cfg.dropout}: the memory model leaves dropout masks out; "
                          "predict with model.dropout=0")
+    if cfg.moe_num_experts:
+        raise ValueError(f"model.moe_num_experts={cfg.moe_num_experts}: the memory model does not yet predict an "
+                         "MoE layer's activations (router, per-expert gathers, data-dependent counts); state bytes "
+                         "(state_bytes, on total_parameters) do apply")
     if lay.attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {lay.attention!r} is not one of {ATTENTION_BACKENDS}")
     if lay.recompute not in ("none", "selective", "full"):

@@ -4,6 +4,7 @@ from megalite.model.blocks import MLP, Attention, BlockSettings, Embedding, Head
 from megalite.model.norms import LayerNorm, RMSNorm
 from megalite.model.transformer import (
     Transformer,
+    active_matmul_parameters,
     block_parameter_counts,
     check_model,
     matmul_parameters,
@@ -11,5 +12,5 @@ from megalite.model.transformer import (
 )
 
 __all__ = ["Attention", "BlockSettings", "Embedding", "Head", "KVCache", "LayerNorm", "MLP", "RMSNorm", "Transformer",
-           "TransformerBlock", "block_parameter_counts", "build_block", "check_model", "matmul_parameters",
-           "total_parameters"]
+           "TransformerBlock", "active_matmul_parameters", "block_parameter_counts", "build_block", "check_model",
+           "matmul_parameters", "total_parameters"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megalite import kernels
-from megalite.config import ModelConfig, attention_window, head_dim, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import (
+    ModelConfig,
+    attention_window,
+    head_dim,
+    is_moe_layer,
+    moe_ffn_hidden_size,
+    padded_vocab_size,
+    resolved_ffn_hidden_size,
+)
 from megalite.kernels.attention import DocumentMask, attention
 from megalite.kernels.ring_attention import positions_of, ring_attention
+from megalite.model.moe import MoE, MoEState
 from megalite.model.norms import RMSNorm, make_norm
 from megalite.model.rope import RotaryTables
 from megalite.tensor_parallel import (
@@ -79,7 +88,8 @@ class BlockSettings:
     makes one; model.rope.RotaryTables). cp_group: the context-parallel group (None: the whole
     sequence is here); under it a block sees this rank's two load-balanced chunks of every
     sequence (kernels.ring_attention), so rotary and learned positions look up their global
-    positions and attention runs around the ring.
+    positions and attention runs around the ring. moe_state: what the model's MoE layers share with
+    the training loop (model.moe.MoEState; Transformer makes one).
     """
 
     tp_group: object = None
@@ -88,6 +98,7 @@ class BlockSettings:
     rng_tracker: TPRngTracker | None = None
     rotary: nn.Module | None = None  # rope.RotaryTables shared by the model's layers (None: each its own)
     cp_group: object = None
+    moe_state: MoEState | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
@@ -408,7 +419,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = make_norm(cfg, par.sequence_parallel)
         self.attn = Attention(cfg, par, attention_window(cfg, layer))
         self.norm2 = make_norm(cfg, par.sequence_parallel)
-        self.mlp = MLP(cfg, par)
+        self.mlp = _moe(cfg, par, layer) if is_moe_layer(cfg, layer) else MLP(cfg, par)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _residual_dropout(self, y: torch.Tensor) -> torch.Tensor:
@@ -432,6 +443,17 @@ class TransformerBlock(nn.Module):
             return checkpoint(self._forward, x, None, documents, use_reentrant=False,
                               **_replay_tracker(self.rng_tracker))
         return self._forward(x, None, documents)
+
+
+def _moe(cfg: ModelConfig, par: BlockSettings, layer: int) -> MoE:
+    """Layer `layer`'s MoE feed-forward: experts replicated over tp, routing statistics summed over
+    the ranks that split a micro-batch's tokens (tp under SP, cp); shared experts a dense tp MLP."""
+    shared = None
+    if cfg.moe_shared_experts:
+        shared = MLP(replace(cfg, ffn_hidden_size=cfg.moe_shared_experts * moe_ffn_hidden_size(cfg)), par)
+    token_groups = (par.tp_group if par.sequence_parallel else None, par.cp_group if par.cp > 1 else None)
+    return MoE(cfg, par.moe_state if par.moe_state is not None else MoEState(), layer, par.sequence_parallel,
+               token_groups, par.cp, shared)
 
 
 def run_blocks(blocks, x: torch.Tensor, documents: DocumentMask | None = None) -> torch.Tensor:

@@ -18,10 +18,19 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from megalite.config import ModelConfig, choices, head_dim, padded_vocab_size, resolved_ffn_hidden_size
+from megalite.config import (
+    ModelConfig,
+    choices,
+    head_dim,
+    is_moe_layer,
+    moe_ffn_hidden_size,
+    padded_vocab_size,
+    resolved_ffn_hidden_size,
+)
 from megalite.kernels.attention import DocumentMask
 from megalite.model.blocks import BlockSettings, build_block, run_blocks, vocab_table
 from megalite.model.compiled import compile_blocks as compile_transformer_blocks
+from megalite.model.moe import MoEState
 from megalite.model.rope import RotaryTables
 from megalite.tensor_parallel import group_rank, group_size, init_model_weights, mark, vocab_parallel_cross_entropy
 from megalite.tensor_parallel.random import TPRngTracker
@@ -101,8 +110,9 @@ class Transformer(nn.Module):
         self.chunks = [range(0, last + 1)] if chunks is None else [range(r.start, r.stop) for r in chunks]
         self.rng_tracker = TPRngTracker(seed, group_rank(tp_group))
         rotary = RotaryTables(cfg, head_dim(cfg)) if cfg.position == "rope" else None  # one pair for all layers
+        self.moe_state = MoEState()  # the MoE layers' aux-loss gradient scale and routing statistics
         par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker, rotary,
-                            cp_group)
+                            cp_group, self.moe_state)
         self.blocks = Blocks(last + 1)
         for chunk in self.chunks:
             for i in chunk:
@@ -174,18 +184,31 @@ def block_parameter_counts(cfg: ModelConfig, tp_group=None, sequence_parallel: b
     """
     par = BlockSettings(tp_group, sequence_parallel and group_size(tp_group) > 1, False,
                         TPRngTracker(0, group_rank(tp_group)))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    kinds: dict[bool, int] = {}  # dense / MoE layer -> its count (every layer of a kind is alike)
     with torch.device("meta"):
         emb = build_block(cfg, 0, par)
-        layer = build_block(cfg, 1, par)
+        for i in range(1, cfg.num_layers + 1):
+            if is_moe_layer(cfg, i) not in kinds:
+                kinds[is_moe_layer(cfg, i)] = count(build_block(cfg, i, par))
         head = build_block(cfg, cfg.num_layers + 1, par, tied=emb.word)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return [count(emb)] + [count(layer)] * cfg.num_layers + [count(head)]
+    return [count(emb)] + [kinds[is_moe_layer(cfg, i)] for i in range(1, cfg.num_layers + 1)] + [count(head)]
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
     """The whole model's parameters that do matmul work: every layer and the head (whose table does the
     projection, tied or not); the embedding is a lookup. The N of MFU's 6N + 12*L*H*Q*T."""
     return sum(block_parameter_counts(cfg)[1:])
+
+
+def active_matmul_parameters(cfg: ModelConfig) -> int:
+    """matmul_parameters less the routed experts a token does not visit: each MoE layer counts its router,
+    its shared experts and top_k of its num_experts experts. The N of MFU's 6N (= matmul_parameters
+    for a dense model)."""
+    f, h = moe_ffn_hidden_size(cfg), cfg.hidden_size
+    expert = (3 if cfg.activation == "swiglu" else 2) * f * h  # fc1 (gate and up, or one) and fc2
+    idle = (cfg.moe_num_experts - cfg.moe_top_k) * expert
+    return matmul_parameters(cfg) - idle * sum(is_moe_layer(cfg, i) for i in range(1, cfg.num_layers + 1))
 
 
 def total_parameters(cfg: ModelConfig) -> int:

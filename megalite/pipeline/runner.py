@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megalite.kernels.ring_attention import load_balanced_chunks
 from megalite.model import Transformer
+from megalite.model.moe import summarize
 from megalite.pipeline.executor import Executor, StageHooks
 from megalite.pipeline.p2p import P2P
 from megalite.pipeline.partition import tie_embedding_grads
@@ -122,6 +123,10 @@ class PipelineRunner:
 
         Returns the batch's mean loss (the sum over micro-batches of loss / m) on every pipeline rank.
         """
+        # MoE layers feed their auxiliary losses' gradients in themselves (model.moe.AddAuxLossGrad): at the
+        # scale backward gives the language-model loss of one micro-batch
+        self.model.moe_state.grad_scale = float(getattr(self.engine, "loss_scale", 1.0)) / self.m
+        self.model.moe_state.take_stats()  # what an evaluation left
         total = torch.zeros((), device=self.device)
         for value in self._run(batches, training=True):
             total += value
@@ -132,3 +137,17 @@ class PipelineRunner:
     def eval_batch(self, batches: list[dict]) -> torch.Tensor:
         """The mean loss of each micro-batch [m], forward only, on every pipeline rank."""
         return self._run(batches, training=False)
+
+    def moe_metrics(self) -> dict:
+        """The last training batch's MoE metrics (model.moe.summarize) over every layer of the model and
+        every micro-batch of the step, gathered from the pipeline stages and dp replicas; {} when dense."""
+        if not self.model.cfg.moe_num_experts:
+            return {}
+        stats = self.model.moe_state.take_stats()
+        for size, group in ((self.pp, self.groups.pp_group), (self.groups.dp_size, self.groups.dp_group)):
+            if size > 1:  # stages hold other layers; replicas other micro-batches of the same layers
+                every: list = [None] * size
+                dist.all_gather_object(every, stats, group=group)
+                stats = {layer: [row for part in every for row in part.get(layer, [])]
+                         for layer in sorted({layer for part in every for layer in part})}
+        return summarize(stats)

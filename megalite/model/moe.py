@@ -1,0 +1,222 @@
+"""The Mixture-of-Experts feed-forward: a router, top-k routed experts, optional shared experts.
+
+    x [s, b, h] -> router logits [n, E] (n = s * b tokens) -> top-k experts per token, weights w
+                -> y_t = sum_k w_tk * expert_k(x_t)  (+ shared(x_t))                -> [s, b, h]
+
+Router (model.moe_router). 'softmax': p = softmax(logits) over all E experts, the top k kept and,
+with moe_norm_topk_prob, renormalised to sum to 1 (Mixtral's softmax over the top-k logits is the
+same thing; Qwen3-MoE's norm_topk_prob). 'sigmoid': scores sigmoid(logits), the top k normalised
+to sum to 1 (DeepSeek-V3, without its bias-based balancing). Routing runs in fp32.
+
+Experts. Each is the dense MLP's shape at width f = moe_ffn_hidden_size: fc1 [E, 2f, h] (SwiGLU,
+rows alternating gate_j, up_j as the dense MLP's) or [E, f, h] (GELU), fc2 [E, h, f], no biases.
+They are computed batched per expert: the tokens routed to expert e are gathered, run through it
+and added back weighted (a loop over experts; PyTorch's grouped matmul is CUDA-only and private,
+not used). Dropless by default; with moe_capacity_factor c an expert takes at most
+ceil(c * n * k / E) of its slots in token order and drops the rest (the token then gets only its
+other experts' share, no renormalisation), counted in the stats.
+
+Auxiliary losses, as Switch Transformer and ST-MoE define them, per MoE layer and micro-batch:
+    load balancing  aux = E * sum_i f_i * P_i    f_i = share of the n*k routed slots expert i got,
+                                                 P_i = mean router probability of expert i
+    z-loss          z = mean_t logsumexp(logits_t)^2
+They join the training objective with their coefficients without passing through the pipeline:
+`AddAuxLossGrad` returns the layer's output unchanged and, in backward, feeds the loss its own
+gradient (coefficient x MoEState.grad_scale, which the runner sets to the loss scale over the
+micro-batches), as Megatron-Core's MoEAuxLossAutoScaler does.
+
+Parallelism. Under tensor parallelism the experts are replicated: every tp rank holds them all and
+computes them on its tokens (the whole sequence, or its 1/tp under SP, where their gradients are
+partial sums like a norm's, marked so). Ranks that split a micro-batch's tokens (tp under SP, cp)
+sum the expert counts f_i over `token_groups` so that every rank routes against the micro-batch's
+statistics, and each rank adds its own tokens' part of P_i and of the z-loss: the parts sum to the
+one-process values. Expert parallelism (experts sharded over ranks, all-to-all dispatch) is not
+built yet.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalite.config import ModelConfig, moe_ffn_hidden_size
+from megalite.tensor_parallel import init_shard_, mark, normal_init
+
+
+@dataclass
+class MoEState:
+    """What a model's MoE layers share with the training loop: the gradient scale of their auxiliary
+    losses (set by the runner before each training batch) and the statistics of the last forwards,
+    per layer (cleared by `take_stats`)."""
+
+    grad_scale: float = 1.0
+    stats: dict = field(default_factory=dict)
+
+    def take_stats(self) -> dict:
+        """Layer -> [{"aux_loss", "z_loss", "dropped", "load" (tokens per expert)}] per micro-batch since
+        the last call, summed over the ranks that split the micro-batch; then cleared."""
+        out, self.stats = self.stats, {}
+        return {layer: [{"aux_loss": float(p[0]), "z_loss": float(p[1]), "dropped": int(p[2]),
+                         "load": load.tolist()} for p, load in rows] for layer, rows in out.items()}
+
+
+class AddAuxLossGrad(torch.autograd.Function):
+    """Identity on `out`; in backward, the auxiliary `loss` (a scalar) gets gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, out, loss, scale: float):
+        ctx.scale = scale
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (a checkpoint's recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:
+    """t summed over every group in `groups` (no autograd: used on counts)."""
+    for group in groups:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+class MoE(nn.Module):
+    """The MoE feed-forward of one transformer layer (see the module docstring).
+
+    `token_groups`: the process groups over which a micro-batch's tokens are split (tp under SP,
+    cp); `grad_share`: the factor the averaging of gradients over cp divides a token-split rank's
+    part by (cp), restored on the auxiliary losses' gradients; `state` the model's MoEState;
+    `layer` this layer's number (1 .. L), the key of its stats.
+    """
+
+    def __init__(self, cfg: ModelConfig, state: MoEState, layer: int, sequence_parallel: bool = False,
+                 token_groups=(), grad_share: int = 1, shared: nn.Module | None = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.layer, self.state = cfg.moe_num_experts, cfg.moe_top_k, layer, state
+        self.router_kind, self.norm_topk = cfg.moe_router, cfg.moe_norm_topk_prob
+        self.aux_coeff, self.z_coeff, self.capacity_factor = (cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff,
+                                                              cfg.moe_capacity_factor)
+        self.token_groups, self.grad_share = tuple(g for g in token_groups if g is not None), grad_share
+        self.swiglu = cfg.activation == "swiglu"
+        h, f, e = cfg.hidden_size, moe_ffn_hidden_size(cfg), cfg.moe_num_experts
+        self.init_std, self.out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.router = nn.Parameter(torch.empty(e, h))
+        self.fc1 = nn.Parameter(torch.empty(e, 2 * f if self.swiglu else f, h))
+        self.fc2 = nn.Parameter(torch.empty(e, h, f))
+        self.shared = shared  # an MLP every token passes through (model.moe_shared_experts), or None
+        if sequence_parallel:  # each tp rank routes its own tokens: gradients are partial sums over tp
+            for p in (self.router, self.fc1, self.fc2):
+                mark(p, sequence_parallel=True)
+
+    def init_weights(self, seed: int, prefix: str) -> None:
+        """Router and fc1 ~ N(0, init_std), fc2 ~ N(0, init_std / sqrt(2L)) as the dense MLP's output."""
+        for name, std in (("router", self.init_std), ("fc1", self.init_std), ("fc2", self.out_std)):
+            init_shard_(getattr(self, name), normal_init(std), seed, f"{prefix}.{name}", None, 0, 1)
+
+    # ------------------------------------------------------------ routing
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [n, h] -> (experts [n, k] int64, weights [n, k] fp32, probabilities [n, E] fp32, logits)."""
+        logits = F.linear(x.float(), self.router.float())  # [n, E], fp32 routing
+        if self.router_kind == "sigmoid":
+            probs = torch.sigmoid(logits)
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+        else:
+            probs = logits.softmax(-1)
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            if self.norm_topk:
+                weights = weights / weights.sum(-1, keepdim=True)
+        return experts, weights, probs, logits
+
+    def capacity(self, tokens: int) -> int | None:
+        """Slots per expert per micro-batch (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens [m, h] -> [m, h] (under autocast the matmuls run in 16-bit)."""
+        a = torch.matmul(x, self.fc1[e].t())
+        a = F.silu(a[:, 0::2]) * a[:, 1::2] if self.swiglu else F.gelu(a)
+        return torch.matmul(a, self.fc2[e].t())
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape
+        tokens = x.reshape(-1, h)
+        experts, weights, probs, logits = self.route(tokens)
+        out = torch.zeros_like(tokens, dtype=torch.float32)  # the weighted sum accumulates in fp32
+        cap, dropped = self.capacity(tokens.shape[0]), 0
+        load = torch.zeros(self.num_experts, device=x.device)
+        for e in range(self.num_experts):
+            rows, slot = (experts == e).nonzero(as_tuple=True)  # token order
+            if cap is not None and rows.numel() > cap:
+                dropped += rows.numel() - cap
+                rows, slot = rows[:cap], slot[:cap]
+            load[e] = rows.numel()
+            if rows.numel():
+                y = self._expert(e, tokens[rows])
+                out = out.index_add(0, rows, y.float() * weights[rows, slot, None])
+        out = out.to(x.dtype).reshape(s, b, h)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return self._with_aux_losses(out, experts, probs, logits, load, dropped)
+
+    def _with_aux_losses(self, out, experts, probs, logits, load, dropped) -> torch.Tensor:
+        """Record the stats; attach the load-balancing and z-losses' gradients to `out` when training."""
+        n = torch.tensor([float(probs.shape[0])], device=probs.device)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).float()
+        routed = _sum_over(torch.cat((counts, n, load)).detach(), self.token_groups)  # the micro-batch's
+        counts_all, n_all, load_all = routed[:self.num_experts], routed[self.num_experts], routed[-self.num_experts:]
+        f = counts_all / (n_all * self.top_k)
+        aux = self.num_experts * (f * probs.sum(0)).sum() / n_all  # this rank's part of E * sum f_i P_i
+        z = torch.logsumexp(logits, -1).square().sum() / n_all      # and of mean(lse^2)
+        parts = _sum_over(torch.stack((aux, z, torch.tensor(float(dropped), device=aux.device))).detach(),
+                          self.token_groups)
+        if not _in_backward():  # a recomputed forward (activation checkpointing) is not counted twice
+            self.state.stats.setdefault(self.layer, []).append((parts, load_all))  # tensors: no sync here
+        if not (self.training and torch.is_grad_enabled()):
+            return out
+        scale = self.state.grad_scale * self.grad_share
+        total = self.aux_coeff * aux + self.z_coeff * z
+        return AddAuxLossGrad.apply(out, total, scale)
+
+
+def summarize(stats: dict) -> dict:
+    """The step's MoE metrics from `MoEState.take_stats()` (layer -> per-micro-batch stats), {} when dense.
+
+    moe_aux_loss, moe_z_loss: mean over layers and micro-batches (without coefficients);
+    moe_dropped_tokens: routed slots dropped by the capacity factor, summed; moe_load_min/max: the
+    least and most loaded expert's share of its layer's slots times E (1 is perfect balance), over
+    all layers; moe_load_entropy: mean over layers of the entropy (nats) of the slot shares, whose
+    maximum is ln E; moe_load_entropy_l<i>: that of layer i.
+    """
+    if not stats:
+        return {}
+    out, entropies, shares = {}, [], []
+    for layer in sorted(stats):
+        load = torch.tensor([row["load"] for row in stats[layer]]).sum(0)
+        share = load / load.sum().clamp_min(1)
+        entropy = float(-(share * share.clamp_min(1e-30).log()).sum())
+        out[f"moe_load_entropy_l{layer}"] = entropy
+        entropies.append(entropy)
+        shares.append(share * len(share))
+    rows = [row for layer in stats.values() for row in layer]
+    every = torch.cat(shares)
+    out.update({"moe_aux_loss": sum(r["aux_loss"] for r in rows) / len(rows),
+                "moe_z_loss": sum(r["z_loss"] for r in rows) / len(rows),
+                "moe_dropped_tokens": sum(r["dropped"] for r in rows),
+                "moe_load_min": float(every.min()), "moe_load_max": float(every.max()),
+                "moe_load_entropy": sum(entropies) / len(entropies)})
+    return out
