@@ -1,12 +1,14 @@
 """Hugging Face export and import: megalite checkpoints <-> transformers model directories.
 
-Five architectures, picked from the model config (export) or config.json (import):
+Seven architectures, picked from the model config (export) or config.json (import):
 Llama style (rmsnorm, rope, swiglu) <-> LlamaForCausalLM (checkpoint.hf_llama); on the same tensor
 map (checkpoint.hf_llama_family) the same with q/k/v-only biases <-> Qwen2ForCausalLM, with per-head
 q/k RMSNorm and any head_dim <-> Qwen3ForCausalLM, and with a sliding window on every layer
 (model.attention_window) <-> MistralForCausalLM (an unwindowed one is written as Mistral when asked
 by name); GPT-2 style (layernorm, learned positions, gelu) <->
-GPT2LMHeadModel (checkpoint.hf_gpt2).
+GPT2LMHeadModel (checkpoint.hf_gpt2); and Mixture-of-Experts models (model.moe_*) on the Llama map
+<-> MixtralForCausalLM (every layer MoE) and Qwen3MoeForCausalLM (q/k RMSNorm, dense and MoE layers)
+(checkpoint.hf_moe; Qwen2MoeForCausalLM is refused, saying why).
 Anything else is refused by name.
 
 `export_hf` streams: a dry run of the conversion on meta tensors checks every
@@ -31,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from megalite.checkpoint import hf_gpt2, hf_llama
+from megalite.checkpoint import hf_gpt2, hf_llama, hf_moe
 from megalite.checkpoint.hf_files import HFTensors, write_safetensors
 from megalite.checkpoint.hf_llama import check as check_llama_style  # re-exported (__all__)
 from megalite.checkpoint.hf_llama import from_hf as hf_to_megalite
@@ -39,12 +41,13 @@ from megalite.checkpoint.hf_llama import hf_config
 from megalite.checkpoint.hf_llama import model_overrides as model_overrides_from_hf
 from megalite.checkpoint.hf_llama import to_hf as megalite_to_hf
 from megalite.checkpoint.hf_llama_family import MISTRAL, QWEN2, QWEN3
+from megalite.checkpoint.hf_moe import MIXTRAL, QWEN3_MOE
 from megalite.checkpoint.hf_tokenizer import sentencepiece_to_tokenizer_json, write_tokenizer
 from megalite.checkpoint.io import CheckpointError, fresh_output, read_manifest, step_directory
 from megalite.checkpoint.layout import StagePlan, fresh_engine_state, fresh_rng, layout_of, run_config, write_offline
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.schema import Progress, RankState
-from megalite.config import ModelConfig, head_dim, load_config, padded_vocab_size
+from megalite.config import ModelConfig, head_dim, is_moe_layer, load_config, moe_ffn_hidden_size, padded_vocab_size
 from megalite.config import resolved_ffn_hidden_size as ffn_size
 from megalite.model import check_model
 from megalite.model.transformer import total_parameters
@@ -56,7 +59,13 @@ __all__ = ["ARCHS", "DTYPES", "arch_for_hf", "arch_for_model", "check_llama_styl
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # each (a module or a LlamaRelative): ARCH, MODEL_TYPE, mismatches, check, hf_config, to_hf, from_hf,
 # model_overrides
-ARCHS = (hf_llama, MISTRAL, QWEN2, QWEN3, hf_gpt2)  # export's default: the first that fits
+ARCHS = (hf_llama, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, hf_gpt2)  # export's default: the first that fits
+
+
+def _mismatches(arch, cfg: ModelConfig) -> dict[str, tuple]:
+    """arch.mismatches(cfg), and a dense architecture's need of a dense model (GPT-2's map has no experts)."""
+    dense = not isinstance(arch, hf_moe.MoERelative) and cfg.moe_num_experts
+    return {**arch.mismatches(cfg), **({"moe_num_experts": (cfg.moe_num_experts, 0)} if dense else {})}
 
 
 def arch_for_model(cfg: ModelConfig, name: str | None = None):
@@ -67,17 +76,21 @@ def arch_for_model(cfg: ModelConfig, name: str | None = None):
         if not chosen:
             raise CheckpointError(f"architecture {name!r} is not one of {[a.ARCH for a in ARCHS]}")
         chosen[0].check(cfg)
+        if "moe_num_experts" in _mismatches(chosen[0], cfg):
+            raise CheckpointError(f"model.moe_num_experts={cfg.moe_num_experts}: {name} has no experts; export "
+                                  "an MoE model as MixtralForCausalLM or Qwen3MoeForCausalLM")
         return chosen[0]
     for arch in ARCHS:
-        if not arch.mismatches(cfg):
+        if not _mismatches(arch, cfg):
             return arch
     why = "; ".join(f"{a.ARCH} needs " + ", ".join(f"model.{k}={w!r} (not {v!r})" for k, (v, w) in
-                                                   a.mismatches(cfg).items()) for a in ARCHS)
+                                                   _mismatches(a, cfg).items()) for a in ARCHS)
     raise CheckpointError(f"this model has no Hugging Face equivalent: {why}")
 
 
 def arch_for_hf(conf: dict):
     """The architecture module for a HF config.json; refuses an unknown architecture by name."""
+    hf_moe.refuse_unsupported(conf)  # a known MoE architecture megalite cannot compute: say why
     archs = conf.get("architectures") or []
     for arch in ARCHS:
         if arch.ARCH in archs or (not archs and conf.get("model_type") == arch.MODEL_TYPE):
@@ -155,8 +168,8 @@ def _import_config(conf: dict, arch, overrides):
 
 
 def import_hf(hf_dir, out_root, overrides: list[str] = ()) -> Path:
-    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Mistral, Qwen2, Qwen3 or GPT-2 model at the
-    layout in `overrides`.
+    """Write a megalite checkpoint (step 0, fresh optimizer) of a HF Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE
+    or GPT-2 model at the layout in `overrides`.
 
     `overrides` are dotted config overrides (parallel.tp=2 parallel.pp=2 parallel.dp=..). The output root
     also gets config.yaml (the tiny preset with the imported model section and the overrides), so
@@ -203,6 +216,15 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _moe_summary(m: ModelConfig) -> list[str]:
+    """The MoE layers of an imported model, for the report (none when dense)."""
+    moe = sum(is_moe_layer(m, i) for i in range(1, m.num_layers + 1))
+    if not moe:
+        return []
+    return [f"{moe} of {m.num_layers} layers MoE: {m.moe_num_experts} experts of {moe_ffn_hidden_size(m)}, "
+            f"top {m.moe_top_k}" + (", renormalised" if m.moe_norm_topk_prob else "")]
+
+
 def import_report(hf_dir, out_root) -> str:
     """What `import_hf` found in `hf_dir` and wrote at `out_root`, and the command that continues
     pretraining from it (printed by `megalite convert from-hf`)."""
@@ -214,7 +236,7 @@ def import_report(hf_dir, out_root) -> str:
         f"rope theta {m.rope_theta:g}, scaling {m.rope_scaling}"
         + ("" if m.rope_scaling == "none" else f" x{m.rope_scaling_factor:g}"))
     extras = [name for name, on in (("q/k/v bias", m.qkv_bias), ("q/k RMSNorm", m.qk_norm),
-                                    ("tied embeddings", m.tie_embeddings)) if on]
+                                    ("tied embeddings", m.tie_embeddings)) if on] + _moe_summary(m)
     launcher = "megalite" if world == 1 else f"torchrun --nproc_per_node {world} -m megalite"
     tokenizer = cfg.data.tokenizer_model or "none (set data.tokenizer_type and data.tokenizer_model)"
     return "\n".join([

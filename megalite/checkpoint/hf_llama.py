@@ -13,6 +13,7 @@ megalite (model/blocks.py)              Hugging Face LlamaForCausalLM
   blocks.i.mlp.fc2.weight                 down_proj
   blocks.L+1.norm.weight                  model.norm.weight
   blocks.L+1.output.weight (or .weight)   lm_head.weight (absent when tied)
+  (an MoE layer's router and experts: checkpoint.hf_moe, through the `mlp` hooks of tensors_to/from_hf)
 
 Both use rotate-half rotary over the same head-major q/k rows (kernels.reference
 pairs features i and i + d/2, as HF's rotate_half does), so no per-head
@@ -30,7 +31,7 @@ its own HF tensors when asked for.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -43,7 +44,8 @@ from megalite.config import resolved_ffn_hidden_size as ffn_size
 ARCH, MODEL_TYPE = "LlamaForCausalLM", "llama"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 WANTED = {"norm": "rmsnorm", "position": "rope", "activation": "swiglu", "bias": False, "qkv_bias": False,
-          "qk_norm": False, "dropout": 0.0, "attention_window": None, "global_attention_every": 0}
+          "qk_norm": False, "dropout": 0.0, "attention_window": None, "global_attention_every": 0,
+          "moe_num_experts": 0}  # MoE models: checkpoint.hf_moe
 
 
 def field_mismatches(cfg: ModelConfig, wanted: Mapping) -> dict[str, tuple]:
@@ -102,9 +104,38 @@ def to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
     return tensors_to_hf(state, cfg)
 
 
-def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """to_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms)."""
-    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
+def interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate and up [..., f, h] -> megalite's fused fc1 [..., 2f, h], rows alternating gate_j, up_j."""
+    return torch.stack((gate, up), dim=-2).flatten(-3, -2)
+
+
+def deinterleave(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """megalite's fused fc1 [..., 2f, h] -> (gate, up) views [..., f, h]: its even and odd rows."""
+    pairs = fc1.unflatten(-2, (-1, 2))  # [..., f, 2, h]: rows (gate_j, up_j)
+    return pairs[..., 0, :], pairs[..., 1, :]
+
+
+# a layer's feed-forward: (state, cfg, layer 1..L, megalite prefix, HF prefix) -> its tensors
+MLPToHF = Callable[[Mapping, ModelConfig, int, str, str], Iterator[tuple[str, torch.Tensor]]]
+MLPFromHF = Callable[[Mapping, ModelConfig, int, str, str], dict]
+
+
+def dense_mlp_to_hf(state: Mapping, cfg: ModelConfig, layer: int, p: str, o: str
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The dense SwiGLU MLP's HF tensors (gate_proj, up_proj, down_proj) of one layer."""
+    h, f = cfg.hidden_size, ffn_size(cfg)
+    gate, up = deinterleave(need(state, p + "mlp.fc1.weight", [2 * f, h]))
+    yield o + "mlp.gate_proj.weight", gate
+    yield o + "mlp.up_proj.weight", up
+    del gate, up  # let a lazily read tensor go before the next one is read
+    yield o + "mlp.down_proj.weight", need(state, p + "mlp.fc2.weight", [h, f])
+
+
+def tensors_to_hf(state: Mapping, cfg: ModelConfig, mlp: MLPToHF = dense_mlp_to_hf
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """to_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms; the MoE
+    architectures give their own `mlp`)."""
+    h, hq, L = cfg.hidden_size, cfg.num_heads, cfg.num_layers
     hkv, d = cfg.num_kv_heads or hq, head_dim(cfg)
     r = hq // hkv
     yield "model.embed_tokens.weight", need(state, "blocks.0.word.weight", [cfg.vocab_size, h])
@@ -127,11 +158,7 @@ def tensors_to_hf(state: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, torch
             yield o + "self_attn.k_norm.weight", need(state, p + "attn.k_norm.weight", [d])
         yield o + "self_attn.o_proj.weight", need(state, p + "attn.proj.weight", [h, hq * d])
         yield o + "post_attention_layernorm.weight", need(state, p + "norm2.weight", [h])
-        fc1 = need(state, p + "mlp.fc1.weight", [2 * f, h]).view(f, 2, h)  # rows: (gate_j, up_j) pairs
-        yield o + "mlp.gate_proj.weight", fc1[:, 0]
-        yield o + "mlp.up_proj.weight", fc1[:, 1]
-        del fc1
-        yield o + "mlp.down_proj.weight", need(state, p + "mlp.fc2.weight", [h, f])
+        yield from mlp(state, cfg, i, p, o)
     yield "model.norm.weight", need(state, f"blocks.{L + 1}.norm.weight", [h])
     if not cfg.tie_embeddings:
         yield "lm_head.weight", need(state, f"blocks.{L + 1}.output.weight", [cfg.vocab_size, h])
@@ -154,16 +181,23 @@ def _qkv_rows(hf: Mapping, o: str, suffix: str, hq: int, hkv: int, trailing: lis
 
 
 def _interleaved_fc1(hf: Mapping, o: str, f: int, h: int) -> torch.Tensor:
-    gate, up = need(hf, o + "mlp.gate_proj.weight", [f, h]), need(hf, o + "mlp.up_proj.weight", [f, h])
-    return torch.stack((gate, up), dim=1).reshape(2 * f, h)  # rows alternate gate_j, up_j
+    return interleave(need(hf, o + "mlp.gate_proj.weight", [f, h]), need(hf, o + "mlp.up_proj.weight", [f, h]))
 
 
-def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> LazyState:
-    """from_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms).
+def dense_mlp_from_hf(hf: Mapping, cfg: ModelConfig, layer: int, p: str, o: str) -> dict:
+    """Recipes of the dense SwiGLU MLP's megalite tensors (fc1, fc2) of one layer."""
+    h, f = cfg.hidden_size, ffn_size(cfg)
+    return {p + "mlp.fc1.weight": partial(_interleaved_fc1, hf, o, f, h),
+            p + "mlp.fc2.weight": partial(need, hf, o + "mlp.down_proj.weight", [h, f])}
+
+
+def tensors_from_hf(hf: Mapping, cfg: ModelConfig, mlp: MLPFromHF = dense_mlp_from_hf) -> LazyState:
+    """from_hf without the architecture check (Qwen2 and Qwen3 add q/k/v biases or q/k norms; the MoE
+    architectures give their own `mlp`).
 
     Each megalite tensor is a recipe over only the HF tensors it is made of, so an import holds
     one of them at a time (checkpoint.hf.import_hf)."""
-    h, hq, L, f = cfg.hidden_size, cfg.num_heads, cfg.num_layers, ffn_size(cfg)
+    h, hq, L = cfg.hidden_size, cfg.num_heads, cfg.num_layers
     hkv, d, V = cfg.num_kv_heads or hq, head_dim(cfg), cfg.vocab_size
     read = lambda name, shape: partial(need, hf, name, shape)  # noqa: E731
     out = {"blocks.0.word.weight": read("model.embed_tokens.weight", [V, h])}
@@ -178,8 +212,7 @@ def tensors_from_hf(hf: Mapping, cfg: ModelConfig) -> LazyState:
             out[p + "attn.k_norm.weight"] = read(o + "self_attn.k_norm.weight", [d])
         out[p + "attn.proj.weight"] = read(o + "self_attn.o_proj.weight", [h, hq * d])
         out[p + "norm2.weight"] = read(o + "post_attention_layernorm.weight", [h])
-        out[p + "mlp.fc1.weight"] = partial(_interleaved_fc1, hf, o, f, h)
-        out[p + "mlp.fc2.weight"] = read(o + "mlp.down_proj.weight", [h, f])
+        out.update(mlp(hf, cfg, i, p, o))
     out[f"blocks.{L + 1}.norm.weight"] = read("model.norm.weight", [h])
     if cfg.tie_embeddings:
         out[f"blocks.{L + 1}.weight"] = out["blocks.0.word.weight"]

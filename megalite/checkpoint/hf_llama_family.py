@@ -64,7 +64,7 @@ def refuse_qwen3(conf: dict) -> None:
     refuse_sliding_layers(conf)
 
 
-def _full_attention(cfg: ModelConfig) -> dict:
+def full_attention(cfg: ModelConfig) -> dict:
     """Qwen's config.json keys for every layer attending over the whole context."""
     return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
             "layer_types": ["full_attention"] * cfg.num_layers}
@@ -125,7 +125,7 @@ MISTRAL = LlamaRelative("MistralForCausalLM", "mistral", style="Llama style with
                         extra_config=lambda cfg: {"sliding_window": cfg.attention_window},
                         free=("attention_window",), extra_overrides=mistral_window)
 QWEN2 = LlamaRelative("Qwen2ForCausalLM", "qwen2", {"qkv_bias": True},
-                      "Llama style with q/k/v-only biases: model.qkv_bias=true", refuse_sliding_layers, _full_attention)
+                      "Llama style with q/k/v-only biases: model.qkv_bias=true", refuse_sliding_layers, full_attention)
 QWEN3 = LlamaRelative("Qwen3ForCausalLM", "qwen3", {"qk_norm": True},
                       "Llama style with per-head q/k RMSNorm: model.qk_norm=true", refuse_qwen3,
-                      lambda cfg: {"attention_bias": False, **_full_attention(cfg)})
+                      lambda cfg: {"attention_bias": False, **full_attention(cfg)})

@@ -23,8 +23,10 @@ CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transform
 to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
 --max-shard-size file plus one tensor) and writes a directory that LlamaForCausalLM (Llama-style
 models, rope scaling linear, llama3, yarn or dynamic included), Qwen2ForCausalLM (Llama style with
-model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim) or
-GPT2LMHeadModel (the GPT-2 style: layernorm, learned positions, gelu) loads as is.
+model.qkv_bias=true), Qwen3ForCausalLM (with model.qk_norm=true, any model.head_dim),
+MixtralForCausalLM (an MoE model, model.moe_*, with every layer MoE), Qwen3MoeForCausalLM (an MoE
+model with model.qk_norm=true, dense first layers allowed) or GPT2LMHeadModel (the GPT-2 style:
+layernorm, learned positions, gelu) loads as is.
 from-hf imports any of these architectures and MistralForCausalLM (its sliding_window becomes
 model.attention_window); to-hf writes Mistral for a model with model.attention_window, and for an
 unwindowed one when --arch MistralForCausalLM asks for it.
@@ -59,18 +61,19 @@ def add_commands(sub) -> None:
 def add_conversions(p: argparse.ArgumentParser) -> None:
     """The to-hf, from-hf and reshard subcommands under parser `p`; each runs convert_command."""
     sub = p.add_subparsers(dest="conversion", required=True, metavar="CONVERSION", title="conversions")
-    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face Llama, Mistral, Qwen2, Qwen3 or GPT-2 "
-                        "directory")
+    to = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral, "
+                        "Qwen3-MoE or GPT-2 directory")
     to.add_argument("checkpoint", help="checkpoint root (follows `latest`) or step_XXXXXXXX directory")
     to.add_argument("out_dir")
     to.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
     to.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     to.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     to.add_argument("--arch", default=None, help="Hugging Face architecture to write (default: the first of "
-                    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel that represents the "
-                    "model; MistralForCausalLM only when named)")
+                    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, "
+                    "GPT2LMHeadModel that represents the model; MistralForCausalLM only when named)")
     frm = sub.add_parser("from-hf",
-                         help="Hugging Face Llama, Mistral, Qwen2, Qwen3 or GPT-2 directory -> megalite checkpoint")
+                         help="Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE or GPT-2 directory -> "
+                         "megalite checkpoint")
     frm.add_argument("hf_dir")
     frm.add_argument("out_ckpt")
     frm.add_argument("overrides", nargs="*", help="layout and config overrides, e.g. parallel.tp=2 parallel.pp=2")
