@@ -121,7 +121,7 @@ def broadcast_from_rank0(value):
 def build_topology(cfg: Config, world_size: int) -> Topology:
     p = cfg.parallel
     return Topology.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp,
-                               virtual_stages=p.virtual_stages, order=p.order, cp=p.cp)
+                               virtual_stages=p.virtual_stages, order=p.order, cp=p.cp, ep=p.ep)
 
 
 def build_groups(cfg: Config, world_size: int) -> ProcessGroups:
@@ -184,7 +184,7 @@ class Trainer:
         self.lock = lock_for_all_ranks([self.run_dir, self.ckpt_dir], self.rank, broadcast_from_rank0)
         g = groups
         self.layout = Layout(g.tp_size, g.pp_size, g.topology.world_size, g.topology.virtual_stages,
-                             g.topology.order, cfg.parallel.partition, g.cp_size)
+                             g.topology.order, cfg.parallel.partition, g.cp_size, g.ep_size)
         self._checked_resume: Path | None = None
         self.check_resume()
         if self.rank == 0:
@@ -194,7 +194,7 @@ class Trainer:
         self.model = build_stage_model(cfg.model, g.pp_size, g.pp_rank, g.topology.virtual_stages, g.tp_group,
                                        p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
                                        p.partition, cfg.train.recompute_num_layers,
-                                       cfg.train.compile, g.cp_group).to(self.device)
+                                       cfg.train.compile, g.cp_group, g.ep_group).to(self.device)
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)
@@ -221,7 +221,7 @@ class Trainer:
         cfg, g, t = self.cfg, self.groups, self.cfg.train
         kind = schedule_kind(cfg.parallel.schedule, g.topology.virtual_stages)
         tokens = t.global_batch_size * cfg.data.seq_len
-        cp = f" cp={g.cp_size}" if g.cp_size > 1 else ""
+        cp = (f" cp={g.cp_size}" if g.cp_size > 1 else "") + (f" ep={g.ep_size}" if g.ep_size > 1 else "")
         return [f"megalite: {g.topology.world_size} rank(s) on {self.device} ({t.precision}): tp={g.tp_size}{cp} "
                 f"pp={g.pp_size} dp={g.dp_size}, engine {cfg.engine.backend}"
                 f"{f' ZeRO-{cfg.engine.zero_stage}' if cfg.engine.backend == 'deepspeed' else ''}, schedule {kind} "

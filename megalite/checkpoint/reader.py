@@ -67,6 +67,10 @@ class CheckpointReader:
             doc = read_json(d / rank_files(rank)[1], "this rank's non-tensor state")
             self.skeletons.append(doc.get("skeleton") or {})
         self.layout = Layout.from_dict(self.skeletons[0].get("layout"), f"{d} (rank 0)")
+        if self.layout.ep > 1:
+            raise CheckpointError(f"{d} was written with parallel.ep={self.layout.ep}: reading an expert-parallel "
+                                  "checkpoint whole (export, reshard, consolidation, generation) is not built yet; "
+                                  "resume it at its own layout")
         for rank, skeleton in enumerate(self.skeletons):
             if skeleton.get("layout") != self.skeletons[0].get("layout"):
                 raise CheckpointError(f"{d}: rank {rank}'s layout {skeleton.get('layout')} differs from rank 0's "

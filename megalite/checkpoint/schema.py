@@ -38,6 +38,7 @@ class Layout:
     order: str = "tp-dp-pp"     # recorded since rank orders existed; the only order before
     partition: str = "uniform"  # recorded since balanced partitions existed
     cp: int = 1                 # recorded since context parallelism existed; 1 before
+    ep: int = 1                 # recorded since expert parallelism existed; 1 before
 
     def __post_init__(self):
         try:
@@ -56,8 +57,9 @@ class Layout:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        if self.cp == 1:  # what layouts without context parallelism always wrote: they compare equal
-            del out["cp"]
+        for key in ("cp", "ep"):  # 1: what layouts from before that dimension wrote, so they compare equal
+            if out[key] == 1:
+                del out[key]
         return out
 
     @property
@@ -67,7 +69,7 @@ class Layout:
     @property
     def topology(self) -> Topology:
         return Topology.from_world(self.world_size, tp=self.tp, pp=self.pp, virtual_stages=self.virtual_stages,
-                                   order=self.order, cp=self.cp)
+                                   order=self.order, cp=self.cp, ep=self.ep)
 
     def coords(self, rank: int) -> Coords:
         """(tp, pp, dp, cp) of a rank of this layout."""

@@ -168,6 +168,11 @@ class ParallelConfig:
     hold the same parameters: gradients are averaged over dp x cp."""
     dp: int | None = None
     """Data-parallel degree; None means world_size / (tp * cp * pp)."""
+    ep: int = 1
+    """Expert-parallel degree: MoE layers' experts are sharded over ep ranks carved from the dp x cp
+    ranks (consecutive ones), tokens sent to their experts' ranks and back by all-to-all; must divide
+    dp * cp and model.moe_num_experts. Expert gradients are averaged over the ranks holding the same
+    experts (dp * cp / ep of them), the rest over dp x cp as before."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
     sequence_parallel: bool = False

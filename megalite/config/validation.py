@@ -17,7 +17,8 @@ POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "mode
             "model.rope_theta", "model.rope_scaling_factor", "model.rope_low_freq_factor",
             "model.rope_high_freq_factor", "model.rope_original_max_seq_len", "model.rope_beta_fast",
             "model.rope_beta_slow", "model.rope_attention_factor", "model.init_std",
-            "parallel.tp", "parallel.pp", "parallel.cp", "parallel.dp", "parallel.virtual_stages", "parallel.timeout_s",
+            "parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp", "parallel.virtual_stages",
+            "parallel.timeout_s",
             "data.seq_len", "optim.eps", "optim.decay_steps", "train.steps", "train.micro_batch_size",
             "train.global_batch_size", "train.eval_steps", "train.initial_loss_scale", "train.loss_scale_window",
             "train.min_loss_scale", "checkpoint.keep_last", "logging.interval", "model.attention_window",
@@ -145,6 +146,8 @@ def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
             f"{p.partition!r}); or set parallel.partition='balanced' to cut by parameter count")
     if p.cp > 1:
         _check_context_parallel(cfg, err)
+    if p.ep > 1:
+        _check_expert_parallel(cfg, world_size, err)
     if world_size is None or p.tp <= 0 or p.pp <= 0 or p.cp <= 0:
         return
     split = p.tp * p.cp * p.pp
@@ -154,6 +157,27 @@ def _check_parallel(cfg: Config, world_size: int | None, err) -> None:
     elif p.dp is not None and p.dp * split != world_size:
         err(f"parallel.dp={p.dp} must equal world_size / (tp*cp*pp) = {world_size // split}; "
             "or leave it unset (null) to infer it")
+
+
+def _check_expert_parallel(cfg: Config, world_size: int | None, err) -> None:
+    p, m = cfg.parallel, cfg.model
+    if not m.moe_num_experts:
+        err(f"parallel.ep={p.ep} needs an MoE model (model.moe.num_experts > 0): there are no experts to shard")
+    elif m.moe_num_experts % p.ep:
+        err(f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel rank "
+            "holds an equal share of the experts); set model.moe.num_experts or parallel.ep")
+    if cfg.engine.backend != "native":
+        err(f"parallel.ep={p.ep} with engine.backend={cfg.engine.backend}: expert parallelism runs on the native "
+            "engine only so far (DeepSpeed's expert groups are not wired yet); set engine.backend=native")
+    if cfg.train.precision == "fp16":
+        err(f"parallel.ep={p.ep} with train.precision=fp16: the overflow check does not yet agree across expert-"
+            "parallel ranks; use bf16 or fp32")
+    split = p.tp * p.cp * p.pp
+    if world_size and min(p.tp, p.cp, p.pp) > 0 and world_size % split == 0:
+        dp = p.dp or world_size // split
+        if (dp * p.cp) % p.ep:
+            err(f"parallel.ep={p.ep} must divide dp * cp = {dp}*{p.cp} = {dp * p.cp} (expert-parallel groups are "
+                "carved from the data- and context-parallel ranks); change parallel.ep or the world size")
 
 
 def _cp_chunk_rule(cfg: Config) -> tuple[int, str]:

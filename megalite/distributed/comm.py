@@ -13,6 +13,7 @@ traffic per row (metrics `comm_<group>_<kind>_bytes`). The groups:
     embedding   the tied-embedding gradient sum between the first and last stage
     cp          ring attention's k/v (and doc id) blocks and its dk/dv accumulators, sent to the
                 next cp rank (kernels.ring_attention.training_bytes_per_rank per layer)
+    ep          MoE token dispatch and combine (all_to_all), forward and backward
 
 tp counters are always reported (zero without tp); the others appear once
 this process has recorded them.
@@ -24,6 +25,7 @@ the size (numel * element size) of the full, unsharded tensor it operates on:
     all_gather       the gathered OUTPUT (all ranks' chunks)   e.g. [s, b, h] from [s/tp, b, h]
     reduce_scatter   the INPUT before scattering               e.g. [s, b, h] to [s/tp, b, h]
     send             the tensor sent                           e.g. [s, b, h] to the next stage
+    all_to_all       the INPUT (every rank's share, own included)  e.g. the routed tokens [m, h]
 
 So for one transformer layer without sequence parallelism the tp count is
 4 * s*b*h*elem_size of all_reduce (two forward, two backward); with
@@ -39,8 +41,8 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
-GROUPS = ("tp", "dp", "pp", "embedding", "cp")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all")
+GROUPS = ("tp", "dp", "pp", "embedding", "cp", "ep")
 ALWAYS = ("tp_all_reduce", "tp_all_gather", "tp_reduce_scatter")  # reported even when zero
 
 _bytes: dict[str, int] = dict.fromkeys(ALWAYS, 0)
@@ -67,7 +69,8 @@ def take_comm_bytes() -> dict[str, int]:
 def wire_bytes(kind: str, payload: int, world: int) -> float:
     """Bytes a ring implementation sends per rank for `payload` bytes of `kind` over `world` ranks.
 
-    all_reduce: 2 (n-1)/n * payload; all_gather and reduce_scatter: (n-1)/n * payload; send: payload.
+    all_reduce: 2 (n-1)/n * payload; all_gather, reduce_scatter and (even) all_to_all: (n-1)/n * payload;
+    send: payload.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; use one of {KINDS}")
@@ -75,5 +78,7 @@ def wire_bytes(kind: str, payload: int, world: int) -> float:
         raise ValueError(f"world={world} must be >= 1")
     if kind == "send":
         return float(payload)
+    if kind == "all_to_all":  # evenly split: all but one's own share leaves
+        return (world - 1) / world * payload
     share = (world - 1) / world * payload
     return 2 * share if kind == "all_reduce" else share

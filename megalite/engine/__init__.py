@@ -31,6 +31,7 @@ def build_engine(cfg, model: nn.Module, groups, device_type: str) -> Engine:
                             dp_group=getattr(groups, "grad_group", groups.dp_group),
                             model_parallel_group=groups.mp_group, device_type=device_type,
                             micro_batches=accumulation_steps(cfg.train, dp) if dp else None,
+                            expert_groups=(getattr(groups, "ep_group", None), getattr(groups, "edp_group", None)),
                             tp_group=getattr(groups, "tp_group", None))
     if backend == "deepspeed":
         try:

@@ -188,6 +188,15 @@ class OverlappedAllReduce:
         self.handles = []
 
 
+def _summed_norm(norm: torch.Tensor, group) -> torch.Tensor:
+    """A per-rank norm's square summed over `group`, square-rooted."""
+    if _group_size(group) == 1:
+        return norm
+    sq = norm.square().reshape(1)
+    dist.all_reduce(sq, group=group)
+    return sq.sqrt().reshape(())
+
+
 def global_grad_norm(grads: list[torch.Tensor], group=None) -> torch.Tensor:
     """L2 norm of all `grads`, with squares summed over `group` (tp/pp ranks) when given."""
     if grads:
@@ -203,14 +212,16 @@ def global_grad_norm(grads: list[torch.Tensor], group=None) -> torch.Tensor:
 class GradientPolicy:
     """Which of `params` need a tensor-parallel sum and which count in the global norm.
 
-    `tp_group` / `mp_group`: the tensor-parallel and model-parallel (tp x pp) groups (None: one rank).
+    `tp_group` / `mp_group`: the tensor-parallel and model-parallel (tp x pp) groups (None: one rank);
+    `ep_group`: the expert-parallel group whose ranks hold different experts (their squares add up).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], tp_group=None, mp_group=None):
-        self.tp_group, self.mp_group = tp_group, mp_group
+    def __init__(self, params: list[torch.nn.Parameter], tp_group=None, mp_group=None, ep_group=None):
+        self.tp_group, self.mp_group, self.ep_group = tp_group, mp_group, ep_group
         tp_rank = dist.get_rank(tp_group) if _group_size(tp_group) > 1 else 0
         self.sequence_parallel = [p for p in params if sharding_of(p).sequence_parallel and p.requires_grad]
-        self.in_norm = [p for p in params if in_grad_norm(p, tp_rank)]
+        self.in_norm = [p for p in params if in_grad_norm(p, tp_rank) and not sharding_of(p).expert_parallel]
+        self.experts_in_norm = [p for p in params if in_grad_norm(p, tp_rank) and sharding_of(p).expert_parallel]
 
     def sum_sequence_parallel(self, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> None:
         """Sum the partial gradients of `sequence_parallel` parameters over the tp group (bucketed).
@@ -238,7 +249,11 @@ class GradientPolicy:
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients, equal to the unsharded model's."""
-        return global_grad_norm([p.grad for p in self.in_norm if p.grad is not None], self.mp_group)
+        if not self.experts_in_norm:
+            return global_grad_norm([p.grad for p in self.in_norm if p.grad is not None], self.mp_group)
+        dense = global_grad_norm([p.grad for p in self.in_norm if p.grad is not None])
+        experts = global_grad_norm([p.grad for p in self.experts_in_norm if p.grad is not None], self.ep_group)
+        return _summed_norm(torch.sqrt(dense.square() + experts.to(dense.device).square()), self.mp_group)
 
 
 def clip_to_norm(params: list[torch.nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from megalite.engine.gradients import (
 from megalite.engine.loss_scaler import build_scaler
 from megalite.optim import LRSchedule, build_optimizer
 from megalite.tensor_parallel import group_size
+from megalite.tensor_parallel.sharding import sharding_of
 
 
 def accumulation_steps(train_cfg: TrainConfig, dp_size: int) -> int:
@@ -65,7 +66,7 @@ class NativeEngine(Engine):
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, total_steps: int,
                  dp_group=None, model_parallel_group=None, device_type: str = "cpu",
                  bucket_elems: int = DEFAULT_BUCKET_ELEMS, tp_group=None, overlap: bool = True,
-                 micro_batches: int | None = None):
+                 micro_batches: int | None = None, expert_groups: tuple = (None, None)):
         low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
         if low:
             raise ValueError(f"NativeEngine keeps fp32 master weights in the model, but {low[:3]} are "
@@ -83,13 +84,16 @@ class NativeEngine(Engine):
         self.dp_group, self.mp_group, self.tp_group = dp_group, model_parallel_group, tp_group
         self.bucket_elems = bucket_elems
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.gradients = GradientPolicy(self.params, tp_group, model_parallel_group)
+        # expert parallelism: (ep group, edp group); experts' gradients are not averaged over dp_group
+        self.ep_group, self.edp_group = expert_groups
+        self.experts = [p for p in self.params if sharding_of(p).expert_parallel]
+        self.gradients = GradientPolicy(self.params, tp_group, model_parallel_group, self.ep_group)
         self.micro_batches = micro_batches or accumulation_steps(train_cfg, group_size(dp_group))
         self.reducer = self._overlapped_reducer(model) if overlap and group_size(dp_group) > 1 else None
 
     def _overlapped_reducer(self, model: nn.Module) -> OverlappedAllReduce:
         """Hooks on this engine's parameters; the tied table waits for the pipeline's first+last-stage sum."""
-        mine = {id(p) for p in self.params}
+        mine = {id(p) for p in self.params} - {id(p) for p in self.experts}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in mine]  # registration order
         tied = getattr(model, "tied_weight", None)
         return OverlappedAllReduce(named, self.dp_group, self.micro_batches, self.bucket_elems,
@@ -105,7 +109,8 @@ class NativeEngine(Engine):
         self.scaler.scale(loss).backward()
 
     def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
+        experts = {id(p) for p in self.experts}
+        return [p.grad for p in self.params if p.grad is not None and id(p) not in experts]
 
     def reduce_gradients(self) -> None:
         """Average gradients over the data-parallel group.
@@ -119,6 +124,12 @@ class NativeEngine(Engine):
             allreduce_mean(self._grads(), self.dp_group, self.bucket_elems)
         else:
             self.reducer.finish()
+        if self.experts:  # each holds the sum over its ep group's tokens: the mean over dp x cp is the
+            grads = [p.grad for p in self.experts if p.grad is not None]  # sum over edp / (dp * cp)
+            allreduce_mean(grads, self.edp_group, self.bucket_elems, average=False)
+            replicas = group_size(self.dp_group)
+            for g in grads:
+                g.div_(replicas)
         self.gradients.sum_sequence_parallel(self.bucket_elems)
 
     def clip_gradients(self) -> float:

@@ -89,7 +89,8 @@ class BlockSettings:
     sequence is here); under it a block sees this rank's two load-balanced chunks of every
     sequence (kernels.ring_attention), so rotary and learned positions look up their global
     positions and attention runs around the ring. moe_state: what the model's MoE layers share with
-    the training loop (model.moe.MoEState; Transformer makes one).
+    the training loop (model.moe.MoEState; Transformer makes one). ep_group: the expert-parallel
+    group MoE layers shard their experts over (None: every rank holds all experts).
     """
 
     tp_group: object = None
@@ -99,6 +100,7 @@ class BlockSettings:
     rotary: nn.Module | None = None  # rope.RotaryTables shared by the model's layers (None: each its own)
     cp_group: object = None
     moe_state: MoEState | None = None
+    ep_group: object = None
 
     def __post_init__(self):
         object.__setattr__(self, "activation_checkpointing", recompute_mode(self.activation_checkpointing))
@@ -453,7 +455,7 @@ def _moe(cfg: ModelConfig, par: BlockSettings, layer: int) -> MoE:
         shared = MLP(replace(cfg, ffn_hidden_size=cfg.moe_shared_experts * moe_ffn_hidden_size(cfg)), par)
     token_groups = (par.tp_group if par.sequence_parallel else None, par.cp_group if par.cp > 1 else None)
     return MoE(cfg, par.moe_state if par.moe_state is not None else MoEState(), layer, par.sequence_parallel,
-               token_groups, par.cp, shared)
+               token_groups, par.cp, shared, par.ep_group)
 
 
 def run_blocks(blocks, x: torch.Tensor, documents: DocumentMask | None = None) -> torch.Tensor:

@@ -25,13 +25,20 @@ They join the training objective with their coefficients without passing through
 gradient (coefficient x MoEState.grad_scale, which the runner sets to the loss scale over the
 micro-batches), as Megatron-Core's MoEAuxLossAutoScaler does.
 
-Parallelism. Under tensor parallelism the experts are replicated: every tp rank holds them all and
-computes them on its tokens (the whole sequence, or its 1/tp under SP, where their gradients are
-partial sums like a norm's, marked so). Ranks that split a micro-batch's tokens (tp under SP, cp)
-sum the expert counts f_i over `token_groups` so that every rank routes against the micro-batch's
-statistics, and each rank adds its own tokens' part of P_i and of the z-loss: the parts sum to the
-one-process values. Expert parallelism (experts sharded over ranks, all-to-all dispatch) is not
-built yet.
+Dispatch. The routed slots (token, k) are sorted by expert, token order within an expert (the
+capacity cut keeps the first ones), and each expert runs once on its contiguous run of tokens.
+Under expert parallelism (`ep_group`, parallel.ep) a rank holds experts [r * E/ep, (r+1) * E/ep)
+of the ep group's rank r: the sorted slots go to their experts' ranks by one all-to-all (the
+per-expert counts first, by another), are computed there and come back by a second one; both are
+autograd functions whose backward is the reverse all-to-all. Routing, capacity and the auxiliary
+statistics stay those of the rank's own tokens, as without ep.
+
+Parallelism. Under tensor parallelism the experts are replicated: every tp rank holds them all (or
+its ep share) and computes them on its tokens (the whole sequence, or its 1/tp under SP, where
+their gradients are partial sums like a norm's, marked so). Ranks that split a micro-batch's
+tokens (tp under SP, cp) sum the expert counts f_i over `token_groups` so that every rank routes
+against the micro-batch's statistics, and each rank adds its own tokens' part of P_i and of the
+z-loss: the parts sum to the one-process values.
 """
 from __future__ import annotations
 
@@ -44,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalite.config import ModelConfig, moe_ffn_hidden_size
-from megalite.tensor_parallel import init_shard_, mark, normal_init
+from megalite.distributed import comm
+from megalite.tensor_parallel import group_rank, group_size, init_shard_, mark, normal_init
 
 
 @dataclass
@@ -79,6 +87,28 @@ class AddAuxLossGrad(torch.autograd.Function):
         return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
 
 
+class AllToAll(torch.autograd.Function):
+    """Rows of x [m, ...] in `in_splits` (one count per group rank) to every rank of `group`; returns the
+    rows received, `out_splits` from each. Backward sends the gradients back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits: list[int], in_splits: list[int]):
+        ctx.group, ctx.splits = group, (out_splits, in_splits)
+        return _all_to_all(x, group, out_splits, in_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, ctx.group, in_splits, out_splits), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    comm.record("all_to_all", x, "ep")
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread (a checkpoint's recompute)."""
     return torch._C._current_graph_task_id() != -1
@@ -101,7 +131,7 @@ class MoE(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, state: MoEState, layer: int, sequence_parallel: bool = False,
-                 token_groups=(), grad_share: int = 1, shared: nn.Module | None = None):
+                 token_groups=(), grad_share: int = 1, shared: nn.Module | None = None, ep_group=None):
         super().__init__()
         self.num_experts, self.top_k, self.layer, self.state = cfg.moe_num_experts, cfg.moe_top_k, layer, state
         self.router_kind, self.norm_topk = cfg.moe_router, cfg.moe_norm_topk_prob
@@ -111,9 +141,16 @@ class MoE(nn.Module):
         self.swiglu = cfg.activation == "swiglu"
         h, f, e = cfg.hidden_size, moe_ffn_hidden_size(cfg), cfg.moe_num_experts
         self.init_std, self.out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.ep_group, self.ep, self.ep_rank = ep_group, group_size(ep_group), group_rank(ep_group)
+        if e % self.ep:
+            raise ValueError(f"model.moe_num_experts={e} is not divisible by parallel.ep={self.ep}")
+        self.local = e // self.ep  # experts this rank holds: [ep_rank * local, (ep_rank + 1) * local)
         self.router = nn.Parameter(torch.empty(e, h))
-        self.fc1 = nn.Parameter(torch.empty(e, 2 * f if self.swiglu else f, h))
-        self.fc2 = nn.Parameter(torch.empty(e, h, f))
+        self.fc1 = nn.Parameter(torch.empty(self.local, 2 * f if self.swiglu else f, h))
+        self.fc2 = nn.Parameter(torch.empty(self.local, h, f))
+        if self.ep > 1:
+            for p in (self.fc1, self.fc2):
+                mark(p, expert_parallel=True)
         self.shared = shared  # an MLP every token passes through (model.moe_shared_experts), or None
         if sequence_parallel:  # each tp rank routes its own tokens: gradients are partial sums over tp
             for p in (self.router, self.fc1, self.fc2):
@@ -121,8 +158,9 @@ class MoE(nn.Module):
 
     def init_weights(self, seed: int, prefix: str) -> None:
         """Router and fc1 ~ N(0, init_std), fc2 ~ N(0, init_std / sqrt(2L)) as the dense MLP's output."""
-        for name, std in (("router", self.init_std), ("fc1", self.init_std), ("fc2", self.out_std)):
-            init_shard_(getattr(self, name), normal_init(std), seed, f"{prefix}.{name}", None, 0, 1)
+        init_shard_(self.router, normal_init(self.init_std), seed, f"{prefix}.router", None, 0, 1)
+        for name, std in (("fc1", self.init_std), ("fc2", self.out_std)):  # this rank's experts of the whole
+            init_shard_(getattr(self, name), normal_init(std), seed, f"{prefix}.{name}", 0, self.ep_rank, self.ep)
 
     # ------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,26 +190,58 @@ class MoE(nn.Module):
         return torch.matmul(a, self.fc2[e].t())
 
     # ------------------------------------------------------------ forward
+    def _slots(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The routed slots (flat indices into [n, k]) sorted by expert, token order within one, past
+        capacity dropped; and the slots each expert keeps [E]; and how many were dropped."""
+        n, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat * n + torch.arange(n, device=flat.device).repeat_interleave(k), stable=True)
+        load = torch.bincount(flat, minlength=self.num_experts)
+        cap = self.capacity(n)
+        if cap is None or int(load.max()) <= cap:
+            return order, load, 0
+        starts = torch.cumsum(load, 0) - load
+        rank_in_expert = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
+        kept = order[rank_in_expert < cap]
+        return kept, load.clamp(max=cap), int(order.numel() - kept.numel())
+
+    def _run_local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [m, h] grouped by this rank's local experts, `counts` [local] of them -> outputs [m, h]."""
+        out = torch.zeros_like(rows, dtype=torch.float32)
+        for j, (start, count) in enumerate(zip((torch.cumsum(counts, 0) - counts).tolist(), counts.tolist())):
+            if count:
+                out = out.index_add(0, torch.arange(start, start + count, device=rows.device),
+                                    self._expert(j, rows[start:start + count]).float())
+        return out
+
+    def _dispatch(self, rows: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+        """Sorted rows [m, h] (load [E] per expert) -> their experts' outputs, computed where they live."""
+        if self.ep == 1:
+            return self._run_local_experts(rows, load)
+        per_rank = load.reshape(self.ep, self.local)  # what goes to each rank, per expert there
+        incoming = torch.empty_like(per_rank)
+        dist.all_to_all_single(incoming, per_rank, group=self.ep_group)  # row r: from rank r, per local expert
+        sent, received = per_rank.sum(1).tolist(), incoming.sum(1).tolist()
+        arrived = AllToAll.apply(rows, self.ep_group, received, sent)  # grouped by source, then expert
+        by_expert = torch.argsort(torch.arange(self.local, device=rows.device).repeat(self.ep)
+                                  .repeat_interleave(incoming.reshape(-1)), stable=True)
+        computed = torch.empty_like(arrived, dtype=torch.float32)
+        computed[by_expert] = self._run_local_experts(arrived[by_expert], incoming.sum(0))
+        return AllToAll.apply(computed, self.ep_group, sent, received)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, h = x.shape
         tokens = x.reshape(-1, h)
         experts, weights, probs, logits = self.route(tokens)
-        out = torch.zeros_like(tokens, dtype=torch.float32)  # the weighted sum accumulates in fp32
-        cap, dropped = self.capacity(tokens.shape[0]), 0
-        load = torch.zeros(self.num_experts, device=x.device)
-        for e in range(self.num_experts):
-            rows, slot = (experts == e).nonzero(as_tuple=True)  # token order
-            if cap is not None and rows.numel() > cap:
-                dropped += rows.numel() - cap
-                rows, slot = rows[:cap], slot[:cap]
-            load[e] = rows.numel()
-            if rows.numel():
-                y = self._expert(e, tokens[rows])
-                out = out.index_add(0, rows, y.float() * weights[rows, slot, None])
+        slots, load, dropped = self._slots(experts)
+        token_of = slots // self.top_k
+        y = self._dispatch(tokens[token_of], load)
+        out = torch.zeros_like(tokens, dtype=torch.float32).index_add(  # the weighted sum, in fp32
+            0, token_of, y * weights.reshape(-1)[slots, None])
         out = out.to(x.dtype).reshape(s, b, h)
         if self.shared is not None:
             out = out + self.shared(x)
-        return self._with_aux_losses(out, experts, probs, logits, load, dropped)
+        return self._with_aux_losses(out, experts, probs, logits, load.float(), dropped)
 
     def _with_aux_losses(self, out, experts, probs, logits, load, dropped) -> torch.Tensor:
         """Record the stats; attach the load-balancing and z-losses' gradients to `out` when training."""

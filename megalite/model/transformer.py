@@ -95,11 +95,12 @@ class Transformer(nn.Module):
     transformer block in place with torch.compile; names and weights are unchanged. `cp_group`
     (context parallelism): tokens, doc_ids and the loss's labels are this rank's load-balanced
     chunks of each sequence (kernels.ring_attention.load_balanced_chunks along the sequence).
+    `ep_group` (expert parallelism): the ranks an MoE layer's experts are sharded over (model.moe).
     """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False,
                  activation_checkpointing: str | bool = "none", seed: int = 1234, chunks: list[range] | None = None,
-                 recompute_num_layers: int = 0, compile_blocks: bool = False, cp_group=None):
+                 recompute_num_layers: int = 0, compile_blocks: bool = False, cp_group=None, ep_group=None):
         super().__init__()
         tp = group_size(tp_group)
         check_model(cfg, tp)
@@ -112,7 +113,7 @@ class Transformer(nn.Module):
         rotary = RotaryTables(cfg, head_dim(cfg)) if cfg.position == "rope" else None  # one pair for all layers
         self.moe_state = MoEState()  # the MoE layers' aux-loss gradient scale and routing statistics
         par = BlockSettings(tp_group, self.sequence_parallel, activation_checkpointing, self.rng_tracker, rotary,
-                            cp_group, self.moe_state)
+                            cp_group, self.moe_state, ep_group)
         self.blocks = Blocks(last + 1)
         for chunk in self.chunks:
             for i in chunk:

@@ -94,7 +94,7 @@ def rank_chunks(ranges: list[range], pp: int, rank: int) -> list[range]:
 def build_stage_model(cfg: ModelConfig, pp: int, pp_rank: int, virtual_stages: int = 1, tp_group=None,
                       sequence_parallel: bool = False, activation_checkpointing: str | bool = "none",
                       seed: int = 1234, partition: str = "uniform", recompute_num_layers: int = 0,
-                      compile_blocks: bool = False, cp_group=None) -> Transformer:
+                      compile_blocks: bool = False, cp_group=None, ep_group=None) -> Transformer:
     """Pipeline rank `pp_rank`'s model: its v chunks of the pp*v-way partition of the blocks (pp=1: all).
 
     Parameter names are global block ids whatever the partition, so a checkpoint's names do not
@@ -102,7 +102,7 @@ def build_stage_model(cfg: ModelConfig, pp: int, pp_rank: int, virtual_stages: i
     ranges = partition_blocks(cfg, pp * virtual_stages, partition, tp_group, sequence_parallel)
     return Transformer(cfg, tp_group, sequence_parallel, activation_checkpointing, seed,
                        chunks=rank_chunks(ranges, pp, pp_rank), recompute_num_layers=recompute_num_layers,
-                       compile_blocks=compile_blocks, cp_group=cp_group)
+                       compile_blocks=compile_blocks, cp_group=cp_group, ep_group=ep_group)
 
 
 def tie_embedding_grads(model: Transformer, embedding_group) -> None:

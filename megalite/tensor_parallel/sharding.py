@@ -32,12 +32,16 @@ class Sharding:
     valid_rows: vocabulary tables are padded to a tp-dependent row count; rows past this are padding.
     pipeline_copy: the last pipeline stage's copy of a tied token table; its gradient is summed with
         the first stage's, and the global grad norm counts only the first stage's copy.
+    expert_parallel: an MoE layer's experts, sharded along dim 0 over the expert-parallel group: the
+        gradient is averaged over the ranks holding the same experts (not dp x cp), and the grad norm
+        sums its square over the ep group.
     """
 
     partition_dim: int | None = None
     sequence_parallel: bool = False
     valid_rows: int | None = None
     pipeline_copy: bool = False
+    expert_parallel: bool = False
 
 
 REPLICATED = Sharding()

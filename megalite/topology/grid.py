@@ -14,6 +14,11 @@ Context-parallel ranks hold the same parameters and read the same samples (each
 its chunks of the sequence); for parameter gradients they are replicas like dp,
 hence the 'dp_cp' group the gradients are reduced over.
 
+Expert parallelism is not a dimension of its own: each dp_cp group (its ranks in increasing order)
+is cut into consecutive blocks of `ep` ranks, the 'ep' groups, which shard an MoE layer's experts
+between them; the ranks at the same place of every block of a dp_cp group form an 'edp' group,
+which holds the same experts (their gradients are averaged over it).
+
 Nothing here touches torch.distributed, so every layout can be tested
 exhaustively without processes; `groups.ProcessGroups` turns these rank lists
 into communicators.
@@ -27,7 +32,7 @@ from typing import NamedTuple
 from megalite.config import choices
 
 DIMS = ("tp", "cp", "pp", "dp")
-GROUP_KINDS = ("tp", "cp", "pp", "dp", "dp_cp", "mp", "embedding")
+GROUP_KINDS = ("tp", "cp", "pp", "dp", "dp_cp", "mp", "embedding", "ep", "edp")
 ORDERS = choices("parallel.order")  # every permutation of tp, cp, dp, pp (or of tp, dp, pp: cp after tp)
 # Which coordinates vary within a group of each kind (the others are fixed).
 _VARYING = {"tp": ("tp",), "cp": ("cp",), "pp": ("pp",), "dp": ("dp",), "dp_cp": ("cp", "dp"),
@@ -69,13 +74,17 @@ class Topology:
     virtual_stages: int = 1
     order: str = "tp-dp-pp"
     cp: int = 1
+    ep: int = 1
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "virtual_stages", "cp"):
+        for name in ("tp", "pp", "dp", "virtual_stages", "cp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Topology {name}={value!r} must be a positive integer")
         parse_order(self.order)
+        if (self.dp * self.cp) % self.ep:
+            raise ValueError(f"Topology ep={self.ep} must divide dp * cp = {self.dp}*{self.cp} (expert-parallel "
+                             "groups are carved from the data- and context-parallel ranks)")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ValueError(f"Topology virtual_stages={self.virtual_stages} needs pp > 1 "
                              "(interleaving splits each pipeline rank's layers into chunks); set pp or "
@@ -83,7 +92,7 @@ class Topology:
 
     @classmethod
     def from_world(cls, world_size: int, tp: int = 1, pp: int = 1, dp: int | None = None,
-                   virtual_stages: int = 1, order: str = "tp-dp-pp", cp: int = 1) -> "Topology":
+                   virtual_stages: int = 1, order: str = "tp-dp-pp", cp: int = 1, ep: int = 1) -> "Topology":
         """The topology for `world_size` ranks; dp=None infers world_size / (tp * cp * pp)."""
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size={world_size!r} must be a positive integer")
@@ -98,7 +107,7 @@ class Topology:
         if dp is not None and dp != inferred:
             raise ValueError(f"dp={dp} does not match world_size={world_size} / (tp*cp*pp={split}) = {inferred}; "
                              f"set dp={inferred} or leave it unset")
-        return cls(tp=tp, pp=pp, dp=inferred, virtual_stages=virtual_stages, order=order, cp=cp)
+        return cls(tp=tp, pp=pp, dp=inferred, virtual_stages=virtual_stages, order=order, cp=cp, ep=ep)
 
     @property
     def world_size(self) -> int:
@@ -140,7 +149,8 @@ class Topology:
 
         'tp', 'cp', 'pp', 'dp': ranks differing only in that coordinate. 'dp_cp': the
         ranks differing in dp or cp, which hold the same parameters (gradients are
-        reduced over them). 'mp': the tp x pp ranks holding one full model replica
+        reduced over them). 'ep' / 'edp': see the module docstring (expert parallelism; each rank
+        its own group of one when ep = 1 / the dp_cp group). 'mp': the tp x pp ranks holding one full model replica
         (same dp and cp coordinates). 'embedding': the
         first and last stage of each pipeline (they share tied embedding gradients);
         a single rank when pp == 1, and middle stages as groups of one so that every
@@ -150,6 +160,10 @@ class Topology:
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - Topology is frozen and small; callers ask again and again
     def _groups(self, kind: str) -> tuple[tuple[int, ...], ...]:
+        if kind == "ep":  # consecutive blocks of ep ranks of each dp_cp group
+            return tuple(sorted(g[i:i + self.ep] for g in self._groups("dp_cp") for i in range(0, len(g), self.ep)))
+        if kind == "edp":  # the same place in every block of a dp_cp group
+            return tuple(sorted(g[j::self.ep] for g in self._groups("dp_cp") for j in range(self.ep)))
         if kind == "embedding":
             out = []
             for g in self.groups("pp"):

@@ -33,6 +33,8 @@ class ProcessGroups:
     embedding_group: object = None
     cp_group: object = None
     dp_cp_group: object = None
+    ep_group: object = None
+    edp_group: object = None
     _members: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -64,7 +66,7 @@ class ProcessGroups:
                 if rank in ranks:
                     mine[kind], members[kind] = made[ranks], ranks
         return cls(topology, rank, mine["tp"], mine["pp"], mine["dp"], mine["mp"], mine["embedding"],
-                   mine["cp"], mine["dp_cp"], _members=members)
+                   mine["cp"], mine["dp_cp"], mine["ep"], mine["edp"], _members=members)
 
     @classmethod
     def single(cls) -> "ProcessGroups":
@@ -118,6 +120,16 @@ class ProcessGroups:
     def grad_rank(self) -> int:
         """This rank's index in grad_group (ranks sorted, as dist.get_rank(grad_group) numbers them)."""
         return self.members("dp_cp").index(self.rank) if self.cp_size > 1 else self.dp_rank
+
+    @property
+    def ep_size(self) -> int:
+        """Expert-parallel degree (ranks sharing one MoE layer's experts between them)."""
+        return self.topology.ep
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's index in its ep group: which share of the experts it holds."""
+        return self.members("ep").index(self.rank)
 
     @property
     def pp_size(self) -> int:

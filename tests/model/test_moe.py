@@ -159,9 +159,14 @@ def test_config_names_and_rules():
     for bad, message in ((["model.moe.top_k=5"], "model.moe_top_k=5 must be <= model.moe_num_experts=4"),
                          (["model.moe.every=9"], "no layer is MoE"),
                          (["model.moe.capacity_factor=0"], "model.moe_capacity_factor=0.0 must be > 0"),
-                         (["train.compile=true"], "train.compile=True with model.moe_num_experts=4")):
+                         (["train.compile=true"], "train.compile=True with model.moe_num_experts=4"),
+                         (["parallel.ep=3"], "parallel.ep=3 must divide model.moe_num_experts=4"),
+                         (["parallel.ep=2", "engine.backend=deepspeed"], "expert parallelism runs on the native"),
+                         (["parallel.ep=4"], r"parallel.ep=4 must divide dp \* cp = 2\*1 = 2")):
         with pytest.raises(ConfigError, match=message):
-            validate(load_config("tiny", ["model.moe.num_experts=4", *bad]))
+            validate(load_config("tiny", ["model.moe.num_experts=4", *bad]), world_size=2)
+    with pytest.raises(ConfigError, match="parallel.ep=2 needs an MoE model"):
+        validate(load_config("tiny", ["parallel.ep=2"]), world_size=2)
 
 
 def test_mfu_counts_the_parameters_a_token_touches_and_the_total_counts_every_expert():
@@ -183,3 +188,47 @@ def test_the_memory_model_refuses_moe_activations_by_name():
 
     with pytest.raises(ValueError, match="model.moe_num_experts=4: the memory model does not yet predict"):
         layer_activation_bytes_per_token(_cfg(), Layout(), 32)
+
+
+def _ep_layer_run(ep: int) -> tuple:
+    """On each rank of an ep group: the layer's output and input gradient for this rank's own tokens, its
+    experts' gradients, and the all-to-all bytes it sent (forward and backward)."""
+    import torch.distributed as dist
+
+    from megalite.distributed.comm import take_comm_bytes
+
+    rank = dist.get_rank()
+    layer = MoE(_cfg("model.moe.capacity_factor=1.25"), MoEState(), layer=1, ep_group=dist.group.WORLD)
+    layer.init_weights(0, "blocks.1.mlp")
+    torch.manual_seed(100 + rank)  # each rank its own tokens, as dp replicas have
+    x = torch.randn(6, 2, H, requires_grad=True)
+    take_comm_bytes()
+    y = layer(x)
+    (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+    sent = take_comm_bytes().get("ep_all_to_all", 0)
+    return y.detach(), x.grad, layer.fc1.grad, layer.fc2.grad, sent, layer.state.take_stats()[1][0]["dropped"]
+
+
+def test_expert_parallel_layer_equals_the_whole_layer_and_sends_every_slot_four_times(spawn):
+    """ep=2: rank r holds experts 2r, 2r+1 of the whole layer; its tokens' outputs and gradients equal the
+    whole layer's on the same tokens (rel 1e-5: the same products), each expert's gradient is the sum of
+    both ranks' tokens' parts, and the ranks together send every kept slot's row 4 times (dispatch and
+    combine, forward and backward): 4 * slots * h * 4 bytes."""
+    results = spawn(_ep_layer_run, 2, 2)
+    whole = _layer(_cfg("model.moe.capacity_factor=1.25"))
+    fc1_grad, fc2_grad, kept = torch.zeros_like(whole.fc1), torch.zeros_like(whole.fc2), 0
+    for rank, (y, x_grad, g1, g2, _, dropped) in enumerate(results):
+        torch.manual_seed(100 + rank)
+        x = torch.randn(6, 2, H, requires_grad=True)
+        whole.zero_grad()
+        want = whole(x)
+        (want * torch.arange(want.numel()).reshape(want.shape).sin()).sum().backward()
+        assert_close(y, want.detach(), rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} output")
+        assert_close(x_grad, x.grad, rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} input gradient")
+        fc1_grad += whole.fc1.grad
+        fc2_grad += whole.fc2.grad
+        kept += 12 * 2 - dropped
+    for rank, (_, _, g1, g2, _, _) in enumerate(results):
+        assert_close(g1, fc1_grad[2 * rank:2 * rank + 2], rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} fc1 grad")
+        assert_close(g2, fc2_grad[2 * rank:2 * rank + 2], rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} fc2 grad")
+    assert sum(r[4] for r in results) == 4 * kept * H * 4

@@ -3,7 +3,7 @@ import pytest
 
 from megalite.topology import ORDERS, Coords, Topology
 
-KINDS = ("tp", "cp", "pp", "dp", "dp_cp", "mp", "embedding")
+KINDS = ("tp", "cp", "pp", "dp", "dp_cp", "mp", "embedding", "ep", "edp")
 
 
 def factorizations(n):
@@ -164,8 +164,8 @@ def test_bad_queries():
         t.coords(4)
     with pytest.raises(ValueError, match="tp=2 is outside 0..1"):
         t.rank(tp=2)
-    with pytest.raises(ValueError, match="group kind 'ep' is unknown"):
-        t.groups("ep")
+    with pytest.raises(ValueError, match="group kind 'xp' is unknown"):
+        t.groups("xp")
 
 
 def test_topology_is_a_frozen_value():
@@ -173,3 +173,21 @@ def test_topology_is_a_frozen_value():
     with pytest.raises(AttributeError):
         t.tp = 4
     assert t == Topology(tp=2) and hash(t) == hash(Topology(tp=2))
+
+
+@pytest.mark.parametrize("world", [4, 8, 12])
+def test_expert_groups_cut_every_dp_cp_group_into_blocks_and_strides(world):
+    for tp, cp, pp, dp in factorizations4(world):
+        for ep in [e for e in range(1, dp * cp + 1) if (dp * cp) % e == 0]:
+            for order in ("tp-cp-dp-pp", "dp-pp-cp-tp"):
+                t = Topology(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, order=order)
+                for g in t.groups("dp_cp"):
+                    blocks = [b for b in t.groups("ep") if set(b) <= set(g)]
+                    assert sorted(blocks) == [g[i:i + ep] for i in range(0, len(g), ep)]  # consecutive ranks
+                    strides = [e for e in t.groups("edp") if set(e) <= set(g)]
+                    assert sorted(strides) == sorted(g[j::ep] for j in range(ep))
+                for r in range(world):
+                    ep_g, edp_g = t.group_of(r, "ep"), t.group_of(r, "edp")
+                    assert set(ep_g) & set(edp_g) == {r} and len(ep_g) * len(edp_g) == dp * cp
+    with pytest.raises(ValueError, match=r"ep=3 must divide dp \* cp = 2\*2"):
+        Topology(dp=2, cp=2, ep=3)
