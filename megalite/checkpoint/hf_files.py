@@ -92,6 +92,9 @@ class HFTensors(Mapping):
                 raise CheckpointError(f"{path} ends inside tensor '{name}'")
         return data.view(dtype).view(shape)  # safetensors is little-endian, as every machine megalite runs on
 
+    def __contains__(self, name) -> bool:  # Mapping's would read the tensor to find out
+        return name in self.index
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
 

@@ -159,3 +159,16 @@ def test_bf16_import_holds_the_exact_fp32_upcast(tmp_path, tp2_pp2_ckpt):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor.to(torch.bfloat16).float()), name
+
+
+def test_asking_whether_a_tensor_is_there_reads_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    from megalite.checkpoint.hf_files import HFTensors
+
+    save_file({"a": torch.ones(3), "b": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    tensors = HFTensors(tmp_path)  # the index comes from the header
+    (tmp_path / "model.safetensors").unlink()  # so a read now fails
+    assert "a" in tensors and "b" in tensors and "c" not in tensors
+    with pytest.raises(OSError):
+        tensors["a"]
