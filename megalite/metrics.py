@@ -136,9 +136,10 @@ def _fmt(key: str, value) -> str:
 
 def on_console(key: str, value) -> bool:
     """Whether a metric earns a place on the console line (metrics.jsonl keeps every one): no
-    communication counters, no unknown values (MFU on a CPU), no loss scale of 1 and no skip flag
-    unless a step was skipped, and not the sample count (the step says it)."""
-    if key.startswith("comm_") or key == "consumed_samples" or value is None:
+    communication counters, no per-layer MoE figures (the averages are there), no unknown values (MFU
+    on a CPU), no loss scale of 1 and no skip flag unless a step was skipped, and not the sample count
+    (the step says it)."""
+    if key.startswith(("comm_", "moe_load_entropy_l")) or key == "consumed_samples" or value is None:
         return False
     if key == "loss_scale":
         return value != 1

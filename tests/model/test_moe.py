@@ -150,6 +150,9 @@ def test_summary_of_known_loads():
     assert (got["moe_aux_loss"], got["moe_z_loss"], got["moe_dropped_tokens"]) == (2.0, 3.0, 4)
     assert (got["moe_load_min"], got["moe_load_max"]) == (0.0, 2.0)
     assert summarize({}) == {}
+    from megalite.metrics import on_console
+
+    assert on_console("moe_load_entropy", 1.0) and not on_console("moe_load_entropy_l3", 1.0)  # jsonl only
 
 
 def test_config_names_and_rules():
