@@ -13,18 +13,16 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.hf import export_hf, import_hf
 from megalite.config import load_config
-from megalite.topology import ProcessGroups
-from megalite.train import Trainer, build_groups
 from tests.checkpoint.test_hf import ours, write_ckpt
 from tests.checkpoint.test_hf_families import assert_same_tensors
+from tests.checkpoint.test_hf_train_parity import assert_split_import_trains_as_one
 from tests.tolerance import assert_close
-from tests.training_helpers import VOCAB, step_metrics, tiny_overrides
+from tests.training_helpers import VOCAB
 
 transformers = pytest.importorskip("transformers")
 RTOL, ATOL_FRAC, STEPS = 1e-5, 1e-5, 2
@@ -114,31 +112,13 @@ def test_fused_expert_names_are_read(tmp_path, family):
     assert_parity(tmp_path / "ckpt", hf)
 
 
-def _train(ckpt: str, prefix: str, run_dir: str):
-    """Resume the import at `ckpt` for STEPS steps on the counting corpus; rank 0 returns (loss, grad_norm)s."""
-    run = [o for o in tiny_overrides(prefix, run_dir, STEPS) if not o.startswith("model.")]  # the import's model
-    small = ["train.global_batch_size=4", "data.seq_len=16", "checkpoint.interval=0"]  # 2 micro-batches
-    cfg = load_config(f"{ckpt}/config.yaml", run + small + [f"train.resume={ckpt}"])
-    trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()) if dist.is_initialized()
-                      else ProcessGroups.single())
-    trainer.fit()
-    return step_metrics(run_dir, "loss", "grad_norm") if trainer.rank == 0 else None
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen3-moe-first-dense"])
 def test_import_at_tp2_pp2_trains_as_one_process(family, tmp_path, spawn, counting_data):
     """At tp=2 x pp=2 the experts are whole on both tp ranks (replicated), attention and Qwen3-MoE's dense
     layer cut; its first steps' loss and grad norm are the one-process import's (fp32, rel 1e-5 as
     tests/checkpoint/test_hf_train_parity)."""
     random_moe(family).save_pretrained(str(tmp_path / "hf"))
-    one = import_hf(tmp_path / "hf", tmp_path / "one")
-    split = import_hf(tmp_path / "hf", tmp_path / "split", ["parallel.tp=2", "parallel.pp=2"])
-    want = _train(str(one), counting_data, str(tmp_path / "run1"))
-    got = spawn(_train, 4, str(split), counting_data, str(tmp_path / "run4"))[0]
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    for step, (loss, norm) in want.items():
-        assert got[step][0] == pytest.approx(loss, rel=RTOL), f"step {step} loss"
-        assert got[step][1] == pytest.approx(norm, rel=RTOL), f"step {step} grad norm"
+    assert_split_import_trains_as_one(tmp_path, spawn, counting_data, steps=STEPS)
 
 
 def test_qwen2_moe_refused_saying_why(tmp_path):

@@ -24,9 +24,9 @@ transformers = pytest.importorskip("transformers")
 RTOL, STEPS = 1e-5, 5
 
 
-def _train(ckpt: str, prefix: str, run_dir: str):
-    """Resume the import at `ckpt` for STEPS steps on the counting corpus; rank 0 returns (loss, grad_norm)s."""
-    run = [o for o in tiny_overrides(prefix, run_dir, STEPS) if not o.startswith("model.")]  # the import's model
+def _train(ckpt: str, prefix: str, run_dir: str, steps: int = STEPS):
+    """Resume the import at `ckpt` for `steps` steps on the counting corpus; rank 0 returns (loss, grad_norm)s."""
+    run = [o for o in tiny_overrides(prefix, run_dir, steps) if not o.startswith("model.")]  # the import's model
     small = ["train.global_batch_size=4", "data.seq_len=16", "checkpoint.interval=0"]  # 2 micro-batches: seconds
     cfg = load_config(f"{ckpt}/config.yaml", run + small + [f"train.resume={ckpt}"])
     trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()) if dist.is_initialized()
@@ -41,16 +41,22 @@ FAMILIES = {"qwen3": ("Qwen3", {"head_dim": 32}),
             "qwen2-llama3-rope": ("Qwen2", {"rope_parameters": dict(LLAMA3)})}
 
 
+def assert_split_import_trains_as_one(tmp_path, spawn, counting_data, steps: int = STEPS) -> None:
+    """The HF model saved in tmp_path/hf, imported at tp=2 x pp=2, trains its first `steps` steps as its
+    one-process import does (loss and grad norm, rel RTOL)."""
+    one = import_hf(tmp_path / "hf", tmp_path / "one")
+    split = import_hf(tmp_path / "hf", tmp_path / "split", ["parallel.tp=2", "parallel.pp=2"])
+    want = _train(str(one), counting_data, str(tmp_path / "run1"), steps)
+    got = spawn(_train, 4, str(split), counting_data, str(tmp_path / "run4"), steps)[0]
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step, (loss, norm) in want.items():
+        assert got[step][0] == pytest.approx(loss, rel=RTOL), f"step {step} loss"
+        assert got[step][1] == pytest.approx(norm, rel=RTOL), f"step {step} grad norm"
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_import_at_tp2_pp2_trains_as_one_process(family, tmp_path, spawn, counting_data):
     name, extra = FAMILIES[family]
     hf = random_hf(getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM"), **extra)
     hf.save_pretrained(str(tmp_path / "hf"))
-    one = import_hf(tmp_path / "hf", tmp_path / "one")
-    split = import_hf(tmp_path / "hf", tmp_path / "split", ["parallel.tp=2", "parallel.pp=2"])
-    want = _train(str(one), counting_data, str(tmp_path / "run1"))
-    got = spawn(_train, 4, str(split), counting_data, str(tmp_path / "run4"))[0]
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    for step, (loss, norm) in want.items():
-        assert got[step][0] == pytest.approx(loss, rel=RTOL), f"step {step} loss"
-        assert got[step][1] == pytest.approx(norm, rel=RTOL), f"step {step} grad norm"
+    assert_split_import_trains_as_one(tmp_path, spawn, counting_data)

@@ -11,10 +11,8 @@ import pytest
 from megalite.checkpoint import CheckpointError
 from megalite.checkpoint.reader import CheckpointReader
 from tests.train.test_moe_parity import (
-    KEYS,
-    RTOL,
-    STEPS,
     _curve,
+    assert_curve_matches,
     one_process,  # noqa: F401 - the module's reference fixture
 )
 
@@ -30,10 +28,6 @@ LAYOUTS = {
 def test_expert_parallel_layout_reproduces_the_one_process_curve(name, counting_data, one_process, tmp_path,  # noqa: F811
                                                                  spawn):
     world, extra = LAYOUTS[name]
-    got = spawn(_curve, world, counting_data, str(tmp_path / name), extra)[0]
-    assert got.keys() == one_process.keys() == set(range(1, STEPS + 1))
-    for step, want in one_process.items():
-        for key, g, w in zip(KEYS, got[step], want):
-            assert g == pytest.approx(w, rel=RTOL), f"{name} step {step} {key}"
+    assert_curve_matches(name, spawn(_curve, world, counting_data, str(tmp_path / name), extra)[0], one_process)
     with pytest.raises(CheckpointError, match="written with parallel.ep=.*not built yet"):
         CheckpointReader(tmp_path / name / "checkpoints")  # each rank's file holds its experts only

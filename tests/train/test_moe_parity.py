@@ -50,8 +50,12 @@ def test_the_reference_routes_and_learns(one_process):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_moe_layout_reproduces_the_one_process_curve(name, counting_data, one_process, tmp_path, spawn):
     world, extra = LAYOUTS[name]
-    got = spawn(_curve, world, counting_data, str(tmp_path / name), extra)[0]
-    assert got.keys() == one_process.keys() == set(range(1, STEPS + 1))
-    for step, want in one_process.items():
+    assert_curve_matches(name, spawn(_curve, world, counting_data, str(tmp_path / name), extra)[0], one_process)
+
+
+def assert_curve_matches(name: str, got: dict, reference: dict) -> None:
+    """Every step's KEYS of `got` equal the reference's within RTOL."""
+    assert got.keys() == reference.keys() == set(range(1, STEPS + 1))
+    for step, want in reference.items():
         for key, g, w in zip(KEYS, got[step], want):
             assert g == pytest.approx(w, rel=RTOL), f"{name} step {step} {key}"
