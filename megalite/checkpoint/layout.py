@@ -157,8 +157,12 @@ def return_freed_memory() -> None:
 
 
 def layout_of(cfg, dp: int) -> Layout:
-    """The Layout a run of `cfg` has on tp * cp * pp * dp ranks."""
+    """The Layout a run of `cfg` has on tp * cp * pp * dp ranks; refused for parallel.ep > 1 (offline
+    writers lay out whole experts on every rank)."""
     p = cfg.parallel
+    if p.ep > 1:
+        raise CheckpointError(f"parallel.ep={p.ep}: writing an expert-parallel checkpoint offline (import, "
+                              "reshard) is not built yet; write it at parallel.ep=1")
     return Layout(p.tp, p.pp, p.tp * p.cp * p.pp * dp, p.virtual_stages, p.order, p.partition, p.cp)
 
 

@@ -67,10 +67,6 @@ class CheckpointReader:
             doc = read_json(d / rank_files(rank)[1], "this rank's non-tensor state")
             self.skeletons.append(doc.get("skeleton") or {})
         self.layout = Layout.from_dict(self.skeletons[0].get("layout"), f"{d} (rank 0)")
-        if self.layout.ep > 1:
-            raise CheckpointError(f"{d} was written with parallel.ep={self.layout.ep}: reading an expert-parallel "
-                                  "checkpoint whole (export, reshard, consolidation, generation) is not built yet; "
-                                  "resume it at its own layout")
         for rank, skeleton in enumerate(self.skeletons):
             if skeleton.get("layout") != self.skeletons[0].get("layout"):
                 raise CheckpointError(f"{d}: rank {rank}'s layout {skeleton.get('layout')} differs from rank 0's "
@@ -125,6 +121,8 @@ class CheckpointReader:
         """Full shape of `name` (vocabulary padding stripped unless asked not to); nothing is read."""
         entry = self._entry(name)
         shape = list(entry["full_shape"])
+        if entry.get("expert_parallel"):  # each ep rank holds E / ep of the experts
+            shape[0] *= self.layout.ep
         if strip_padding and "valid_rows" in entry:
             shape[0] = int(entry["valid_rows"])
         return shape
@@ -161,13 +159,21 @@ class CheckpointReader:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{self.dir}: rank {rank}'s '{key}' does not fit its tensor file: {e}") from e
 
+    def _across_experts(self, name: str, pp: int, tp: int, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """read(rank) of the (pp, tp) cell's first rank; for an MoE layer's experts under expert parallelism,
+        of its first ep ranks (a cell's ranks in order: its first ep group), joined along the experts."""
+        ranks = self.cells[(pp, tp)][: self.layout.ep if self._entry(name).get("expert_parallel") else 1]
+        parts = [read(rank) for rank in ranks]
+        return parts[0] if len(parts) == 1 or parts[0].dim() == 0 else torch.cat(parts, 0)
+
     def _local(self, pp: int, tp: int, name: str) -> torch.Tensor:
         """This (pp, tp) cell's whole local (tp-sharded) fp32 tensor `name`."""
         pieces = self.zero[(pp, tp)].get(name)
         if not pieces:
-            rank = self.cells[(pp, tp)][0]
-            node = (self.skeletons[rank].get("model") or {}).get(name)
-            return self._get(rank, _key(node, f"rank {rank}'s model['{name}']")).float()
+            def model_tensor(rank: int) -> torch.Tensor:
+                node = (self.skeletons[rank].get("model") or {}).get(name)
+                return self._get(rank, _key(node, f"rank {rank}'s model['{name}']")).float()
+            return self._across_experts(name, pp, tp, model_tensor)
         shape = [int(s) for s in pieces[0][1]["shape"]]
         flat, filled = torch.zeros(shape, dtype=torch.float32).reshape(-1), 0
         for rank, entry in pieces:  # one dp slice at a time
@@ -184,7 +190,7 @@ class CheckpointReader:
         """The full tensor from the tp shards `shard(tp)` of `name` (or of a per-element state of it);
         a replicated one is read once per tp rank, one at a time, and checked equal."""
         entry = self._entry(name)
-        dim, want = entry["partition_dim"], list(entry["full_shape"])
+        dim, want = entry["partition_dim"], self.shape(name, strip_padding=False)
         if dim is None:
             full = shard(0)
             for tp in range(1, self.tp):
@@ -232,8 +238,10 @@ class CheckpointReader:
         out = {}
         for key in per_tp[0]:
             def shard(tp: int, key=key) -> torch.Tensor:
-                rank = self.cells[(pp, tp)][0]
-                return self._get(rank, _key(per_tp[tp][key], f"rank {rank}'s {key} of '{name}'"))
+                def held(rank: int) -> torch.Tensor:  # per rank: an ep rank's entry names its own tensors
+                    entry = self._optimizer_entry(rank, index[pp][name])
+                    return self._get(rank, _key(entry[key], f"rank {rank}'s {key} of '{name}'"))
+                return self._across_experts(name, pp, tp, held)
 
             value = shard(0)
             if list(value.shape) != local_shape:  # the step count (a scalar), identical on every tp rank

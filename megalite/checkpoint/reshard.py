@@ -62,7 +62,8 @@ class _Source:
                 "new layout without optimizer state: `megalite convert to-hf` (consolidates ZeRO slices), then "
                 "`megalite convert from-hf` with parallel.tp/pp")
         cfg = lay.run_config(self.dir, config)
-        self.cfg = replace(cfg, parallel=replace(cfg.parallel, tp=layout.tp, pp=layout.pp, cp=layout.cp, dp=None,
+        self.cfg = replace(cfg, parallel=replace(cfg.parallel, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep,
+                                                 dp=None,
                                                  virtual_stages=layout.virtual_stages, partition=layout.partition,
                                                  order=layout.order))
         self.engine = reader.load(0, "engine")
@@ -114,7 +115,8 @@ def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int, cp: int 
             raise CheckpointError(f"{key}={value!r} must be a positive integer")
     p = cfg.parallel
     schedule = "1f1b" if p.schedule == "interleaved" and virtual_stages == 1 else p.schedule
-    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, cp=cp, dp=None, virtual_stages=virtual_stages,
+    # ep = 1: the experts are written whole on every rank (an expert-parallel output is not built yet)
+    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, cp=cp, ep=1, dp=None, virtual_stages=virtual_stages,
                                         sequence_parallel=p.sequence_parallel and tp > 1, schedule=schedule))
     try:
         preflight(out, world_size=tp * cp * pp * dp, data=False, engine=False)  # the run's data need not be here

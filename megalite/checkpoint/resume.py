@@ -85,9 +85,10 @@ def check_resumable(path, state: RankState, now: Layout, order_now: dict) -> Non
                               f"{_cells(now, with_cp)}; resume with that layout, or convert it first: "
                               f"{reshard_command(path, now)}")
     if saved.ep != now.ep:  # each rank's file holds its share of the experts
+        fix = (f"or convert it first: {reshard_command(path, now)}" if now.ep == 1 else
+               "(reshard writes parallel.ep=1 layouts only so far)")
         raise CheckpointError(f"{path} was written with parallel.ep={saved.ep} but this run uses parallel.ep="
-                              f"{now.ep}; resume with parallel.ep={saved.ep} (resharding expert-parallel "
-                              "checkpoints is not built yet)")
+                              f"{now.ep}; resume with parallel.ep={saved.ep}, {fix}")
     for key in ("partition", "order"):
         if getattr(saved, key) != getattr(now, key):
             raise CheckpointError(f"{path} was written with parallel.{key}={getattr(saved, key)} but this run uses "

@@ -65,7 +65,8 @@ def in_grad_norm(tensor, tp_rank: int) -> bool:
 
 
 def shard_metadata(model: nn.Module, tp_size: int) -> dict:
-    """name -> {"partition_dim": int | None, "full_shape": [...], "tp_size": n[, "valid_rows": v]}.
+    """name -> {"partition_dim": int | None, "full_shape": [...], "tp_size": n[, "valid_rows": v]
+    [, "expert_parallel": True]}.
 
     Covers every entry of `model.state_dict()` (tied weights appear under each of their names, as
     in the state dict); plain JSON-able data, so it goes into the checkpoint state as is.
@@ -81,5 +82,7 @@ def shard_metadata(model: nn.Module, tp_size: int) -> dict:
         entry = {"partition_dim": s.partition_dim, "full_shape": shape, "tp_size": tp_size}
         if s.valid_rows is not None:
             entry["valid_rows"] = int(s.valid_rows)
+        if s.expert_parallel:  # full_shape[0] is this rank's experts; the ep ranks' join along dim 0
+            entry["expert_parallel"] = True
         meta[name] = entry
     return meta

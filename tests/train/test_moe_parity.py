@@ -37,12 +37,14 @@ def _curve(prefix, run_dir, extra: dict) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def one_process(counting_data, tmp_path_factory):
-    return _curve(counting_data, str(tmp_path_factory.mktemp("moe_reference")), {})
+def one_process(counting_data, tmp_path_factory) -> tuple[dict, str]:
+    """(curve, run directory) of the one-process run."""
+    run_dir = str(tmp_path_factory.mktemp("moe_reference"))
+    return _curve(counting_data, run_dir, {}), run_dir
 
 
 def test_the_reference_routes_and_learns(one_process):
-    first, last = one_process[1], one_process[STEPS]
+    first, last = one_process[0][1], one_process[0][STEPS]
     assert last[0] < first[0] - 0.5  # the loss falls, so matching the curve means something
     assert 1.0 < first[2] < 1.5 and 0 < last[3] <= 1.3863  # aux ~1 near balance; entropy at most ln 4
 
@@ -53,8 +55,9 @@ def test_moe_layout_reproduces_the_one_process_curve(name, counting_data, one_pr
     assert_curve_matches(name, spawn(_curve, world, counting_data, str(tmp_path / name), extra)[0], one_process)
 
 
-def assert_curve_matches(name: str, got: dict, reference: dict) -> None:
-    """Every step's KEYS of `got` equal the reference's within RTOL."""
+def assert_curve_matches(name: str, got: dict, one_process: tuple[dict, str]) -> None:
+    """Every step's KEYS of `got` equal the one-process run's within RTOL."""
+    reference = one_process[0]
     assert got.keys() == reference.keys() == set(range(1, STEPS + 1))
     for step, want in reference.items():
         for key, g, w in zip(KEYS, got[step], want):
