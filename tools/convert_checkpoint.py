@@ -3,7 +3,7 @@
 
     python tools/convert_checkpoint.py to-hf CKPT OUT_DIR [--config RUN/config.yaml]
     python tools/convert_checkpoint.py from-hf HF_DIR OUT_CKPT [parallel.tp=2 ...]
-    python tools/convert_checkpoint.py reshard CKPT OUT --tp N --pp M [--cp C] [--dp D]
+    python tools/convert_checkpoint.py reshard CKPT OUT --tp N --pp M [--cp C] [--ep E] [--dp D]
 
 `megalite convert --help` documents it; the code lives in megalite.cli.convert.
 """

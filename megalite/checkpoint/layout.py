@@ -25,7 +25,7 @@ from torch import nn
 
 from megalite.checkpoint.io import CheckpointError, fresh_output, publish, step_dir_name, write_extra, write_rank
 from megalite.checkpoint.schema import Layout, Progress, RankState
-from megalite.config import load_config, padded_vocab_size, save_config, to_yaml
+from megalite.config import is_moe_layer, load_config, padded_vocab_size, save_config, to_yaml
 from megalite.engine import NativeEngine
 from megalite.optim import param_groups
 from megalite.pipeline import build_stage_model
@@ -157,13 +157,28 @@ def return_freed_memory() -> None:
 
 
 def layout_of(cfg, dp: int) -> Layout:
-    """The Layout a run of `cfg` has on tp * cp * pp * dp ranks; refused for parallel.ep > 1 (offline
-    writers lay out whole experts on every rank)."""
+    """The Layout a run of `cfg` has on tp * cp * pp * dp ranks."""
     p = cfg.parallel
-    if p.ep > 1:
-        raise CheckpointError(f"parallel.ep={p.ep}: writing an expert-parallel checkpoint offline (import, "
-                              "reshard) is not built yet; write it at parallel.ep=1")
-    return Layout(p.tp, p.pp, p.tp * p.cp * p.pp * dp, p.virtual_stages, p.order, p.partition, p.cp)
+    return Layout(p.tp, p.pp, p.tp * p.cp * p.pp * dp, p.virtual_stages, p.order, p.partition, p.cp, p.ep)
+
+
+def expert_share(state: RankState, cfg, model: nn.Module, ep: int, ep_rank: int) -> RankState:
+    """`state` (whole experts) as ep rank ep_rank of `ep` holds it: each MoE layer's fc1/fc2, their
+    AdamW moments and their shard metadata cut to experts [ep_rank * E/ep, (ep_rank + 1) * E/ep)."""
+    names = {f"blocks.{i}.mlp.{w}" for i in range(1, cfg.model.num_layers + 1) if is_moe_layer(cfg.model, i)
+             for w in ("fc1", "fc2")}
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t.chunk(ep, dim=0)[ep_rank].clone()
+    weights = {k: cut(v) if k in names else v for k, v in state.model.items()}
+    shards = {k: {**v, "full_shape": [v["full_shape"][0] // ep, *v["full_shape"][1:]], "expert_parallel": True}
+              if k in names else v for k, v in state.shards.items()}
+    order = optimizer_param_names(model, cfg.optim.weight_decay)
+    moments = {}
+    for index, entry in state.engine["optimizer"]["state"].items():
+        expert = order[int(index)] in names
+        moments[index] = {k: cut(v) if expert and v.dim() else v for k, v in entry.items()}
+    engine = {**state.engine, "optimizer": {**state.engine["optimizer"], "state": moments}}
+    return RankState(weights, shards, engine, state.rng, state.progress, state.layout)
 
 
 def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: Layout, progress: Progress,
@@ -177,8 +192,9 @@ def rank_states(plan: StagePlan, model: list[dict], engine: list[dict], layout: 
 def write_offline(out_root, cfg, layout: Layout, step: int, stages, copies: dict[str, Path] | None = None) -> Path:
     """A checkpoint root OUT (OUT/step_N, `latest`, OUT/config.yaml) from `stages`: for each pipeline
     stage in order, its tp ranks' RankStates (a list, or a generator that makes each when asked), each
-    written for all dp (and cp) replicas of `layout`. `copies` maps names under OUT to files copied there (an
-    imported model's tokenizer).
+    written for all dp (and cp) replicas of `layout`, each with its share of the experts under expert
+    parallelism (an import's lazy states are then made whole once per rank). `copies` maps names under
+    OUT to files copied there (an imported model's tokenizer).
 
     Written into OUT.tmp and renamed last; a refused or failed write leaves nothing at OUT.
     """
@@ -191,7 +207,13 @@ def write_offline(out_root, cfg, layout: Layout, step: int, stages, copies: dict
             for t in range(layout.tp):  # not enumerate(states): its reused result tuple keeps the last rank alive
                 state = next(ranks)
                 for dp, cp in itertools.product(range(topo.dp), range(topo.cp)):
-                    write_rank(tmp, topo.rank(tp=t, pp=stage, dp=dp, cp=cp), state.to_dict())
+                    rank = topo.rank(tp=t, pp=stage, dp=dp, cp=cp)
+                    if layout.ep > 1:  # this rank's share of the experts (stages of materialized states only)
+                        held = topo.group_of(rank, "ep").index(rank)
+                        share = expert_share(state, cfg, meta_stage_model(cfg, layout.pp, stage), layout.ep, held)
+                        write_rank(tmp, rank, share.to_dict())
+                    else:
+                        write_rank(tmp, rank, state.to_dict())
                 del state  # a lazy `states` then makes the next rank's tensors after this rank's are gone
                 return_freed_memory()
         write_extra(tmp, {"config.yaml": to_yaml(cfg)})

@@ -24,7 +24,9 @@ Data parallelism: the sampler orders samples independently of dp, so any dp may 
 rank finds its file: the Trainer loads the file of its own global rank, so `dp` replicas
 (`--dp D`) are written for a run on tp*pp*D ranks. Context parallelism (`--cp C`) is the same:
 cp ranks hold the same parameters and optimizer state, so each (tp, pp) cell is written dp * cp
-times, and a source at any cp is read from its first replica.
+times, and a source at any cp is read from its first replica. Expert parallelism (`--ep E`): each
+rank of an ep group gets its share of the experts and of their optimizer state; a source at any ep
+is read whole (its ep ranks' experts joined).
 
 Works stage by stage and tensor by tensor: the peak memory is one output pipeline stage (all its
 tp ranks) plus one full tensor, not the whole model.
@@ -108,22 +110,21 @@ class _Source:
         return self.reader.optimizer_state(name, self.opt_index)
 
 
-def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int, cp: int = 1):
+def _target_config(cfg, tp: int, pp: int, virtual_stages: int, dp: int, cp: int = 1, ep: int = 1):
     """The run's Config at the new layout (dp left to be inferred), refused by name when it cannot build."""
-    for key, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", dp), ("virtual_stages", virtual_stages)):
+    for key, value in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep), ("dp", dp), ("virtual_stages", virtual_stages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{key}={value!r} must be a positive integer")
     p = cfg.parallel
     schedule = "1f1b" if p.schedule == "interleaved" and virtual_stages == 1 else p.schedule
-    # ep = 1: the experts are written whole on every rank (an expert-parallel output is not built yet)
-    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, cp=cp, ep=1, dp=None, virtual_stages=virtual_stages,
+    out = replace(cfg, parallel=replace(p, tp=tp, pp=pp, cp=cp, ep=ep, dp=None, virtual_stages=virtual_stages,
                                         sequence_parallel=p.sequence_parallel and tp > 1, schedule=schedule))
     try:
         preflight(out, world_size=tp * cp * pp * dp, data=False, engine=False)  # the run's data need not be here
         check_model(out.model, tp)
     except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"cannot lay the model out at tp={tp} cp={cp} pp={pp} virtual_stages={virtual_stages} "
-                              f"dp={dp}:\n{e}") from e
+        raise CheckpointError(f"cannot lay the model out at tp={tp} cp={cp} ep={ep} pp={pp} virtual_stages="
+                              f"{virtual_stages} dp={dp}:\n{e}") from e
     return out
 
 
@@ -158,7 +159,7 @@ def _stage_states(src: _Source, cfg, stage: int, layout) -> list:
 
 
 def reshard(checkpoint, out_root, tp: int, pp: int, dp: int = 1, virtual_stages: int = 1,
-            config: str | None = None, cp: int = 1) -> Path:
+            config: str | None = None, cp: int = 1, ep: int = 1) -> Path:
     """Write `checkpoint` (a root or step directory) at layout (tp, cp, pp, virtual_stages) into a new root
     `out_root`.
 
@@ -170,7 +171,7 @@ def reshard(checkpoint, out_root, tp: int, pp: int, dp: int = 1, virtual_stages:
     naming the problem; nothing is left at out_root (or out_root.tmp) when one is raised.
     """
     src = _Source(checkpoint, config)
-    cfg = _target_config(src.cfg, tp, pp, virtual_stages, dp, cp)
+    cfg = _target_config(src.cfg, tp, pp, virtual_stages, dp, cp, ep)
     layout = lay.layout_of(cfg, dp)
     stages = (_stage_states(src, cfg, stage, layout) for stage in range(pp))  # one stage in memory at a time
     return lay.write_offline(out_root, cfg, layout, src.step, stages)

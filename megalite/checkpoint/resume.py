@@ -62,7 +62,7 @@ def data_order(cfg) -> dict:
 
 def reshard_command(path, layout: Layout) -> str:
     """The command that writes a copy of checkpoint `path` for `layout`."""
-    cp = f" --cp {layout.cp}" if layout.cp > 1 else ""
+    cp = (f" --cp {layout.cp}" if layout.cp > 1 else "") + (f" --ep {layout.ep}" if layout.ep > 1 else "")
     return (f"megalite convert reshard {path} OUT --tp {layout.tp} --pp {layout.pp}{cp} --dp {layout.dp} "
             f"--virtual-stages {layout.virtual_stages}")
 
@@ -85,10 +85,9 @@ def check_resumable(path, state: RankState, now: Layout, order_now: dict) -> Non
                               f"{_cells(now, with_cp)}; resume with that layout, or convert it first: "
                               f"{reshard_command(path, now)}")
     if saved.ep != now.ep:  # each rank's file holds its share of the experts
-        fix = (f"or convert it first: {reshard_command(path, now)}" if now.ep == 1 else
-               "(reshard writes parallel.ep=1 layouts only so far)")
         raise CheckpointError(f"{path} was written with parallel.ep={saved.ep} but this run uses parallel.ep="
-                              f"{now.ep}; resume with parallel.ep={saved.ep}, {fix}")
+                              f"{now.ep}; resume with parallel.ep={saved.ep}, or convert it first: "
+                              f"{reshard_command(path, now)}")
     for key in ("partition", "order"):
         if getattr(saved, key) != getattr(now, key):
             raise CheckpointError(f"{path} was written with parallel.{key}={getattr(saved, key)} but this run uses "

@@ -17,7 +17,7 @@ CONVERT_DOC = """Convert checkpoints between megalite and Hugging Face transform
     megalite convert to-hf CKPT OUT_DIR [--config RUN/config.yaml] [--arch MistralForCausalLM]
                            [--max-shard-size 5GB] [--dtype fp32|bf16|fp16]
     megalite convert from-hf HF_DIR OUT_CKPT [parallel.tp=2 parallel.pp=2 ...]
-    megalite convert reshard CKPT OUT --tp N --pp M [--cp C] [--dp D] [--virtual-stages V]
+    megalite convert reshard CKPT OUT --tp N --pp M [--cp C] [--ep E] [--dp D] [--virtual-stages V]
                              [--config RUN/config.yaml]
 
 to-hf reads a checkpoint of any layout (tp, pp, ZeRO) tensor by tensor (memory: about one
@@ -84,6 +84,8 @@ def add_conversions(p: argparse.ArgumentParser) -> None:
     rs.add_argument("--pp", type=int, required=True, help="pipeline-parallel degree of the output")
     rs.add_argument("--cp", type=int, default=1, help="context-parallel degree of the output (replicas of each "
                     "tp x pp cell, like dp)")
+    rs.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the output (MoE experts sharded "
+                    "over that many of the dp x cp ranks)")
     rs.add_argument("--dp", type=int, default=1, help="data-parallel replicas to write (the resumed run's dp)")
     rs.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank of the output")
     rs.add_argument("--config", default=None, help="the run's config.yaml (default: found next to the checkpoint)")
@@ -108,7 +110,7 @@ def convert_command(args: argparse.Namespace) -> int:
             from megalite.checkpoint.reshard import reshard
 
             out = reshard(args.checkpoint, args.out, args.tp, args.pp, args.dp, args.virtual_stages, args.config,
-                          args.cp)
+                          args.cp, args.ep)
         else:
             out = import_hf(args.hf_dir, args.out_ckpt, args.overrides)
             print(import_report(args.hf_dir, out))

@@ -166,3 +166,16 @@ def test_export_picks_the_moe_architecture(tmp_path):
         assert arch_for_model(load_config("tiny", MOE + extra).model).ARCH == arch
     with pytest.raises(CheckpointError, match=r"model\.moe_num_experts=4: LlamaForCausalLM needs"):
         arch_for_model(load_config("tiny", MOE).model, "LlamaForCausalLM")
+
+
+def test_import_at_ep2_gives_each_expert_parallel_rank_its_experts(tmp_path):
+    from megalite.checkpoint import load_checkpoint
+    from megalite.checkpoint.reader import CheckpointReader
+
+    random_moe("mixtral").save_pretrained(str(tmp_path / "hf"))
+    whole = CheckpointReader(import_hf(tmp_path / "hf", tmp_path / "ep1"))
+    split = import_hf(tmp_path / "hf", tmp_path / "ep2", ["parallel.ep=2", "parallel.dp=2"])
+    halves = [load_checkpoint(split, rank)["model"]["blocks.1.mlp.fc1"] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole.read("blocks.1.mlp.fc1"))  # rank r: experts 2r, 2r+1
+    for name in whole.names():
+        assert torch.equal(CheckpointReader(split).read(name), whole.read(name)), name

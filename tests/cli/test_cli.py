@@ -52,7 +52,7 @@ COMMANDS = {
     "convert": [],
     "convert to-hf": ["--config", "--max-shard-size", "--dtype", "--arch"],
     "convert from-hf": [],
-    "convert reshard": ["--tp", "--pp", "--cp", "--dp", "--virtual-stages", "--config"],
+    "convert reshard": ["--tp", "--pp", "--cp", "--ep", "--dp", "--virtual-stages", "--config"],
 }
 # the Megatron-style wrappers in tools/: (script, subcommand...) per command
 TOOLS = {"preprocess": ("preprocess_data",), "train-tokenizer": ("train_tokenizer",),

@@ -4,24 +4,29 @@ over 20 fp32 steps: ep=2 and ep=4 on dp=4, ep=2 x tp=2 (experts replicated over 
 
 Tolerance rel 5e-6 at every step, as the other MoE layouts: the same routing and the same products,
 summed in another order. Native engine only (DeepSpeed's expert groups are not wired: refused by
-name). Checkpoints of ep > 1 are read whole (export, consolidation) and resharded to ep = 1; an
-offline writer at ep > 1 (import, reshard to ep > 1) is refused by name.
+name). Checkpoints of ep > 1 are read whole (export, consolidation) and resharded to any ep with their
+optimizer state.
 """
 import pytest
 import torch
+import torch.distributed as dist
 
 from megalite.checkpoint import CheckpointError, load_checkpoint
-from megalite.checkpoint import layout as lay
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.reshard import reshard
 from megalite.checkpoint.resume import check_before_resume, data_order
 from megalite.checkpoint.schema import Layout
 from megalite.config import load_config
+from megalite.train import Trainer, build_groups
 from tests.train.test_moe_parity import (
+    KEYS,
+    RTOL,
+    STEPS,
     _curve,
     assert_curve_matches,
     one_process,  # noqa: F401 - the module's reference fixture
 )
+from tests.training_helpers import step_metrics
 
 LAYOUTS = {
     "ep2_dp4": (4, {"parallel.ep": 2}),
@@ -46,8 +51,17 @@ def test_expert_parallel_layout_reproduces_the_one_process_curve(name, counting_
         assert (mine.read(key) - want).norm() / want.norm() < 1e-4, (name, key)
 
 
-def test_an_expert_parallel_checkpoint_reshards_to_ep1_exactly_and_another_ep_is_refused(counting_data, tmp_path,
-                                                                                          spawn):
+def _resume(ckpt: str, run_dir: str) -> dict | None:
+    """Resume the checkpoint root `ckpt` (a reshard's output) to the planned end; rank 0 returns its curve."""
+    cfg = load_config(f"{ckpt}/config.yaml", [f"train.resume={ckpt}", f"train.run_dir={run_dir}",
+                                              "checkpoint.interval=0"])
+    trainer = Trainer(cfg, build_groups(cfg, dist.get_world_size()))
+    trainer.fit()
+    return step_metrics(run_dir, *KEYS) if trainer.rank == 0 else None
+
+
+def test_an_expert_parallel_checkpoint_reshards_to_any_ep_with_its_optimizer_state(counting_data, tmp_path, spawn,
+                                                                                   one_process):  # noqa: F811
     spawn(_curve, 4, counting_data, str(tmp_path / "ep2"), {"parallel.ep": 2, "checkpoint.interval": 10})
     saved = tmp_path / "ep2" / "checkpoints" / "step_00000010"
     now = Layout(1, 1, 4)  # the same 4 ranks, dp=4, without expert parallelism
@@ -70,5 +84,13 @@ def test_an_expert_parallel_checkpoint_reshards_to_ep1_exactly_and_another_ep_is
             joined += a.shape != state[key].shape
             assert torch.equal(state[key], want), (index, key)
     assert joined == 2 * 2 * 2  # fc1 and fc2 of both layers, two moments each
-    with pytest.raises(CheckpointError, match="parallel.ep=2: writing an expert-parallel checkpoint offline"):
-        lay.layout_of(load_config(str(saved / "config.yaml")), 2)  # what import and reshard lay out with
+    # ep=2 -> ep=4 (each rank one expert, its moments along), resumed: the rest of the one-process curve
+    four = reshard(saved, tmp_path / "ep4", tp=1, pp=1, dp=4, ep=4)
+    assert load_checkpoint(four, 3)["model"]["blocks.1.mlp.fc1"].shape[0] == 1
+    for key in source.names():
+        assert torch.equal(source.read(key), CheckpointReader(four).read(key)), key
+    resumed = spawn(_resume, 4, str(four), str(tmp_path / "resumed"))[0]
+    assert sorted(resumed) == list(range(11, STEPS + 1))
+    for step in resumed:
+        for key, g, w in zip(KEYS, resumed[step], one_process[0][step]):
+            assert g == pytest.approx(w, rel=RTOL), f"resumed at ep=4: step {step} {key}"
