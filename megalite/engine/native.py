@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megalite.config import OptimConfig, TrainConfig
@@ -132,6 +133,16 @@ class NativeEngine(Engine):
                 g.div_(replicas)
         self.gradients.sum_sequence_parallel(self.bucket_elems)
 
+    def _found_inf(self) -> bool:
+        """Whether any rank holding a shard of this model saw a non-finite gradient: the tp x pp ranks, and
+        with expert parallelism every rank (ep ranks hold different experts, and each has tp/pp peers)."""
+        found = self.scaler.found_inf(self.params, self.mp_group)
+        if group_size(self.ep_group) > 1:
+            flag = torch.tensor([float(found)], device=self.params[0].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            found = bool(flag.item())
+        return found
+
     def clip_gradients(self) -> float:
         """Global grad norm before clipping; scales gradients down to clip_grad when it is exceeded."""
         norm = self.gradients.grad_norm()
@@ -144,7 +155,7 @@ class NativeEngine(Engine):
         self.reduce_gradients()
         # after the dp all-reduce every dp rank sees the same gradients, so only tp/pp ranks
         # (which hold different shards) must agree on the overflow decision
-        if self.scaler.update(self.scaler.found_inf(self.params, self.mp_group)):
+        if self.scaler.update(self._found_inf()):
             self.zero_grad()
             return StepResult(grad_norm=math.nan, skipped=True, lr=self.schedule.current_lr, loss_scale=scale)
         self.scaler.unscale(self.params)

@@ -235,3 +235,25 @@ def test_expert_parallel_layer_equals_the_whole_layer_and_sends_every_slot_four_
         assert_close(g1, fc1_grad[2 * rank:2 * rank + 2], rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} fc1 grad")
         assert_close(g2, fc2_grad[2 * rank:2 * rank + 2], rtol=1e-5, atol_frac=1e-5, what=f"rank {rank} fc2 grad")
     assert sum(r[4] for r in results) == 4 * kept * H * 4
+
+
+def _skip_together() -> bool:
+    import torch.distributed as dist
+
+    from megalite.engine import NativeEngine
+    from megalite.model import Transformer
+
+    cfg = load_config("tiny", ["model.hidden_size=16", "model.num_heads=2", "model.num_layers=1",
+                               "model.moe.num_experts=2", "model.moe.top_k=1", "model.vocab_size=64"])
+    model = Transformer(cfg.model, ep_group=dist.group.WORLD)
+    engine = NativeEngine(model, cfg.optim, cfg.train, 4, dp_group=dist.group.WORLD,
+                          expert_groups=(dist.group.WORLD, None), micro_batches=1)
+    tokens = torch.randint(0, 64, (2, 8))
+    engine.backward(model.loss(tokens, tokens).mean())
+    if dist.get_rank() == 1:  # only this rank's expert saw it
+        model.blocks[1].mlp.fc1.grad[0, 0, 0] = float("nan")
+    return engine.step().skipped
+
+
+def test_a_non_finite_expert_gradient_on_one_ep_rank_skips_the_step_everywhere(spawn):
+    assert spawn(_skip_together, 2) == [True, True]
