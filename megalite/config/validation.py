@@ -170,8 +170,8 @@ def _check_expert_parallel(cfg: Config, world_size: int | None, err) -> None:
         err(f"parallel.ep={p.ep} with engine.backend={cfg.engine.backend}: expert parallelism runs on the native "
             "engine only so far (DeepSpeed's expert groups are not wired yet); set engine.backend=native")
     if cfg.train.precision == "fp16":
-        err(f"parallel.ep={p.ep} with train.precision=fp16: the overflow check does not yet agree across expert-"
-            "parallel ranks; use bf16 or fp32")
+        err(f"parallel.ep={p.ep} with train.precision=fp16: dynamic loss scaling with expert parallelism is not "
+            "tested yet; use bf16 or fp32")
     split = p.tp * p.cp * p.pp
     if world_size and min(p.tp, p.cp, p.pp) > 0 and world_size % split == 0:
         dp = p.dp or world_size // split
