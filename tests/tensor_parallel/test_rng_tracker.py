@@ -91,9 +91,10 @@ class _FakeGroup:  # stands for a tp group of two without starting torch.distrib
 
 def test_tensor_parallel_dropout_without_a_tracker_is_refused(monkeypatch):
     import megalite.model.blocks as blocks
+    import megalite.model.settings as settings  # where BlockSettings.tp asks the group its size
 
-    real = blocks.group_size
-    monkeypatch.setattr(blocks, "group_size", lambda g: 2 if isinstance(g, _FakeGroup) else real(g))
+    real = settings.group_size
+    monkeypatch.setattr(settings, "group_size", lambda g: 2 if isinstance(g, _FakeGroup) else real(g))
     with pytest.raises(ValueError, match="rng_tracker"):
         blocks.Attention(CFG, blocks.BlockSettings(tp_group=_FakeGroup()))
 
