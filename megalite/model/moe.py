@@ -207,12 +207,8 @@ class MoE(nn.Module):
 
     def _run_local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [m, h] grouped by this rank's local experts, `counts` [local] of them -> outputs [m, h]."""
-        out = torch.zeros_like(rows, dtype=torch.float32)
-        for j, (start, count) in enumerate(zip((torch.cumsum(counts, 0) - counts).tolist(), counts.tolist())):
-            if count:
-                out = out.index_add(0, torch.arange(start, start + count, device=rows.device),
-                                    self._expert(j, rows[start:start + count]).float())
-        return out
+        parts = [self._expert(j, rows_j).float() for j, rows_j in enumerate(rows.split(counts.tolist()))]
+        return torch.cat(parts) if parts else rows.new_zeros(rows.shape, dtype=torch.float32)
 
     def _dispatch(self, rows: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
         """Sorted rows [m, h] (load [E] per expert) -> their experts' outputs, computed where they live."""
