@@ -82,3 +82,12 @@ def wire_bytes(kind: str, payload: int, world: int) -> float:
         return (world - 1) / world * payload
     share = (world - 1) / world * payload
     return 2 * share if kind == "all_reduce" else share
+
+
+def wait(*works) -> None:
+    """Wait for asynchronous works (None entries skipped). Every wait megalite does on a collective or a
+    point-to-point work goes through here, so a watchdog that sees this frame in a stalled thread's
+    stack knows the rank is waiting on its peers, not stuck in its own compute."""
+    for work in works:
+        if work is not None:
+            work.wait()

@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from megalite.distributed import comm
 from megalite.distributed.faults import InjectedFault
 
 # Errors that only say a peer went away or a collective waited too long: they are
@@ -63,14 +64,13 @@ class PeerFailure(RuntimeError):
 
 def _in_communication(thread: threading.Thread) -> bool:
     """Whether `thread` is blocked in communication: a frame of its stack in torch.distributed (the
-    collectives), or its innermost frame a wait helper (megalite's p2p and ring attention wait on
-    their works from functions named `_wait`)."""
+    blocking collectives) or in `comm.wait`, through which megalite waits on every asynchronous work
+    (gradient buckets, p2p, ring attention, overlapped reduce-scatters); comm.wait does nothing but
+    wait, so its frame anywhere on the stack means the rank waits on its peers."""
     frame = sys._current_frames().get(thread.ident)
-    if frame is not None and frame.f_code.co_name.endswith("wait"):
-        return True
     marker = f"{os.sep}torch{os.sep}distributed{os.sep}"
     while frame is not None:
-        if marker in frame.f_code.co_filename:
+        if frame.f_code is comm.wait.__code__ or marker in frame.f_code.co_filename:
             return True
         frame = frame.f_back
     return False

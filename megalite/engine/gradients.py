@@ -136,8 +136,7 @@ class OverlappedAllReduce:
 
     def reset(self) -> None:
         """Forget this global batch: no accumulation counted, nothing launched (waits for in-flight work)."""
-        for _, work in getattr(self, "launched", {}).values():
-            work.wait()
+        comm.wait(*(work for _, work in getattr(self, "launched", {}).values()))
         self.counts: dict[int, int] = {}         # id(param) -> accumulations this global batch
         self.ready = [0] * len(self.buckets)     # bucket -> parameters with all their accumulations
         self.launched: dict[int, tuple] = {}     # bucket -> (flat [n], async work)
@@ -172,7 +171,7 @@ class OverlappedAllReduce:
         for b, bucket in enumerate(self.buckets):
             if b in self.launched:
                 flat, work = self.launched.pop(b)
-                work.wait()
+                comm.wait(work)
                 flat.div_(self.size)  # gloo has no AVG op; the p.grad views see the mean
             else:
                 whole = sum(p.numel() for p in bucket)  # one collective for what the bucket holds

@@ -170,8 +170,7 @@ _DKV_TAG = 2  # kv and doc ids use tags 0 and 1; dk/dv cross the same link while
 
 
 def _wait(works) -> None:
-    for w in works:
-        w.wait()
+    comm.wait(*works)
 
 
 # ------------------------------------------------------------ block math (fp32)

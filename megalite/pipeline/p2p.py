@@ -90,7 +90,7 @@ class Batch:
     def _wait(self, works: list) -> None:
         for work in works:
             if id(work) not in self.waited:  # gloo: waiting a finished receive again waits for another message
-                work.wait()
+                comm.wait(work)
                 self.waited.add(id(work))
 
     def take(self, a: Action) -> torch.Tensor:

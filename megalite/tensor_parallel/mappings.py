@@ -81,8 +81,7 @@ def all_gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
     out, pending = start_reduce_scatter_first(x, group)
-    if pending is not None:
-        pending.wait()
+    comm.wait(pending)
     return out
 
 
@@ -211,8 +210,7 @@ class _SequenceParallelLinear(torch.autograd.Function):
         grad_input, pending = start_reduce_scatter_first(grad.matmul(weight), ctx.group)
         grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(gathered.reshape(-1, gathered.shape[-1]))
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        if pending is not None:
-            pending.wait()
+        comm.wait(pending)
         x_dtype, w_dtype = ctx.dtypes
         grad_bias = None if grad_bias is None else grad_bias.to(w_dtype)
         return grad_input.to(x_dtype), grad_weight.to(w_dtype), grad_bias, None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from megalite.distributed import comm
 from megalite.tensor_parallel.mappings import all_gather_dim, compute_dtype, start_reduce_scatter_first
 
 
@@ -66,8 +67,7 @@ class _PairedLinear(torch.autograd.Function):
             for d_half, out in zip((d_even, d_odd), _halves(d_w)):
                 torch.mm(d_half.t(), flat, out=out)  # straight into the interleaved rows
         d_b = torch.stack((d_even.sum(0), d_odd.sum(0)), dim=-1).flatten() if ctx.has_bias else None
-        if pending is not None:
-            pending.wait()
+        comm.wait(pending)
         x_dtype, w_dtype = ctx.dtypes
         return d_x.to(x_dtype), d_w.to(w_dtype), None if d_b is None else d_b.to(w_dtype), None
 

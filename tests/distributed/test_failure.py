@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megalite.distributed import comm
 from megalite.distributed.failure import FailureGuard, PeerFailure, Terminated, _in_communication, classify, placement
 from megalite.distributed.faults import InjectedFault, fault_from_env, parse_fault
 from megalite.topology import Topology
@@ -132,21 +133,22 @@ def test_classify_separates_causes_from_symptoms():
     assert classify(ValueError("bad shape")) == "error"
 
 
-def test_a_thread_blocked_in_a_wait_helper_is_in_communication_and_one_asleep_is_not():
+def test_a_thread_blocked_in_comm_wait_is_in_communication_and_one_asleep_is_not():
     release = threading.Event()
+    work = SimpleNamespace(wait=release.wait)  # stands in for a pending gloo/NCCL work
 
-    def _wait():  # named as megalite's p2p and ring attention wait helpers
-        release.wait()
+    def bucket_wait():  # as the gradient reducer, p2p and ring attention wait on their works
+        comm.wait(None, work)
 
     def hang():
         while not release.is_set():
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (_wait, hang)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (bucket_wait, hang)]
     for t in threads:
         t.start()
     time.sleep(0.2)
-    try:  # Event.wait itself is the innermost frame of the first; the second sleeps in `hang`
+    try:  # the first blocks below comm.wait's frame; the second sleeps in `hang`, in its own compute
         assert [_in_communication(t) for t in threads] == [True, False]
     finally:
         release.set()
