@@ -174,6 +174,17 @@ class CheckpointReader:
                 node = (self.skeletons[rank].get("model") or {}).get(name)
                 return self._get(rank, _key(node, f"rank {rank}'s model['{name}']")).float()
             return self._across_experts(name, pp, tp, model_tensor)
+        ep = self.layout.ep if self._entry(name).get("expert_parallel") else 1
+        if ep == 1:
+            return self._assemble(pieces, pp, tp, name)
+        # experts under ZeRO: each ep rank's share is sliced over its edp group (the cell's ranks at the
+        # same place of every block of ep), assembled per ep rank, then joined along the experts
+        cell = self.cells[(pp, tp)]
+        return torch.cat([self._assemble([(r, e) for r, e in pieces if cell.index(r) % ep == j], pp, tp, name)
+                          for j in range(ep)], 0)
+
+    def _assemble(self, pieces: list[tuple[int, dict]], pp: int, tp: int, name: str) -> torch.Tensor:
+        """A local tensor from its ZeRO slices [(rank, entry)], checked complete."""
         shape = [int(s) for s in pieces[0][1]["shape"]]
         flat, filled = torch.zeros(shape, dtype=torch.float32).reshape(-1), 0
         for rank, entry in pieces:  # one dp slice at a time

@@ -166,9 +166,9 @@ def _check_expert_parallel(cfg: Config, world_size: int | None, err) -> None:
     elif m.moe_num_experts % p.ep:
         err(f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel rank "
             "holds an equal share of the experts); set model.moe.num_experts or parallel.ep")
-    if cfg.engine.backend != "native":
-        err(f"parallel.ep={p.ep} with engine.backend={cfg.engine.backend}: expert parallelism runs on the native "
-            "engine only so far (DeepSpeed's expert groups are not wired yet); set engine.backend=native")
+    if cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+        err(f"parallel.ep={p.ep} with engine.zero_stage=3: DeepSpeed partitions only its own AutoEP layers' "
+            "experts under ZeRO-3; use engine.zero_stage 1 or 2 (experts sharded over their edp group)")
     if cfg.train.precision == "fp16":
         err(f"parallel.ep={p.ep} with train.precision=fp16: dynamic loss scaling with expert parallelism is not "
             "tested yet; use bf16 or fp32")

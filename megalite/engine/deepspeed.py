@@ -33,6 +33,15 @@ DeepSpeed's forward adds to its module hooks: `clear_backward_seen_flag`,
 which advances ZeRO's micro-step counter (without it ZeRO-2/3 overwrite
 instead of accumulating gradients across micro-batches).
 
+Expert parallelism: DeepSpeed's ZeRO-1/2 partition an MoE's experts over the expert-data-parallel
+group (ranks holding the same experts) instead of dp, reduce their gradients over it (divided by the
+whole dp x cp, as the native engine does) and count each expert once in the grad norm. It finds
+experts by `isinstance(module, deepspeed.moe.layer.MoE)` and reads its groups from
+deepspeed.utils.groups, keyed by a name ('ep_size_{ep}'); `_experts_known_to_deepspeed` registers
+megalite's own ep and edp groups under that name, marks the expert parameters as DeepSpeed's MoE
+layers do (`allreduce=False`, `group_name`), and lets that isinstance see megalite's MoE layers for
+the duration of deepspeed.initialize (its only MoE check that matters for ZeRO-1/2).
+
 With pipeline parallelism, ZeRO-0/1 work under megalite's scheduler: non-last
 stages run autograd.backward on their outputs outside DeepSpeed's backward,
 which is harmless there because ZeRO-0/1 reduce gradients only in `step()`.
@@ -41,6 +50,7 @@ ZeRO-2/3 reduce-scatter from backward hooks and are refused at config time
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import deepspeed
@@ -72,6 +82,36 @@ def _tell_deepspeed(model: nn.Module) -> None:
         p.ds_pipe_replicated = s.pipeline_copy
 
 
+@contextlib.contextmanager
+def _experts_known_to_deepspeed(model: nn.Module, groups):
+    """Within: deepspeed.initialize treats the modules holding expert-parallel parameters as its MoE
+    layers, over megalite's ep and edp groups (see the module docstring)."""
+    experts = {id(p) for p in model.parameters() if sharding_of(p).expert_parallel}
+    if not experts:
+        yield
+        return
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.utils import groups as ds_groups
+
+    name = f"ep_size_{groups.ep_size}"  # DeepSpeed's own naming of an expert-parallel degree
+    for registry, kind in ((ds_groups._EXPERT_PARALLEL_GROUP, "ep"), (ds_groups._EXPERT_DATA_PARALLEL_GROUP, "edp")):
+        registry[name] = getattr(groups, f"{kind}_group")
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.members("ep"))
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(groups.members("edp"))
+    layers = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in experts:
+                p.allreduce, p.group_name = False, name
+                layers.add(type(module))
+    ds_moe = ds_engine.MoE
+    ds_engine.MoE = (ds_moe, *layers)  # isinstance takes a tuple; the layers carry `num_experts`
+    try:
+        yield
+    finally:
+        ds_engine.MoE = ds_moe
+
+
 class DeepSpeedEngine(Engine):
     """The Engine interface over a DeepSpeed engine (ZeRO stage `cfg.engine.zero_stage`).
 
@@ -91,9 +131,10 @@ class DeepSpeedEngine(Engine):
         self.aliases = _tied_aliases(model)
         self._hooks = GradientPolicy(list(model.parameters()), groups.tp_group).sequence_parallel_hooks()
         _skip_shared_memory_collectives(device_type)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
-            mpu=groups if dist.is_initialized() else None, dist_init_required=False)
+        with _experts_known_to_deepspeed(model, groups):
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                config=self.ds_config, mpu=groups if dist.is_initialized() else None, dist_init_required=False)
         if self.stage > 0:
             # DeepSpeed's own forward() does this first; the trainer calls the model directly, so a hook does it:
             # ZeRO counts micro-batches here (without it every backward overwrites, not accumulates, the grads)
@@ -112,7 +153,7 @@ class DeepSpeedEngine(Engine):
         """
         opt = self._plain_optimizer()
         params = [p for group in opt.param_groups for p in group["params"]]
-        policy = GradientPolicy(params, self.groups.tp_group, self.groups.mp_group)
+        policy = GradientPolicy(params, self.groups.tp_group, self.groups.mp_group, self.groups.ep_group)
 
         def pre_step(optimizer, args, kwargs):
             norm = policy.grad_norm()
@@ -166,8 +207,8 @@ class DeepSpeedEngine(Engine):
         """
         g = self.groups
         out = {"backend": "deepspeed", "zero_stage": self.stage, "precision": self.precision,
-               "coords": {"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank, **_cp(g, g.cp_rank)},
-               "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp(g, g.cp_size)},
+               "coords": {"tp": g.tp_rank, "pp": g.pp_rank, "dp": g.dp_rank, **_cp_ep(g, "rank")},
+               "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp_ep(g, "size")},
                "schedule": self.schedule.state_dict(), "scaler": self._scaler_state(),
                "counters": {"global_steps": int(self.ds.global_steps), "global_samples": int(self.ds.global_samples),
                             "skipped_steps": int(self.ds.skipped_steps)},
@@ -217,7 +258,7 @@ class DeepSpeedEngine(Engine):
     def _check_layout(self, state: dict) -> None:
         g = self.groups
         here = {"zero_stage": self.stage,
-                "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp(g, g.cp_size)}}
+                "sizes": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, **_cp_ep(g, "size")}}
         there = {"zero_stage": state.get("zero_stage"), "sizes": state.get("sizes")}
         if state.get("backend") != "deepspeed" or here != there:
             raise ValueError(f"engine state was written by backend={state.get('backend')!r} with {there}, but this "
@@ -268,9 +309,10 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
             if id(t) in canonical and canonical[id(t)] != name}
 
 
-def _cp(groups, value) -> dict:
-    """{'cp': value} under context parallelism; nothing without it (what states before cp recorded)."""
-    return {"cp": value} if groups.cp_size > 1 else {}
+def _cp_ep(groups, what: str) -> dict:
+    """This rank's cp and ep coordinates (`what`='rank') or sizes ('size'), each only where it is > 1
+    (what states before context and expert parallelism recorded)."""
+    return {dim: getattr(groups, f"{dim}_{what}") for dim in ("cp", "ep") if getattr(groups, f"{dim}_size") > 1}
 
 
 def _param_names(engine: DeepSpeedEngine) -> dict[int, str]:
@@ -278,11 +320,14 @@ def _param_names(engine: DeepSpeedEngine) -> dict[int, str]:
 
 
 def _stage12_partitions(engine: DeepSpeedEngine):
-    """ZeRO-1/2: each param group is one flat buffer split evenly over dp (x cp); rank r owns chunk r."""
-    opt, names, r = engine.optimizer, _param_names(engine), engine.groups.grad_rank
+    """ZeRO-1/2: each param group is one flat buffer split evenly over dp (x cp), an MoE group's over the
+    expert-data-parallel group (the ranks holding the same experts); rank r of that group owns chunk r."""
+    opt, names = engine.optimizer, _param_names(engine)
     out = []
     for i, params in enumerate(opt.bit16_groups):
         flat, master = opt.bit16_groups_flat[i], opt.single_partition_of_fp32_groups[i]
+        moe = opt.is_moe_param_group[i] if getattr(opt, "has_moe_layers", False) else False
+        r = dist.get_rank(group=opt.real_dp_process_group[i]) if moe else engine.groups.grad_rank
         size, pieces = master.numel(), []
         lo_rank, hi_rank = r * size, (r + 1) * size
         for p in params:

@@ -164,7 +164,7 @@ def test_config_names_and_rules():
                          (["model.moe.capacity_factor=0"], "model.moe_capacity_factor=0.0 must be > 0"),
                          (["train.compile=true"], "train.compile=True with model.moe_num_experts=4"),
                          (["parallel.ep=3"], "parallel.ep=3 must divide model.moe_num_experts=4"),
-                         (["parallel.ep=2", "engine.backend=deepspeed"], "expert parallelism runs on the native"),
+                         (["parallel.ep=2", "engine.backend=deepspeed", "engine.zero_stage=3"], "own AutoEP"),
                          (["parallel.ep=4"], r"parallel.ep=4 must divide dp \* cp = 2\*1 = 2")):
         with pytest.raises(ConfigError, match=message):
             validate(load_config("tiny", ["model.moe.num_experts=4", *bad]), world_size=2)

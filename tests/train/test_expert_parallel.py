@@ -3,9 +3,9 @@ all-to-all, reproduce the one-process curve of the same MoE model (tests/train/t
 over 20 fp32 steps: ep=2 and ep=4 on dp=4, ep=2 x tp=2 (experts replicated over tp), ep=2 x pp=2.
 
 Tolerance rel 5e-6 at every step, as the other MoE layouts: the same routing and the same products,
-summed in another order. Native engine only (DeepSpeed's expert groups are not wired: refused by
-name). Checkpoints of ep > 1 are read whole (export, consolidation) and resharded to any ep with their
-optimizer state.
+summed in another order. Also ep=2 under DeepSpeed ZeRO-0/1/2 (megalite's ep and edp groups registered
+as DeepSpeed's expert groups; ZeRO-3 refused by name). Checkpoints of ep > 1 are read whole (export,
+consolidation, ZeRO slices included) and native ones resharded to any ep with their optimizer state.
 """
 import pytest
 import torch
@@ -33,6 +33,10 @@ LAYOUTS = {
     "ep4_dp4": (4, {"parallel.ep": 4}),
     "ep2_tp2": (4, {"parallel.ep": 2, "parallel.tp": 2}),
     "ep2_pp2": (4, {"parallel.ep": 2, "parallel.pp": 2}),
+    # DeepSpeed partitions the experts' optimizer state over their edp group (2 ranks here), the rest over dp=4
+    "ep2_zero1": (4, {"parallel.ep": 2, "engine.backend": "deepspeed", "engine.zero_stage": 1}),
+    "ep2_zero2": (4, {"parallel.ep": 2, "engine.backend": "deepspeed", "engine.zero_stage": 2}),
+    "ep2_zero0": (4, {"parallel.ep": 2, "engine.backend": "deepspeed", "engine.zero_stage": 0}),
 }
 
 
