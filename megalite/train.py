@@ -10,6 +10,7 @@ the engine, the runner and the data loader.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import sys
@@ -49,13 +50,14 @@ from megalite.distributed.failure import FailureGuard, placement
 from megalite.distributed.faults import fault_from_env
 from megalite.distributed.run_lock import lock_for_all_ranks
 from megalite.distributed.stop import StopSignal
-from megalite.engine import build_engine
+from megalite.engine import StepResult, build_engine
 from megalite.engine.checks import build_cpu_adam
 from megalite.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb
 from megalite.model import active_matmul_parameters, matmul_parameters, total_parameters
 from megalite.pipeline import PipelineRunner, build_stage_model, schedule_kind
 from megalite.preflight import preflight
 from megalite.rng import rng_state, seed_everything, set_rng_state
+from megalite.stability import Stability, skip_ahead
 from megalite.topology import ProcessGroups, Topology
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision ->
@@ -203,6 +205,8 @@ class Trainer:
                                      self.compute_dtype)
         self.datasets = build_datasets(cfg.data, samples_per_split(cfg))
         self.step = 0
+        self.data_position = 0  # samples of the training order read or skipped (megalite.stability)
+        self.stability = Stability(cfg.train, self.log)
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
         # MFU's FLOPs per token at a sequence length (the attention term grows with it: a warm-up's vary)
         # MoE: the parameters a token's matmuls touch (its top_k experts), not all of them
@@ -257,13 +261,18 @@ class Trainer:
             self.log(line)
         self.maybe_resume()
         t = self.cfg.train
-        train_iter = iter(self._loader("train", self.step * t.global_batch_size))
-        last, final, saved = {}, {}, False
+        train_iter, last, final, saved = None, {}, {}, False
         while self.step < t.steps:
+            if train_iter is None or skip_ahead(self.data_position, self.stability.ranges) != self.data_position:
+                self.data_position = skip_ahead(self.data_position, self.stability.ranges)
+                train_iter = iter(self._loader("train", self.data_position))
             self.step += 1
             for hook in self.step_hooks:
                 hook(self.step)
             last = self.train_step(train_iter)
+            if last is None:  # rolled back to the latest checkpoint: the data after the spike, at its step
+                train_iter = None
+                continue
             if self.step % self.cfg.logging.interval == 0 or self.step == t.steps:
                 self.metrics.log(self.step, last)
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
@@ -301,13 +310,50 @@ class Trainer:
         take_comm_bytes()  # count only this step's traffic, not evaluation's
         self.model.train()
         batches = cut_batches([next(train_iter) for _ in range(self.accum)], self.seq_len_now)
+        self.data_position += self.cfg.train.global_batch_size
         loss_sum = self.runner.train_batch(batches)
-        result = self.engine.step()
-        loss = self._dp_mean(loss_sum)
-        if not math.isfinite(loss):
+        action = self.stability.action
+        loss = self._dp_mean(loss_sum) if action == "skip" else None  # known before the update
+        if loss is not None and self.stability.loss_before_update(self.step, loss, self.device):
+            self.engine.zero_grad()
+            result = StepResult(grad_norm=math.nan, skipped=True, lr=self.engine.schedule.current_lr,
+                                loss_scale=getattr(self.engine, "loss_scale", 1.0))
+        else:
+            result = self.engine.step()
+        loss = self._dp_mean(loss_sum) if loss is None else loss
+        if action in ("log", "rollback") or (action == "skip" and not result.skipped):
+            values = {"grad_norm": result.grad_norm} if action == "skip" else {"loss": loss,
+                                                                               "grad_norm": result.grad_norm}
+            spike = self.stability.after_update(self.step, values, self.device, world=action != "skip")
+            if spike and action == "rollback":
+                self.rollback(spike)
+                return None
+            if spike:
+                self.log(f"step {self.step}: spike: {spike}" + (" (the update was applied: a grad-norm spike is "
+                                                                "seen inside the optimizer step)" if action == "skip"
+                                                                else ""))
+        if not math.isfinite(loss) and action in ("off", "log"):  # 'skip' dropped the update, 'rollback' returned
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; last good checkpoint: "
                                    f"{latest_checkpoint(self.ckpt_dir) or 'none saved yet'}")
         return {**self._step_metrics(loss, result, time.perf_counter() - start), **self.runner.moe_metrics()}
+
+    def rollback(self, spike: str) -> None:
+        """Reload the latest checkpoint, record the samples read since it as skipped, continue after them."""
+        path, s = latest_checkpoint(self.ckpt_dir), self.stability
+        if path is None or s.rollbacks >= s.max_rollbacks:
+            why = ("no checkpoint has been saved to roll back to" if path is None else
+                   f"train.stability_max_rollbacks={s.max_rollbacks} rollbacks were spent")
+            raise TrainingDiverged(f"step {self.step}: spike ({spike}) and {why}; skipped so far: {s.ranges}")
+        end, spiked_at = self.data_position, self.step
+        progress = self._load(path)
+        s.rollbacks += 1
+        s.record_skip(progress.consumed_samples, end)
+        s.detector.forget_after(self.step)
+        self.data_position = end
+        self.log(f"step {spiked_at}: spike: {spike}; rolled back to {path} (step {self.step}), skipping samples "
+                 f"[{progress.consumed_samples}, {end}) (rollback {s.rollbacks} of {s.max_rollbacks})")
+        if self.rank == 0:
+            _write_skipped(self.run_dir, s.ranges)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.groups.dp_size > 1:
@@ -325,7 +371,7 @@ class Trainer:
                 "skipped": result.skipped, "seq_len": self.seq_len_now, "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token(self.seq_len_now) * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
-                "consumed_samples": self.step * t.global_batch_size,
+                "consumed_samples": self.data_position,
                 **{f"comm_{key}_bytes": n for key, n in take_comm_bytes().items()}}
 
     @torch.no_grad()
@@ -344,8 +390,8 @@ class Trainer:
         return RankState(model=self.model.state_dict(), shards=self.engine.shard_metadata(),
                          engine=self.engine.state_dict(),
                          rng={**rng_state(), "tp_tracker": self.model.rng_tracker.get_state()},
-                         progress=Progress(self.step, self.step * self.cfg.train.global_batch_size,
-                                           data_order(self.cfg)),
+                         progress=Progress(self.step, self.data_position, data_order(self.cfg),
+                                           [list(r) for r in self.stability.ranges]),
                          layout=self.layout)
 
     def save(self) -> None:
@@ -373,10 +419,22 @@ class Trainer:
         path = self.check_resume()  # world size, files, layout and data order: checked, not again
         if path is None:
             return
+        progress = self._load(path)
+        self.data_position = progress.consumed_samples
+        self.stability.ranges = sorted({*self.stability.ranges, *(tuple(r) for r in progress.skipped_samples)})
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _load(self, path: Path) -> Progress:
+        """Model, engine, RNG and step from checkpoint `path`; returns its progress record."""
         state = RankState.from_dict(load_checkpoint(path, self.rank, verified=True), path)
         self.model.load_state_dict(state.model)
         self.engine.load_state_dict(state.engine)
         set_rng_state(state.rng)
         self.model.rng_tracker.set_state(state.rng["tp_tracker"])
         self.step = state.progress.step
-        self.log(f"resumed from {path} at step {self.step}")
+        return state.progress
+
+
+def _write_skipped(run_dir: Path, ranges: list) -> None:
+    """run_dir/skipped_samples.json: the sample ranges the run skipped, for people and inspect_data."""
+    (run_dir / "skipped_samples.json").write_text(json.dumps([list(r) for r in ranges]) + "\n")

@@ -88,15 +88,22 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     data_order: dict | None = None  # None: not recorded (imported weights, older checkpoints)
+    skipped_samples: list = field(default_factory=list)  # [[start, end), ...] of the training order (stability)
 
     @classmethod
     def from_dict(cls, data, where) -> "Progress":
         if not isinstance(data, dict) or "step" not in data:
             raise CheckpointError(f"{where}: progress {data!r} has no step")
-        return cls(int(data["step"]), int(data.get("consumed_samples", 0)), data.get("data_order"))
+        skipped = data.get("skipped_samples") or []
+        if not all(isinstance(r, list) and len(r) == 2 for r in skipped):
+            raise CheckpointError(f"{where}: progress skipped_samples {skipped!r} is not a list of [start, end]")
+        return cls(int(data["step"]), int(data.get("consumed_samples", 0)), data.get("data_order"),
+                   [[int(a), int(b)] for a, b in skipped])
 
     def to_dict(self) -> dict:
         out = {"step": self.step, "consumed_samples": self.consumed_samples}
+        if self.skipped_samples:  # only where a run skipped data: older readers see what they wrote
+            out["skipped_samples"] = [list(r) for r in self.skipped_samples]
         return out if self.data_order is None else {**out, "data_order": dict(self.data_order)}
 
 

@@ -111,7 +111,7 @@ def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Conf
     preset = label.startswith("preset ")
     written = set() if preset else _keys_of(data)
     for section, values in data.items():
-        pairs = _moe_flattened(values) if section == "model" and isinstance(values, dict) else values
+        pairs = _flattened(section, values) if isinstance(values, dict) else values
         pairs = pairs.items() if isinstance(pairs, dict) else []
         if section in section_types() and not isinstance(values, (dict, type(None))):
             errors.append(f"{label}: section {section!r} must be a mapping of keys, got {values!r}")
@@ -125,8 +125,8 @@ def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Conf
     for text in overrides:
         dotted, eq, raw = str(text).partition("=")
         parts = dotted.strip().split(".")
-        if len(parts) == 3 and parts[:2] == ["model", "moe"]:  # model.moe.top_k is model.moe_top_k
-            parts = ["model", f"moe_{parts[2]}"]
+        if len(parts) == 3 and tuple(parts[:2]) in NESTED:  # model.moe.top_k is model.moe_top_k
+            parts = [parts[0], f"{parts[1]}_{parts[2]}"]
         try:
             if not eq or len(parts) != 2 or not all(parts):
                 raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
@@ -139,17 +139,24 @@ def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Conf
     return follow_the_run(cfg, written, {key: label for key in _keys_of(data)} if preset else {})
 
 
-def _moe_flattened(model: dict) -> dict:
-    """A YAML model section's `moe:` mapping (Megatron-Core's and torchtitan's nesting) as model.moe_* keys."""
-    nested = model.get("moe")
-    if not isinstance(nested, dict):
-        return model
-    return {**{k: v for k, v in model.items() if k != "moe"}, **{f"moe_{k}": v for k, v in nested.items()}}
+# (section, group): a YAML mapping `group:` in the section, or a dotted key section.group.name, is the
+# field section.group_name (Megatron-Core's and torchtitan's nesting of MoE settings, and of ours)
+NESTED = {("model", "moe"), ("train", "stability")}
+
+
+def _flattened(section: str, values: dict) -> dict:
+    """A YAML section with its nested mappings (NESTED) as flat group_* keys."""
+    out = dict(values)
+    for outer, group in NESTED:
+        if outer == section and isinstance(values.get(group), dict):
+            del out[group]
+            out.update({f"{group}_{k}": v for k, v in values[group].items()})
+    return out
 
 
 def _keys_of(data: dict) -> set[str]:
     return {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict)
-            for key in (_moe_flattened(values) if section == "model" else values)}
+            for key in _flattened(section, values)}
 
 
 def follow_the_run(cfg: Config, written: set[str], origins: dict[str, str]) -> Config:

@@ -21,6 +21,7 @@ GridOrder = Literal[("tp-dp-pp", "tp-pp-dp", "dp-tp-pp", "dp-pp-tp", "pp-tp-dp",
 Schedule = Literal["1f1b", "interleaved", "afab"]
 Partition = Literal["uniform", "balanced"]
 TokenCheck = Literal["sample", "all", "off"]
+StabilityAction = Literal["off", "log", "skip", "rollback"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant"]
 Recompute = Literal["none", "selective", "full"]
@@ -295,6 +296,21 @@ class TrainConfig:
     """fp16 only: steps without overflow before the scale doubles."""
     min_loss_scale: float = 1.0
     """fp16 only: the scale never drops below this."""
+    stability_action: StabilityAction = "off"
+    """Loss / grad-norm spikes (also `train.stability.action`; megalite.stability): 'off' (a non-finite loss
+    ends the run); 'log'; 'skip' (a loss spike's update is dropped; native engine); 'rollback' (reload the
+    latest checkpoint, skip the samples read since it, continue)."""
+    stability_window: int = 50
+    """Steps whose values form the rolling median and MAD a new value is tested against."""
+    stability_threshold: float = 6.0
+    """A value above median + threshold * 1.4826 * MAD (a robust z-score) is a spike."""
+    stability_min_history: int = 10
+    """Values the window must hold before anything is called a spike."""
+    stability_max_rollbacks: int = 3
+    """'rollback': rollbacks allowed per run (process); one more spike ends the run with what was skipped."""
+    skip_samples: list[str] = field(default_factory=list)
+    """Sample ranges of the training order never trained on, 'START:END' (multiples of global_batch_size),
+    e.g. ['4096:8192']; a rollback adds its own (kept in checkpoints and run_dir/skipped_samples.json)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from megalite.config.blend import parse_data_path
 from megalite.config.fields import coerce, describe_type, field_types, section_types
 from megalite.config.sections import Config, ConfigError, head_dim, is_moe_layer, kv_heads, resolved_ffn_hidden_size
 from megalite.config.seq_schedule import parse_seq_len_schedule
+from megalite.config.skip_samples import parse_skip_samples
 
 SPLITS = ("train", "valid", "test")
 POSITIVE = ("model.vocab_size", "model.pad_vocab_to", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -320,8 +321,22 @@ def samples_per_split(cfg: Config) -> dict[str, int]:
     """Samples the run reads from each split: every step's global batch, every evaluation's batches."""
     t = cfg.train
     evals = (t.steps // t.eval_interval + 1) if t.eval_interval else 1
-    return {"train": t.steps * t.global_batch_size, "valid": evals * t.eval_steps * t.global_batch_size,
+    return {"train": (t.steps + _skipped_steps(cfg)) * t.global_batch_size,
+            "valid": evals * t.eval_steps * t.global_batch_size,
             "test": t.eval_steps * t.global_batch_size}
+
+
+def _skipped_steps(cfg: Config) -> int:
+    """Global batches the run may skip besides those it trains on: train.skip_samples, and per rollback
+    at most the batches since the latest checkpoint (checkpoint.interval)."""
+    t = cfg.train
+    try:
+        ranges = sum(-(-(end - start) // t.global_batch_size) for start, end in
+                     parse_skip_samples(t.skip_samples, t.global_batch_size))
+    except (ValueError, ZeroDivisionError):  # validate reports a bad entry
+        ranges = 0
+    rollbacks = t.stability_max_rollbacks * cfg.checkpoint.interval if t.stability_action == "rollback" else 0
+    return ranges + max(rollbacks, 0)
 
 
 def _check_split_shares(cfg: Config, err) -> None:
@@ -364,6 +379,29 @@ def _check_data(cfg: Config, err) -> None:
             "preprocessed with: set data.tokenizer_model")
 
 
+def _check_stability(cfg: Config, err) -> None:
+    """train.stability_* and train.skip_samples (megalite.stability)."""
+    t = cfg.train
+    for key, low in (("stability_window", 2), ("stability_min_history", 1), ("stability_max_rollbacks", 0)):
+        if getattr(t, key) < low:
+            err(f"train.{key}={getattr(t, key)} must be >= {low}")
+    if t.stability_min_history > t.stability_window:
+        err(f"train.stability_min_history={t.stability_min_history} must be <= train.stability_window="
+            f"{t.stability_window} (the window holds the history)")
+    if not t.stability_threshold > 0:
+        err(f"train.stability_threshold={t.stability_threshold} must be > 0 (a robust z-score; 6 is the default)")
+    if t.stability_action == "skip" and cfg.engine.backend != "native":
+        err(f"train.stability_action='skip' with engine.backend={cfg.engine.backend}: dropping an update "
+            "mid-accumulation is implemented for the native engine; use 'rollback' or 'log' with DeepSpeed")
+    if t.stability_action == "rollback" and not cfg.checkpoint.interval:
+        err("train.stability_action='rollback' needs checkpoints to roll back to: set checkpoint.interval > 0")
+    if t.global_batch_size > 0:
+        try:
+            parse_skip_samples(t.skip_samples, t.global_batch_size)
+        except ValueError as e:
+            err(str(e))
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Raise ConfigError listing every broken rule (one per line, each naming key, value and rule).
 
@@ -384,6 +422,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check_model(cfg, err)
         _check_parallel(cfg, world_size, err)
         _check_train(cfg, world_size, err)
+        _check_stability(cfg, err)
         _check_data(cfg, err)
     if errors:
         raise ConfigError("\n".join(errors))
