@@ -197,6 +197,7 @@ class Trainer:
                                        p.sequence_parallel, cfg.train.activation_checkpointing, cfg.train.seed,
                                        p.partition, cfg.train.recompute_num_layers,
                                        cfg.train.compile, g.cp_group, g.ep_group).to(self.device)
+        self.model.z_loss = cfg.optim.z_loss
         self.engine = build_engine(cfg, self.model, groups, self.device.type)
         self.accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * groups.dp_size)
         self.eod = document_eod(cfg.data)  # None: attention crosses document boundaries (plain causal)

@@ -251,6 +251,9 @@ class OptimConfig:
     """Steps over which to decay to min_lr; None means train.steps - warmup_steps."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    z_loss: float = 0.0
+    """z-loss coefficient c: the objective adds c * log(Z)^2 per token, Z the output softmax's normaliser
+    (PaLM: 1e-4), computed vocabulary-parallel; the logged loss stays the cross-entropy; 0 disables."""
 
 
 @dataclass

@@ -388,6 +388,8 @@ def _check_stability(cfg: Config, err) -> None:
     if t.stability_min_history > t.stability_window:
         err(f"train.stability_min_history={t.stability_min_history} must be <= train.stability_window="
             f"{t.stability_window} (the window holds the history)")
+    if cfg.optim.z_loss < 0:
+        err(f"optim.z_loss={cfg.optim.z_loss} must be >= 0 (PaLM used 1e-4; 0 disables it)")
     if not t.stability_threshold > 0:
         err(f"train.stability_threshold={t.stability_threshold} must be > 0 (a robust z-score; 6 is the default)")
     if t.stability_action == "skip" and cfg.engine.backend != "native":

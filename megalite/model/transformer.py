@@ -105,6 +105,7 @@ class Transformer(nn.Module):
         tp = group_size(tp_group)
         check_model(cfg, tp)
         self.cfg, self.tp_group = cfg, tp_group
+        self.z_loss = 0.0  # the training objective's z-loss coefficient (optim.z_loss, set by the Trainer)
         self.sequence_parallel = sequence_parallel and tp > 1  # a group of one has nothing to split
         self.padded_vocab = padded_vocab_size(cfg, tp)
         last = cfg.num_layers + 1
@@ -165,8 +166,10 @@ class Transformer(nn.Module):
         return run_blocks((self.blocks[i] for i in self.chunks[chunk]), x, documents)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Local logits [s, b, Vp/tp] and labels [b, s] -> per-token fp32 loss [b, s]."""
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()  # [s, b] -> [b, s]
+        """Local logits [s, b, Vp/tp] and labels [b, s] -> per-token fp32 loss [b, s] (the cross-entropy; its
+        gradient includes the z-loss when `z_loss` is set, see tensor_parallel.cross_entropy)."""
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group,
+                                            z_loss=self.z_loss if torch.is_grad_enabled() else 0.0).t()
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token fp32 cross-entropy [b, s] of predicting labels [b, s] from tokens [b, s] (whole model;

@@ -12,6 +12,13 @@ the saved logits and the saved per-token max and sum, with the same operations
 as a whole-tensor pass, so the result does not depend on the chunk size.
 With one rank (tp=1) no all-reduce is needed and each chunk goes through torch's
 fused log_softmax forward and softmax backward instead (the same chunks, the same bound).
+
+z-loss (PaLM's auxiliary loss, `optim.z_loss`): with coefficient c, the objective per token is
+CE + c * z^2, z = log sum_j exp(logit_j) the log-partition function, which keeps z near 0 and the
+softmax's normaliser from drifting (a known source of late-training spikes). Its gradient,
+2 c z softmax_j, is added in backward from the max and the sum of exponentials the forward already
+reduced over the vocabulary (no extra collective); the value returned stays the cross-entropy,
+so the logged loss compares with runs without it and with evaluations.
 """
 from __future__ import annotations
 
@@ -68,19 +75,24 @@ def _shifted(logits: torch.Tensor, rows: slice, valid: int, max_logit: torch.Ten
     return x
 
 
-def _whole_vocab_loss(logits: torch.Tensor, labels: torch.Tensor, chunks: list[slice], valid: int) -> torch.Tensor:
+def _whole_vocab_loss(logits: torch.Tensor, labels: torch.Tensor, chunks: list[slice], valid: int,
+                      z: torch.Tensor | None = None) -> torch.Tensor:
     """One rank holds the whole vocabulary: per chunk, torch's fused log_softmax (max, exp, sum and
     log in one vectorized pass, fp32) over the real ids, and the target's entry; about a third
-    faster on a CPU than the three separate passes the vocabulary-parallel path needs."""
+    faster on a CPU than the three separate passes the vocabulary-parallel path needs. With `z`
+    given, the log-partition function of each token is written into it (z-loss): logit - logp of any id."""
     loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
     for rows in chunks:
         logp = torch.log_softmax(logits[rows, ..., :valid], dim=-1, dtype=torch.float32)
-        loss[rows] = logp.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1).neg()
+        target = logp.gather(-1, labels[rows].unsqueeze(-1))
+        loss[rows] = target.squeeze(-1).neg()
+        if z is not None:
+            z[rows] = (logits[rows].gather(-1, labels[rows].unsqueeze(-1)).float() - target).squeeze(-1)
     return loss
 
 
 def _whole_vocab_grad(logits: torch.Tensor, labels: torch.Tensor, chunks: list[slice], valid: int,
-                      grad_loss: torch.Tensor) -> torch.Tensor:
+                      grad_loss: torch.Tensor, z_scale: torch.Tensor | None) -> torch.Tensor:
     """d loss / d logits = (softmax - one_hot(target)) * grad_loss, a chunk at a time, the softmax
     fused and written straight into the gradient where its dtype and width allow; padded ids get 0."""
     grad = torch.empty_like(logits)
@@ -90,6 +102,8 @@ def _whole_vocab_grad(logits: torch.Tensor, labels: torch.Tensor, chunks: list[s
             x = torch.ops.aten._softmax.out(logits[rows], -1, False, out=grad[rows])
         else:
             x = torch.softmax(logits[rows, ..., :valid], dim=-1, dtype=torch.float32)
+        if z_scale is not None:  # z-loss: softmax * (1 + 2 c z)
+            x *= z_scale[rows].unsqueeze(-1)
         x.scatter_add_(-1, labels[rows].unsqueeze(-1), torch.full_like(x[..., :1], -1.0))
         x *= grad_loss[rows].unsqueeze(-1)
         if not direct:
@@ -100,15 +114,16 @@ def _whole_vocab_grad(logits: torch.Tensor, labels: torch.Tensor, chunks: list[s
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, group, vocab_size, chunk_elements):
+    def forward(ctx, logits, labels, group, vocab_size, chunk_elements, z_loss):
         s, v_local = logits.shape[0], logits.shape[-1]
         start = group_rank(group) * v_local
         chunks = _chunks(s, logits[0].numel(), chunk_elements)
-        ctx.whole_vocab = FUSED_WHOLE_VOCAB and group_size(group) == 1
+        ctx.whole_vocab, ctx.z_loss = FUSED_WHOLE_VOCAB and group_size(group) == 1, z_loss
         if ctx.whole_vocab:
             ctx.valid, ctx.chunks = _valid(0, v_local, vocab_size), chunks
-            ctx.save_for_backward(logits, labels)
-            return _whole_vocab_loss(logits, labels, chunks, ctx.valid)
+            z = torch.empty(labels.shape, dtype=torch.float32, device=logits.device) if z_loss else None
+            ctx.save_for_backward(logits, labels, z)
+            return _whole_vocab_loss(logits, labels, chunks, ctx.valid, z)
         local = labels - start
         owned = (local >= 0) & (local < v_local)  # [s, b]: this rank holds the target's logit
         local = local.masked_fill(~owned, 0)
@@ -133,32 +148,38 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        none = (None,) * 5
         if ctx.whole_vocab:
-            logits, labels = ctx.saved_tensors
-            return _whole_vocab_grad(logits, labels, ctx.chunks, ctx.valid, grad_loss), None, None, None, None
+            logits, labels, z = ctx.saved_tensors
+            z_scale = None if z is None else 1.0 + 2.0 * ctx.z_loss * z
+            return _whole_vocab_grad(logits, labels, ctx.chunks, ctx.valid, grad_loss, z_scale), *none
         logits, local, owned, max_logit, sum_exp = ctx.saved_tensors
         grad = torch.empty_like(logits)
         in_place = logits.dtype == torch.float32  # fp32 logits: each chunk is computed in its slot of grad
+        # z-loss: softmax scaled by 1 + 2 c z, z = max + log(sum_exp): the reduced per-token quantities
+        divisor = sum_exp if not ctx.z_loss else sum_exp / (1.0 + 2.0 * ctx.z_loss * (max_logit + sum_exp.log()))
         for rows in ctx.chunks:  # d loss / d logit = softmax - one_hot(target), a chunk at a time
             x = _shifted(logits, rows, ctx.valid, max_logit, out=grad[rows] if in_place else None)
             x.exp_()
-            x /= sum_exp[rows].unsqueeze(-1)
+            x /= divisor[rows].unsqueeze(-1)
             x.scatter_add_(-1, local[rows].unsqueeze(-1), -owned[rows].to(x.dtype).unsqueeze(-1))
             x *= grad_loss[rows].unsqueeze(-1)
             if not in_place:
                 grad[rows] = x
-        return grad, None, None, None, None
+        return grad, *none
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None,
-                                 vocab_size: int | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                                 vocab_size: int | None = None, chunk_elements: int = CHUNK_ELEMENTS,
+                                 z_loss: float = 0.0) -> torch.Tensor:
     """Per-token loss [s, b] in fp32 from local logits [s, b, V/tp] and global label ids [s, b].
 
     `vocab_size` (optional) is the real vocabulary: logits of padded ids
     (>= vocab_size) are treated as -inf, so they get zero probability and
     zero gradient. Labels must lie in [0, vocab_size); they are not checked
     here (that would cost a device sync). `chunk_elements` bounds the fp32
-    working memory (see the module docstring); the result does not depend on it.
+    working memory (see the module docstring); the result does not depend on it. `z_loss` > 0
+    adds the z-loss's gradient (module docstring); the value returned is the cross-entropy.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
@@ -167,4 +188,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_
         raise ValueError(f"vocab_size={vocab_size} must be positive")
     if chunk_elements <= 0:
         raise ValueError(f"chunk_elements={chunk_elements} must be positive")
-    return _VocabParallelCrossEntropy.apply(logits, labels, tp_group, vocab_size, chunk_elements)
+    if z_loss < 0:
+        raise ValueError(f"z_loss={z_loss} must be >= 0 (PaLM used 1e-4)")
+    return _VocabParallelCrossEntropy.apply(logits, labels, tp_group, vocab_size, chunk_elements, float(z_loss))

@@ -62,3 +62,26 @@ def test_no_fp32_tensor_is_bigger_than_a_chunk(loss_path):
             _loss_and_grad(logits, labels, chunk_elements)
         bound = positions * 2 * width * 4
         assert seen.largest == bound, (chunk_elements, seen.largest)  # one chunk of fp32 logits, never more
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_adds_the_gradient_of_c_times_log_partition_squared_and_leaves_the_value(dtype, loss_path):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(17, 2, 96)).to(dtype).requires_grad_(True)  # z well away from 0
+    labels = torch.randint(0, 90, (17, 2))
+    up = torch.linspace(0.5, 1.5, 2)
+    c = 1e-2  # large enough that the z term is a sizeable share of the gradient
+    loss = vocab_parallel_cross_entropy(logits, labels, None, vocab_size=90, chunk_elements=3 * 96 * 4, z_loss=c)
+    grad, = torch.autograd.grad((loss * up).sum(), logits)
+    ref = logits.detach().float()[..., :90].requires_grad_(True)  # the objective written out, in autograd
+    ce = torch.nn.functional.cross_entropy(ref.reshape(-1, 90), labels.reshape(-1), reduction="none").view(17, 2)
+    ((ce + c * torch.logsumexp(ref, -1) ** 2) * up).sum().backward()
+    # fp32 math on both sides, differing in summation order: a few ulps (1e-5 relative to the largest entry)
+    torch.testing.assert_close(loss, ce.detach(), rtol=1e-6, atol=0)
+    scale = ref.grad.abs().max()
+    torch.testing.assert_close(grad[..., :90].float(), ref.grad, rtol=0, atol=1e-5 * scale if dtype == torch.float32
+                               else 1e-2 * scale)  # bf16: the gradient is rounded to 8 bits of mantissa
+    assert torch.all(grad[..., 90:] == 0)
+    plain, = torch.autograd.grad((vocab_parallel_cross_entropy(logits, labels, None, vocab_size=90) * up).sum(),
+                                 logits)
+    assert (plain - grad).float().abs().max() > 0.1 * scale  # the z term is really there

@@ -196,15 +196,15 @@ def test_cross_entropy_rejects_mismatched_shapes():
         vocab_parallel_cross_entropy(torch.zeros(4, 2, 8), torch.zeros(2, 4, dtype=torch.long))
 
 
-def _cross_entropy_match(vocab):
+def _cross_entropy_match(vocab, z_loss=0.0):
     r = dist.get_rank()
     logits, labels = _logits_labels(vocab)
     ref = logits[..., :vocab].clone().requires_grad_(True)
     want = F.cross_entropy(ref.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(S, B)
     up = _t(8, S, B)
-    (want * up).sum().backward()
+    ((want + z_loss * torch.logsumexp(ref, -1) ** 2) * up).sum().backward()  # z-loss: in the gradient only
     local = logits.chunk(WORLD, -1)[r].clone().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(local, labels, dist.group.WORLD, vocab_size=vocab)
+    loss = vocab_parallel_cross_entropy(local, labels, dist.group.WORLD, vocab_size=vocab, z_loss=z_loss)
     (loss * up).sum().backward()
     full_grad = torch.cat([ref.grad, torch.zeros(S, B, 24 - vocab)], -1)
     # the padded ids' gradient is exactly zero on both sides (ratio 0 for 0 == 0, else over the allowance)
@@ -212,7 +212,7 @@ def _cross_entropy_match(vocab):
             worst(local.grad, full_grad.chunk(WORLD, -1)[r], RTOL, ATOL_FRAC, f"rank {r} logit grad"))
 
 
-@pytest.mark.parametrize("vocab", [24, 20, 9])  # no padding; padding inside rank 1; rank 1 all padding
-def test_cross_entropy_tp2_matches_full_vocabulary(spawn, vocab):
-    for errors in spawn(_cross_entropy_match, WORLD, vocab):
+@pytest.mark.parametrize("vocab,z_loss", [(24, 0.0), (20, 0.0), (9, 0.0), (20, 0.05)])  # no padding; padding
+def test_cross_entropy_tp2_matches_full_vocabulary(spawn, vocab, z_loss):  # inside rank 1; rank 1 all padding
+    for errors in spawn(_cross_entropy_match, WORLD, vocab, z_loss):
         assert all(ratio <= 1 for ratio, _ in errors), [m for ratio, m in errors if ratio > 1]

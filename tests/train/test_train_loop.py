@@ -116,3 +116,14 @@ def test_resume_with_another_partition_is_refused(counting_data, tmp_path, spawn
     assert spawn(_train_pp2, 2, counting_data, str(tmp_path), 1, "uniform") == ["trained"] * 2
     for message in spawn(_train_pp2, 2, counting_data, str(tmp_path), 2, "balanced"):
         assert "parallel.partition=uniform but this run uses parallel.partition=balanced" in message, message
+
+
+def test_z_loss_joins_the_objective_and_not_the_logged_loss(counting_data, tmp_path):
+    curves = {}
+    for z in (0.0, 0.05):
+        cfg = load_config("tiny", tiny_overrides(counting_data, tmp_path / str(z), steps=3, **{"optim.z_loss": z}))
+        Trainer(cfg, ProcessGroups.single()).fit()
+        curves[z] = losses(tmp_path / str(z), "loss", "grad_norm")
+    assert curves[0.0][1][0] == curves[0.05][1][0]  # step 1's loss is the cross-entropy of the same weights
+    assert curves[0.0][1][1] != pytest.approx(curves[0.05][1][1], rel=1e-3)  # its gradient is not
+    assert curves[0.0][3][0] != pytest.approx(curves[0.05][3][0], rel=1e-4)
