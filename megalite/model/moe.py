@@ -10,9 +10,12 @@ to sum to 1 (DeepSeek-V3, without its bias-based balancing). Routing runs in fp3
 
 Experts. Each is the dense MLP's shape at width f = moe_ffn_hidden_size: fc1 [E, 2f, h] (SwiGLU,
 rows alternating gate_j, up_j as the dense MLP's) or [E, f, h] (GELU), fc2 [E, h, f], no biases.
-They are computed batched per expert: the tokens routed to expert e are gathered, run through it
-and added back weighted (a loop over experts; PyTorch's grouped matmul is CUDA-only and private,
-not used). Dropless by default; with moe_capacity_factor c an expert takes at most
+They are computed batched per expert: the tokens routed to the experts are gathered in expert
+order and run through all of them by two grouped matmuls (torch._grouped_mm: one kernel each for
+fc1 and fc2 over the contiguous runs, on the CPU and on CUDA from compute capability 9.0 in bf16;
+it has no autocast rule, so the 16-bit cast is done here), else by a loop over the local experts
+(older GPUs, widths h or f whose rows are not a multiple of 16 bytes, and a torch without it);
+both compute the same products. Dropless by default; with moe_capacity_factor c an expert takes at most
 ceil(c * n * k / E) of its slots in token order and drops the rest (the token then gets only its
 other experts' share, no renormalisation), counted in the stats.
 
@@ -121,6 +124,17 @@ def _sum_over(t: torch.Tensor, groups) -> torch.Tensor:
     return t
 
 
+def _grouped_mm_takes(rows: torch.Tensor, width: int, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs the experts here: it exists, the device has a kernel for `dtype`
+    (the CPU any float; CUDA bf16 from sm90) and every operand's rows are 16-byte multiples."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if rows.device.type == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability(rows.device)[0] < 9):
+        return False
+    size = torch.finfo(dtype).bits // 8
+    return rows.device.type in ("cpu", "cuda") and (rows.shape[-1] * size) % 16 == 0 and (width * size) % 16 == 0
+
+
 class MoE(nn.Module):
     """The MoE feed-forward of one transformer layer (see the module docstring).
 
@@ -207,8 +221,19 @@ class MoE(nn.Module):
 
     def _run_local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [m, h] grouped by this rank's local experts, `counts` [local] of them -> outputs [m, h]."""
+        dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
+            else rows.dtype
+        if rows.shape[0] and _grouped_mm_takes(rows, self.fc2.shape[-1], dtype):
+            return self._grouped_experts(rows.to(dtype), counts, dtype).float()
         parts = [self._expert(j, rows_j).float() for j, rows_j in enumerate(rows.split(counts.tolist()))]
         return torch.cat(parts) if parts else rows.new_zeros(rows.shape, dtype=torch.float32)
+
+    def _grouped_experts(self, rows: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Every local expert on its run of `rows` by two grouped matmuls (the products of `_expert`)."""
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        a = torch._grouped_mm(rows, self.fc1.to(dtype).transpose(1, 2), offs=ends)
+        a = F.silu(a[:, 0::2]) * a[:, 1::2] if self.swiglu else F.gelu(a)
+        return torch._grouped_mm(a, self.fc2.to(dtype).transpose(1, 2), offs=ends)
 
     def _dispatch(self, rows: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
         """Sorted rows [m, h] (load [E] per expert) -> their experts' outputs, computed where they live."""

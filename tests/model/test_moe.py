@@ -257,3 +257,29 @@ def _skip_together() -> bool:
 
 def test_a_non_finite_expert_gradient_on_one_ep_rank_skips_the_step_everywhere(spawn):
     assert spawn(_skip_together, 2) == [True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matmul_experts_equal_the_loop_over_experts(dtype, monkeypatch):
+    from megalite.model import Transformer, moe
+
+    cfg = load_config("tiny", ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=48",
+                               "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+                               "model.num_kv_heads=2"]).model
+    assert moe._grouped_mm_takes(torch.zeros(1, 32), 48, dtype)  # the CPU runs the experts grouped
+    assert not moe._grouped_mm_takes(torch.zeros(1, 30), 48, dtype)  # rows of 30 elements: not 16-byte multiples
+
+    def run(grouped: bool):
+        torch.manual_seed(0)
+        layer = next(m for m in Transformer(cfg).modules() if isinstance(m, moe.MoE))
+        x = torch.randn(16, 2, 32, requires_grad=True)
+        with monkeypatch.context() as patch:
+            if not grouped:
+                patch.setattr(moe, "_grouped_mm_takes", lambda *args: False)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                y = layer(x)
+            y.float().square().sum().backward()
+        return y, x.grad, layer.fc1.grad, layer.fc2.grad
+
+    for a, b in zip(run(True), run(False)):  # the same products in the same order: the same bits
+        assert torch.equal(a, b)
