@@ -226,7 +226,16 @@ def add_inspect_arguments(ap: argparse.ArgumentParser) -> None:
 
 def inspect_command(args: argparse.Namespace) -> int:
     from megalite.config.blend import parse_data_path
-    from megalite.data.inspect import SETTING_KEYS, format_pieces, inspect_batch, load_decoder, settings, warmup_note
+    from megalite.data.inspect import (
+        SETTING_KEYS,
+        format_pieces,
+        inspect_batch,
+        load_decoder,
+        settings,
+        skipped_note,
+        skipped_ranges,
+        warmup_note,
+    )
 
     s = settings(args.run_dir, args.config, **{key: getattr(args, key) for key in SETTING_KEYS})
     parse_data_path(s["data_path"])  # fail early on a malformed path
@@ -234,9 +243,10 @@ def inspect_command(args: argparse.Namespace) -> int:
                            s["seed"], args.train_samples, s["data_split"], s["cache_dir"],
                            load_decoder(s["tokenizer_type"], s["tokenizer_model"]), args.words, s["run_samples"])
     print(format_pieces(pieces))
-    note = warmup_note(args.run_dir, args.config, args.batch, s["seq_len"]) if args.split == "train" else None
-    if note:
-        print(note)
+    if args.split == "train":
+        notes = (skipped_note(skipped_ranges(args.run_dir, args.config), args.batch, s["global_batch_size"]),
+                 warmup_note(args.run_dir, args.config, args.batch, s["seq_len"]))
+        print("\n".join(note for note in notes if note), end="\n" if any(notes) else "")
     return 0
 
 

@@ -4,7 +4,8 @@
 split, seq len, seed and index cache) and names, for every sample of global
 batch K, the document pieces it is made of. The sample order is prefix-stable
 (it does not depend on how many samples the run asked for), so global batch K
-is what the trainer read at step K + 1. `settings` / `run_settings` take the
+is what the trainer read at step K + 1, or fewer when the run skipped samples before it
+(`skipped_note`: train.skip_samples and the ranges its rollbacks recorded). `settings` / `run_settings` take the
 data and tokenizer settings from a run's resolved config.yaml; `format_pieces`
 prints the answer. The command line is `megalite inspect` (megalite.cli.data).
 """
@@ -181,6 +182,37 @@ def warmup_note(run_dir: str | None, config: str | None, batch: int, seq_len: in
         return None
     return (f"step {batch + 1} trained on sequences of {length} tokens (data.seq_len_schedule {schedule}): each "
             f"sample above was cut into {seq_len // length} consecutive sequences of {length}")
+
+
+def skipped_ranges(run_dir: str | None, config: str | None) -> list[tuple[int, int]]:
+    """The training order's sample ranges the run skipped: train.skip_samples and its rollbacks' record
+    (run_dir/skipped_samples.json, megalite.stability)."""
+    if not (run_dir or config):
+        return []
+    import json
+
+    from megalite.config import load_config
+    from megalite.config.skip_samples import parse_skip_samples
+
+    t = load_config(config or os.path.join(run_dir, "config.yaml")).train
+    ranges = set(parse_skip_samples(t.skip_samples, t.global_batch_size))
+    record = os.path.join(run_dir, "skipped_samples.json") if run_dir else None
+    if record and os.path.isfile(record):
+        with open(record) as f:
+            ranges |= {(int(a), int(b)) for a, b in json.load(f)}
+    return sorted(ranges)
+
+
+def skipped_note(ranges: list[tuple[int, int]], batch: int, global_batch_size: int) -> str | None:
+    """Whether global batch `batch` was trained on, and at which step, when the run skipped samples."""
+    if not ranges:
+        return None
+    start = batch * global_batch_size
+    listed = ", ".join(f"[{a}, {b})" for a, b in ranges)
+    if any(a <= start < b for a, b in ranges):
+        return f"no step trained on global batch {batch}: the run skipped samples {listed}"
+    before = sum(max(0, min(b, start) - a) for a, b in ranges) // global_batch_size
+    return f"step {batch + 1 - before} trained on global batch {batch} (the run skipped samples {listed})"
 
 
 def format_pieces(pieces: list[Piece]) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from megalite.checkpoint import latest_checkpoint, load_checkpoint
+from megalite.cli.data import inspect_main
 from megalite.config import ConfigError, load_config, validate
 from megalite.model.blocks import Head
 from megalite.stability import SpikeDetector, agree, skip_ahead, skipped_total
@@ -50,6 +51,10 @@ def test_a_planted_spike_rolls_back_skips_its_range_and_continues_as_a_run_that_
     progress = load_checkpoint(latest_checkpoint(rolled.ckpt_dir), 0)["progress"]
     assert progress["skipped_samples"] == [[32, 64]] and progress["consumed_samples"] == STEPS * BATCH + 32
 
+    for batch, says in ((7, "no step trained on global batch 7: the run skipped samples [32, 64)"),
+                        (8, "step 5 trained on global batch 8")):  # `megalite inspect` knows what was skipped
+        assert inspect_main(["--run-dir", str(tmp_path / "rolled"), "--batch", str(batch)]) == 0
+        assert says in capsys.readouterr().out
     never = _trainer(counting_data, tmp_path / "never", False, **{"train.skip_samples": "['32:64']"})
     never.fit()
     got, want = step_metrics(tmp_path / "rolled"), step_metrics(tmp_path / "never")
