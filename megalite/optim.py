@@ -48,13 +48,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 class LRSchedule:
-    """Linear warmup, then cosine/linear decay to min_lr, then constant.
+    """Linear warmup, then the decay of `optim.decay` down to min_lr (Megatron's --lr-decay-style).
 
-    Steps count from 1 (the first optimizer step is step 1), so with warmup
-    step 1 already has a small positive rate: lr * step / warmup_steps.
-    `decay='constant'` keeps the peak rate after warmup. The schedule itself
-    is a pure function of the step; `last_step` counts the optimizer steps
-    actually taken (skipped fp16 steps do not advance it).
+    Steps count from 1 (the first optimizer step is step 1), so with warmup step 1 already has a small
+    positive rate: lr * step / warmup_steps. After warmup, with E = warmup_steps + decay_steps the
+    step the decay ends at (decay_steps None: E = total_steps) and r the fraction of the decay done:
+
+    - 'cosine': min_lr + (lr - min_lr) * (1 + cos(pi r)) / 2 over steps warmup..E, then min_lr;
+    - 'linear': the same with 1 - r; 'constant': lr;
+    - 'wsd' (warmup-stable-decay): lr up to `wsd_start`, then `wsd_decay_style` over the next
+      `wsd_steps` steps to min_lr, then min_lr; by default the decay is the last wsd_decay_steps
+      (or wsd_decay_fraction of the steps after warmup) before E; `wsd_decay_start_step` sets where
+      it starts instead, e.g. at the step of a stable-phase checkpoint a cooldown branches from;
+    - 'inverse-square-root': lr * sqrt(max(warmup_steps, 1) / step), floored at min_lr (no end).
+
+    The schedule is a pure function of the step and the config; `last_step` counts the optimizer
+    steps actually taken (skipped fp16 steps do not advance it) and is all a checkpoint keeps, so a
+    resumed run follows its own config's curve from the saved step on.
     """
 
     def __init__(self, cfg: OptimConfig, total_steps: int):
@@ -72,6 +82,8 @@ class LRSchedule:
         self.lr, self.min_lr, self.kind = cfg.lr, cfg.min_lr, cfg.decay
         self.warmup_steps = cfg.warmup_steps
         self.decay_steps = max(decay_steps, 1)  # warmup covering the whole run leaves one decay step
+        self.wsd_style = cfg.wsd_decay_style
+        self.wsd_start, self.wsd_steps = wsd_window(cfg, self.warmup_steps, self.decay_steps)
         self.last_step = 0
 
     def lr_at(self, step: int) -> float:
@@ -80,12 +92,40 @@ class LRSchedule:
             return self.lr * max(step, 0) / self.warmup_steps
         if self.kind == "constant":
             return self.lr
-        progress = min((step - self.warmup_steps) / self.decay_steps, 1.0)
-        if self.kind == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "inverse-square-root":
+            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup_steps, 1) / max(step, 1)))
+        if self.kind == "wsd":
+            progress = min(max(step - self.wsd_start, 0) / self.wsd_steps, 1.0)
+            factor = DECAY_SHAPES[self.wsd_style](progress)
         else:
-            factor = 1.0 - progress
+            progress = min((step - self.warmup_steps) / self.decay_steps, 1.0)
+            factor = DECAY_SHAPES[self.kind](progress)
         return self.min_lr + (self.lr - self.min_lr) * factor
+
+    def milestones(self, total_steps: int) -> list[int]:
+        """The steps that show this curve's shape in a run of `total_steps`: the first, the end of
+        warmup, where the decay starts, its middle and its end, and the last (each once, in order)."""
+        w = self.warmup_steps
+        if self.kind == "wsd":
+            start, n = self.wsd_start, self.wsd_steps
+            steps = [1, w, start, start + n // 2, start + n]
+        elif self.kind in ("constant", "inverse-square-root"):
+            steps = [1, w, w + (total_steps - w) // 2]
+        else:
+            steps = [1, w, w + self.decay_steps // 2, w + self.decay_steps]
+        return sorted({s for s in [*steps, total_steps] if 1 <= s <= total_steps})
+
+    def describe(self) -> str:
+        """The curve in words, e.g. 'wsd: warmup 20 steps, stable to step 240, exponential decay over 60'."""
+        head = f"{self.kind}: warmup {self.warmup_steps} steps"
+        if self.kind == "wsd":
+            return (f"{head}, stable to step {self.wsd_start}, {self.wsd_style} decay over {self.wsd_steps} "
+                    f"steps to {self.min_lr:g}")
+        if self.kind == "constant":
+            return f"{head}, then {self.lr:g}"
+        if self.kind == "inverse-square-root":
+            return f"{head}, then {self.lr:g} * sqrt({max(self.warmup_steps, 1)} / step), at least {self.min_lr:g}"
+        return f"{head}, then to {self.min_lr:g} at step {self.warmup_steps + self.decay_steps}"
 
     def advance(self) -> float:
         """Count one more optimizer step and return its learning rate."""
@@ -98,7 +138,8 @@ class LRSchedule:
         return self.lr_at(self.last_step)
 
     def state_dict(self) -> dict:
-        """Progress only; the curve's shape comes from the config of the resumed run."""
+        """Progress only; the curve's shape comes from the config of the resumed run (a cooldown
+        resumed from a stable-phase checkpoint decays as its own config says)."""
         return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
@@ -106,3 +147,42 @@ class LRSchedule:
         if "last_step" not in state:
             raise KeyError(f"LR schedule state has no 'last_step' (keys: {sorted(state)})")
         self.last_step = int(state["last_step"])
+
+
+# factor of (lr - min_lr) above min_lr at fraction r of a decay (Megatron's coefficients)
+DECAY_SHAPES = {
+    "linear": lambda r: 1.0 - r,
+    "cosine": lambda r: 0.5 * (1.0 + math.cos(math.pi * r)),
+    "exponential": lambda r: 2.0 * 0.5 ** r - 1.0,
+    "minus_sqrt": lambda r: 1.0 - math.sqrt(r),
+}
+
+
+def wsd_window(cfg: OptimConfig, warmup_steps: int, decay_steps: int) -> tuple[int, int]:
+    """(last step at peak lr, steps of decay after it) of a 'wsd' schedule; ValueError naming the fix.
+
+    The decay ends at warmup_steps + decay_steps unless `wsd_decay_start_step` and `wsd_decay_steps`
+    both say otherwise. Other kinds get (warmup_steps, decay_steps), unused."""
+    if cfg.decay != "wsd":
+        return warmup_steps, decay_steps
+    end = warmup_steps + decay_steps
+    if not 0 < cfg.wsd_decay_fraction <= 1:
+        raise ValueError(f"optim.wsd_decay_fraction={cfg.wsd_decay_fraction} must be in (0, 1]")
+    if cfg.wsd_decay_steps is not None and cfg.wsd_decay_steps < 1:
+        raise ValueError(f"optim.wsd_decay_steps={cfg.wsd_decay_steps} must be >= 1 (or None for "
+                         "optim.wsd_decay_fraction of the steps after warmup)")
+    if cfg.wsd_decay_start_step is None:
+        steps = cfg.wsd_decay_steps or max(1, round(cfg.wsd_decay_fraction * decay_steps))
+        start = end - steps
+    else:
+        start = cfg.wsd_decay_start_step
+        steps = cfg.wsd_decay_steps or end - start
+    if start < warmup_steps:
+        fix = ("raise optim.wsd_decay_start_step" if cfg.wsd_decay_start_step is not None
+               else "lower optim.wsd_decay_steps (or optim.wsd_decay_fraction) or raise train.steps")
+        raise ValueError(f"optim.decay='wsd' would start its decay after step {start}, inside the warmup of "
+                         f"{warmup_steps} steps; {fix}")
+    if steps < 1:
+        raise ValueError(f"optim.wsd_decay_start_step={start} leaves no step to decay in before step {end}; "
+                         "set optim.wsd_decay_steps or raise train.steps")
+    return start, steps

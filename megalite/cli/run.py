@@ -56,7 +56,8 @@ def demo_command(args) -> int:
 
 def config_command(args) -> int:
     """Print the resolved config as YAML once it passes pre-flight (the rules, the data files it names, the
-    engine); a config error is one line per broken rule and exit code 2."""
+    engine), then the learning rate at a few steps as YAML comments (the output still loads as a config);
+    a config error is one line per broken rule and exit code 2."""
     from megalite.config import ConfigError, load_config, to_yaml
     from megalite.preflight import preflight
 
@@ -67,7 +68,18 @@ def config_command(args) -> int:
         print(f"megalite: {e}", file=sys.stderr)
         return 2
     print(to_yaml(cfg), end="")
+    print("\n".join(lr_summary(cfg)))
     return 0
+
+
+def lr_summary(cfg) -> list[str]:
+    """Two comment lines: the schedule in words, and its rate at the first step, the end of warmup, the
+    decay's start, middle and end, and the last step."""
+    from megalite.optim import LRSchedule
+
+    schedule = LRSchedule(cfg.optim, cfg.train.steps)
+    points = ", ".join(f"{step}: {schedule.lr_at(step):.4g}" for step in schedule.milestones(cfg.train.steps))
+    return [f"# lr schedule: {schedule.describe()}", f"# lr at step {points}"]
 
 
 def generate_command(args) -> int:

@@ -23,7 +23,8 @@ Partition = Literal["uniform", "balanced"]
 TokenCheck = Literal["sample", "all", "off"]
 StabilityAction = Literal["off", "log", "skip", "rollback"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
-Decay = Literal["cosine", "linear", "constant"]
+Decay = Literal["cosine", "linear", "constant", "wsd", "inverse-square-root"]
+WSDDecay = Literal["exponential", "linear", "cosine", "minus_sqrt"]
 Recompute = Literal["none", "selective", "full"]
 MoERouter = Literal["softmax", "sigmoid"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -246,9 +247,24 @@ class OptimConfig:
     warmup_steps: int = 10
     """Linear warmup from 0 to lr."""
     decay: Decay = "cosine"
-    """Decay after warmup: 'cosine', 'linear' or 'constant'."""
+    """Decay after warmup (Megatron's --lr-decay-style): 'cosine', 'linear' or 'constant'; 'wsd'
+    (warmup-stable-decay: lr until the decay phase, see wsd_*, then down to min_lr); or
+    'inverse-square-root' (lr * sqrt(warmup_steps / step), floored at min_lr; decay_steps does not apply)."""
     decay_steps: int | None = None
-    """Steps over which to decay to min_lr; None means train.steps - warmup_steps."""
+    """Steps after warmup over which to decay to min_lr ('wsd': whose end its decay phase ends at);
+    None means train.steps - warmup_steps."""
+    wsd_decay_steps: int | None = None
+    """'wsd': steps of the decay phase (Megatron's --lr-wsd-decay-iters); None means wsd_decay_fraction of
+    the steps after warmup, or with wsd_decay_start_step every step from there to the end."""
+    wsd_decay_fraction: float = 0.2
+    """'wsd' with no wsd_decay_steps: the share of the steps after warmup that decay (rounded), in (0, 1]."""
+    wsd_decay_style: WSDDecay = "exponential"
+    """'wsd': the decay phase's shape, r its fraction done (Megatron's --lr-wsd-decay-style): 'exponential'
+    (2 * 0.5^r - 1), 'linear' (1 - r), 'cosine' ((1 + cos(pi r)) / 2) or 'minus_sqrt' (1 - sqrt(r))."""
+    wsd_decay_start_step: int | None = None
+    """'wsd': the last step at peak lr, the decay phase following it; None means the decay phase ends the
+    run (decay_steps). A cooldown: resume a stable-phase checkpoint of step N (any decay; 'constant'
+    too) with optim.decay=wsd optim.wsd_decay_start_step=N optim.wsd_decay_steps=D train.steps=N+D."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     z_loss: float = 0.0

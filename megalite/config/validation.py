@@ -256,6 +256,48 @@ def _check_train(cfg: Config, world_size: int | None, err) -> None:
     _check_engine(cfg, err)
 
 
+def _check_lr_schedule(cfg: Config, err) -> None:
+    """optim.decay's own settings: the wsd_* ones only with 'wsd', a decay phase after the warmup and inside
+    the run, and no decay_steps for 'inverse-square-root' (which has no end)."""
+    o, steps = cfg.optim, cfg.train.steps
+    if o.decay != "wsd":
+        for key in ("wsd_decay_steps", "wsd_decay_start_step"):
+            if getattr(o, key) is not None:
+                err(f"optim.{key}={getattr(o, key)} applies only to optim.decay='wsd' (got {o.decay!r}); set "
+                    f"optim.decay=wsd or drop optim.{key}")
+    if o.decay == "inverse-square-root" and o.decay_steps is not None:
+        err(f"optim.decay_steps={o.decay_steps} does not apply to optim.decay='inverse-square-root' (lr * "
+            "sqrt(warmup_steps / step), floored at min_lr, has no end); drop optim.decay_steps")
+    if o.decay != "wsd" or o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 1):
+        return
+    if not 0 < o.wsd_decay_fraction <= 1:
+        err(f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1] (the share of the steps after "
+            "warmup that decay; 0.2 is the default), or set optim.wsd_decay_steps")
+        return
+    if o.wsd_decay_steps is not None and o.wsd_decay_steps < 1:
+        err(f"optim.wsd_decay_steps={o.wsd_decay_steps} must be >= 1, or null for optim.wsd_decay_fraction of the "
+            "steps after warmup")
+        return
+    span = max(o.decay_steps if o.decay_steps is not None else steps - o.warmup_steps, 1)
+    end, start = o.warmup_steps + span, o.wsd_decay_start_step
+    if start is None:
+        length = o.wsd_decay_steps or max(1, round(o.wsd_decay_fraction * span))
+        if length > span:
+            err(f"optim.wsd_decay_steps={length} is longer than the {span} steps after warmup (optim.decay_steps, "
+                "or train.steps - optim.warmup_steps); lower optim.wsd_decay_steps or raise train.steps")
+        return
+    if start < o.warmup_steps:
+        err(f"optim.wsd_decay_start_step={start} is inside the warmup (optim.warmup_steps={o.warmup_steps}); the "
+            f"decay starts after the warmup: use optim.wsd_decay_start_step >= {o.warmup_steps}")
+    elif start >= steps:
+        to = f"{start + o.wsd_decay_steps}" if o.wsd_decay_steps else f"{start} + the cooldown's steps"
+        err(f"optim.wsd_decay_start_step={start} is at or after the run's last step (train.steps={steps}), so no "
+            f"step decays; set train.steps={to}")
+    elif o.wsd_decay_steps is None and start >= end:
+        err(f"optim.wsd_decay_start_step={start} leaves no step to decay: the decay phase would end at step {end} "
+            "(optim.warmup_steps + optim.decay_steps); set optim.wsd_decay_steps or drop optim.decay_steps")
+
+
 def _check_engine(cfg: Config, err) -> None:
     """DeepSpeed-only fields, and the ZeRO x pipeline combinations that are refused (with the reason).
 
@@ -424,6 +466,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check_model(cfg, err)
         _check_parallel(cfg, world_size, err)
         _check_train(cfg, world_size, err)
+        _check_lr_schedule(cfg, err)
         _check_stability(cfg, err)
         _check_data(cfg, err)
     if errors:

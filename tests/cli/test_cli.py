@@ -237,6 +237,30 @@ def test_config_prints_resolved_yaml():
     assert "steps: 70" in out.stdout and "lr: 0.0002" in out.stdout
 
 
+@pytest.mark.parametrize("overrides, lines", [
+    ([], ["# lr schedule: cosine: warmup 20 steps, then to 0.0001 at step 300",
+          "# lr at step 1: 5e-05, 20: 0.001, 160: 0.00055, 300: 0.0001"]),
+    (["optim.decay=wsd", "optim.wsd_decay_steps=60"],
+     ["# lr schedule: wsd: warmup 20 steps, stable to step 240, exponential decay over 60 steps to 0.0001",
+      "# lr at step 1: 5e-05, 20: 0.001, 240: 0.001, 270: 0.0004728, 300: 0.0001"]),
+    (["optim.decay=wsd", "optim.wsd_decay_start_step=200", "optim.wsd_decay_steps=50", "optim.wsd_decay_style=linear"],
+     ["# lr schedule: wsd: warmup 20 steps, stable to step 200, linear decay over 50 steps to 0.0001",
+      "# lr at step 1: 5e-05, 20: 0.001, 200: 0.001, 225: 0.00055, 250: 0.0001, 300: 0.0001"]),
+    (["optim.decay=inverse-square-root"],
+     ["# lr schedule: inverse-square-root: warmup 20 steps, then 0.001 * sqrt(20 / step), at least 0.0001",
+      "# lr at step 1: 5e-05, 20: 0.001, 160: 0.0003536, 300: 0.0002582"]),
+])
+def test_config_ends_with_the_lr_at_a_few_steps_as_yaml_comments(overrides, lines, capsys):
+    import yaml
+
+    from megalite.cli import main
+
+    assert main(["config", "tiny", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-2:] == lines, out[-500:]
+    assert yaml.safe_load(out)["optim"]["decay"] == (overrides[0].split("=")[1] if overrides else "cosine")
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.hiden_size=64", "did you mean 'hidden_size'"),
     ("model.num_kv_heads=3", "num_kv_heads"),

@@ -233,6 +233,25 @@ RULES = [
      "model.rope_high_freq_factor=4.0 must be > model.rope_low_freq_factor=4.0 for model.rope_scaling='llama3'"),
     (["model.rope_scaling=linear", "model.position=learned"], None,
      "model.rope_scaling='linear' needs model.position='rope' (not 'learned')"),
+    (["optim.decay=wsd", "optim.wsd_decay_style=sqrt"], None,
+     "optim.wsd_decay_style='sqrt' must be one of exponential, linear, cosine, minus_sqrt"),
+    (["optim.wsd_decay_steps=50"], None,
+     "optim.wsd_decay_steps=50 applies only to optim.decay='wsd' (got 'cosine'); set optim.decay=wsd or drop"),
+    (["optim.decay=linear", "optim.wsd_decay_start_step=100"], None,
+     "optim.wsd_decay_start_step=100 applies only to optim.decay='wsd' (got 'linear')"),
+    (["optim.decay=inverse-square-root", "optim.decay_steps=100"], None,
+     "optim.decay_steps=100 does not apply to optim.decay='inverse-square-root'"),
+    (["optim.decay=wsd", "optim.wsd_decay_fraction=0"], None, "optim.wsd_decay_fraction=0.0 must be in (0, 1]"),
+    (["optim.decay=wsd", "optim.wsd_decay_steps=0"], None, "optim.wsd_decay_steps=0 must be >= 1, or null"),
+    (["optim.decay=wsd", "optim.wsd_decay_steps=290"], None,
+     "optim.wsd_decay_steps=290 is longer than the 280 steps after warmup"),
+    (["optim.decay=wsd", "optim.wsd_decay_start_step=10"], None,
+     "optim.wsd_decay_start_step=10 is inside the warmup (optim.warmup_steps=20)"),
+    (["optim.decay=wsd", "optim.wsd_decay_start_step=300", "optim.wsd_decay_steps=50"], None,
+     "optim.wsd_decay_start_step=300 is at or after the run's last step (train.steps=300), so no step decays; "
+     "set train.steps=350"),
+    (["optim.decay=wsd", "optim.wsd_decay_start_step=100", "optim.decay_steps=50"], None,
+     "optim.wsd_decay_start_step=100 leaves no step to decay: the decay phase would end at step 70"),
 ]
 
 
