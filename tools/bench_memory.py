@@ -3,6 +3,7 @@
 
     python tools/bench_memory.py            # every table; exit 1 if a figure is > 5% off or a target missed
     python tools/bench_memory.py --quick    # tp=1 and pp only (no spawned ranks)
+    python tools/bench_memory.py --moe      # the MoE block's table only
 
 Activations: the bytes autograd keeps for backward (saved-tensor hooks, each storage once) of one
 transformer block of the layer shape below, at micro-batch 1 and 2: the growth per token, divided by
@@ -13,11 +14,14 @@ ranks; each measures its own shard of the block). Pipeline: one pp=2 rank's forw
 replayed in the order its schedule runs them (1F1B, interleaved with 2 chunks), the peak of all
 graphs alive at once against in_flight x layers x the per-layer prediction. State: bytes per
 parameter the native engine holds after one step (weights, gradients, AdamW moments), each storage
-once; the ZeRO stages are measured by tools/bench_zero_memory.py.
+once; the ZeRO stages are measured by tools/bench_zero_memory.py. MoE: the same block with a dropless
+8-expert top-2 MoE feed-forward and one shared expert (model.moe_*), sdpa, fp32|bf16 x recompute at tp=1
+and (full run) at tp=2 with and without sequence parallelism.
 
 Targets (issue 15): bf16 activations per layer per (s*b*h) at most 34 without recompute and at most 2
 with full recompute; under sequence parallelism at tp=t no part of the block stays replicated (tp=2+SP
-keeps half of tp=1); every measurement within 5% of its prediction.
+keeps half of tp=1); every measurement within 5% of its prediction (an MoE block's fixed bytes may also
+exceed it by the 4*E bytes of torch._grouped_mm's offsets, which the model leaves out).
 """
 from __future__ import annotations
 
@@ -54,6 +58,9 @@ SEQ = 256
 PIPE = ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=768",
         "model.max_seq_len=128", "model.num_layers=4"]
 PIPE_SEQ, PIPE_BATCH, PIPE_MICRO = 128, 2, 4
+# the MoE block: LAYER with 8 experts of width 512, top-2, one shared expert
+MOE = LAYER + ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=512",
+               "model.moe.shared_experts=1"]
 MODES = ("none", "selective", "full")
 TARGETS = {("bf16", "none"): 34.0, ("bf16", "full"): 2.0}  # bytes per (s*b*h), sdpa, tp=1
 failures: list[str] = []
@@ -71,9 +78,10 @@ def _block(cfg, mode: str, tp_group=None, sp: bool = False) -> TransformerBlock:
     return block
 
 
-def _check(label: str, measured: float, predicted: float) -> str:
+def _check(label: str, measured: float, predicted: float, slack: int = 0) -> str:
+    """The ratio, printed; a failure when off by more than TOLERANCE and by more than `slack` bytes above."""
     ratio = measured / predicted if predicted else float(measured == 0)
-    if abs(ratio - 1) > TOLERANCE:
+    if abs(ratio - 1) > TOLERANCE and not 0 <= measured - predicted <= slack:
         failures.append(f"{label}: measured {measured:.3f}, predicted {predicted:.3f}")
     return f"{ratio:6.3f}"
 
@@ -99,32 +107,33 @@ def print_grid(cfg, rows) -> dict:
         pred = layer_activation_bytes_per_token(cfg, lay, SEQ) / h
         pred_fixed = layer_fixed_bytes(cfg, lay, SEQ)
         label = f"tp={lay.tp} sp={lay.sequence_parallel} {lay.attention} {lay.precision} {lay.recompute}"
+        offsets = 4 * cfg.moe_num_experts  # torch._grouped_mm's int32 offsets, where moe.py uses it: not modelled
         print(f"{lay.tp:>2} {'on' if lay.sequence_parallel else 'off':>3} {lay.attention:9} {lay.precision:5} "
               f"{lay.recompute:9} | {per_token / h:12.3f} {pred:8.3f} {_check(label, per_token / h, pred)} | "
-              f"{fixed:12,d} {pred_fixed:10,d} {_check(label + ' fixed', fixed, pred_fixed)}")
+              f"{fixed:12,d} {pred_fixed:10,d} {_check(label + ' fixed', fixed, pred_fixed, offsets)}")
         table[lay] = per_token / h
     return table
 
 
-def _tp_worker(rank: int, port: int, layouts, results) -> None:
+def _tp_worker(rank: int, port: int, layouts, results, overrides) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        rows = measure_grid(_cfg(LAYER), layouts, dist.group.WORLD)
+        rows = measure_grid(_cfg(overrides), layouts, dist.group.WORLD)
         if rank == 0:
             results.put(rows)
     finally:
         dist.destroy_process_group()
 
 
-def measure_tp2(layouts: list[Layout]):
+def measure_tp2(layouts: list[Layout], overrides=LAYER):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(_tp_worker, args=(port, layouts, results), nprocs=2, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(port, layouts, results, overrides), nprocs=2, start_method="spawn")
     return results.get()
 
 
@@ -183,10 +192,27 @@ def state_table() -> None:
               f"ratio {_check(f'state {precision}', total, pred_total)}")
 
 
+def moe_table(quick: bool) -> None:
+    cfg = _cfg(MOE)
+    print(f"\nMoE block: {cfg.moe_num_experts} experts of width {cfg.moe_ffn_hidden_size}, top-{cfg.moe_top_k}, "
+          f"{cfg.moe_shared_experts} shared, dropless; same attention and s as above")
+    one = [Layout(precision=p, recompute=r) for p in ("fp32", "bf16") for r in MODES]
+    rows = measure_grid(cfg, one)
+    if not quick:
+        rows += measure_tp2([Layout(tp=2, sequence_parallel=sp, precision=p, recompute=r)
+                             for sp in (False, True) for p in ("fp32", "bf16") for r in MODES], MOE)
+    print_grid(cfg, rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tp=1 and pp only (no spawned ranks)")
+    ap.add_argument("--moe", action="store_true", help="the MoE block's table only")
     args = ap.parse_args()
+    if args.moe:
+        moe_table(args.quick)
+        print("\n" + ("all within 5%" if not failures else "FAILED:\n  " + "\n  ".join(failures)))
+        return 1 if failures else 0
     cfg = _cfg(LAYER)
     print(f"one block: h={cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} kv), FFN "
           f"{cfg.ffn_hidden_size}, s={SEQ}; bytes autograd keeps per (s*b*h) and per micro-batch\n")
@@ -201,6 +227,7 @@ def main() -> int:
     check_targets(table)
     if not args.quick:
         check_sequence_parallel(table)
+    moe_table(args.quick)
     pipeline_table()
     state_table()
     print("\n" + ("all within 5% and every target met" if not failures else "FAILED:\n  " + "\n  ".join(failures)))

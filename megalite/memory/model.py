@@ -16,6 +16,7 @@ f = ffn/tp this rank's widths:
                      + e*hq*s/tp        math path instead: the softmax probabilities (plus one [s, s]
                                         bool mask per micro-batch, not per token)
     MLP              e*(2f + f)         SwiGLU: fc1's output and fc2's input; GELU: e*(f + f)
+    MoE layer        instead of the MLP, see below (model.moe_*, the layers is_moe_layer picks)
     q/k norm         e*(q + kv) + 4*(hq + hkv)/tp   model.qk_norm: as a norm over each head's d
                                         features (fp32: 8*(q + kv) + 4*(hq + hkv)/tp); whole heads, so
                                         SP does not divide it
@@ -35,15 +36,47 @@ position).
 A pipeline stage holds as many (micro-batch, chunk) graphs at once as its schedule leaves in
 flight (`in_flight`); parameters, gradients and optimizer state follow `STATE_BYTES`.
 
+An MoE layer (megalite.model.moe, dropless) keeps, in place of fc1's input and the MLP, per token this
+rank routes (all s under tp without SP, where every tp rank holds and runs all the experts; s/tp under
+SP; s/cp under cp), with E experts, top-k, f = moe_ffn_hidden_size (whole: tp does not split experts)
+and r = e the router's bytes (its F.linear is autocast whatever x.float(), and CPU autocast keeps
+softmax, top-k and logsumexp in 16-bit too):
+
+    router           e*h + 2*r*E + r    its input (autocast's copy, or in fp32 the norm output fc1 would
+                     + 8*k              keep), the probabilities, the logits and log-sum-exp the z-loss
+                                        keeps (even at coefficient 0), the top-k expert ids (int64)
+                     + r*k + r          sigmoid, or softmax with moe_norm_topk_prob: the top-k weights and
+                                        their sum, kept by the renormalising division
+    per routed slot  16 + r + e*h       k slots per token: int64 token and slot ids, the slot's weight,
+    (k per token)    + e*4f | e*2f      the gathered row, SwiGLU: fc1's output, silu(gate) (plain
+                                        autograd, not the dense MLP's _SwiGLU) and fc2's input; GELU: e*2f
+                     + 8*h              the fp32 expert output (kept by the weighting multiply) and the
+                                        weighted product (kept by index_add, for its shape)
+    shared experts   the dense MLP's    model.moe_shared_experts: at width moe_shared_experts*f/tp, plus
+                     + e*h_sp in 16-bit its input (the router keeps autocast's copy, not the norm output)
+
+Each slot term is one buffer over all the experts (the sorted rows, the grouped matmuls' outputs) or
+one per expert (the expert loop's), summing alike, so given the routed-slot count (dropless: exactly k
+per token) the bytes do not depend on how the slots split across experts.
+'selective' recomputes nothing in the routed experts (only the shared experts' SwiGLU activation);
+'full' keeps the block input as for a dense block. Per micro-batch (fixed): under autocast the 16-bit
+copies of the router and every expert (E*(h + 3*f*h) SwiGLU) and the shared experts' tp shard, and in
+any dtype 4*E + 4*(2E + 1) bytes
+of load-balancing statistics (fp32); not counted: torch._grouped_mm's int32 offsets (4*E bytes) where
+moe.py takes that path. CUDA's autocast runs softmax and sum in fp32 (its fp32 op list), so there the
+router's r-terms are 4 bytes wide in part: not measured here (the checks run on the CPU).
+
 The figures are checked against exact measurements in tools/bench_memory.py (saved-tensor bytes
 per layer) and tools/bench_zero_memory.py (state bytes per parameter). Not modelled (refused by
-name): dropout (its masks), which the predictions assume off, and MoE layers' activations.
+name): dropout (its masks), which the predictions assume off; in MoE layers a capacity factor (the
+kept slots depend on the routing) and expert parallelism (a rank computes the slots every ep rank
+routes to its experts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalite.config import ModelConfig, head_dim, resolved_ffn_hidden_size
+from megalite.config import ModelConfig, head_dim, is_moe_layer, moe_ffn_hidden_size, resolved_ffn_hidden_size
 from megalite.pipeline.schedules import compute_order  # the very schedule the executor runs
 
 # (weights, gradients, optimizer state) bytes per parameter on one rank, functions of dp (mixed
@@ -68,16 +101,21 @@ class Layout:
     precision: str = "fp32"        # train.precision
     attention: str = "sdpa"        # the attention backend the run uses (megalite.kernels.attention)
     cp: int = 1                    # parallel.cp: ring attention over s / cp positions per rank
+    ep: int = 1                    # parallel.ep: MoE experts sharded over ep ranks (not modelled: refused)
 
 
 def _check(cfg: ModelConfig, lay: Layout) -> None:
     if cfg.dropout:
         raise ValueError(f"model.dropout={cfg.dropout}: the memory model leaves dropout masks out; "
                          "predict with model.dropout=0")
-    if cfg.moe_num_experts:
-        raise ValueError(f"model.moe_num_experts={cfg.moe_num_experts}: the memory model does not yet predict an "
-                         "MoE layer's activations (router, per-expert gathers, data-dependent counts); state bytes "
-                         "(state_bytes, on total_parameters) do apply")
+    if cfg.moe_num_experts and cfg.moe_capacity_factor is not None:
+        raise ValueError(f"model.moe_capacity_factor={cfg.moe_capacity_factor}: the memory model does not yet "
+                         "predict an MoE layer with dropped slots (how many an expert keeps depends on the "
+                         "routing); predict the dropless layer, an upper bound, with model.moe_capacity_factor=null")
+    if cfg.moe_num_experts and lay.ep > 1:
+        raise ValueError(f"parallel.ep={lay.ep}: the memory model does not yet predict expert parallelism (a rank "
+                         "keeps the slots every ep rank routes to its experts, which depends on the routing); "
+                         "predict with ep=1")
     if lay.attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {lay.attention!r} is not one of {ATTENTION_BACKENDS}")
     if lay.recompute not in ("none", "selective", "full"):
@@ -98,45 +136,92 @@ def _rms_bytes(e: int, width: float, rows: float) -> float:
     return 8 * width + 4 * rows if e == 4 else e * width + 4 * rows  # fp32: the input and x/rms
 
 
-def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int) -> float:
-    """Bytes one transformer block keeps for backward per token of a micro-batch on one tp rank."""
+def _is_moe(cfg: ModelConfig, layer: int | None) -> bool:
+    """Whether block `layer` has the MoE feed-forward; None: the model's blocks, which must all be alike."""
+    if layer is not None:
+        return is_moe_layer(cfg, layer)
+    kinds = {is_moe_layer(cfg, i) for i in range(1, cfg.num_layers + 1)}
+    if len(kinds) > 1:
+        raise ValueError(f"model.moe_every={cfg.moe_every}, moe_first_dense={cfg.moe_first_dense} mix dense and "
+                         f"MoE layers: pass layer= (1..{cfg.num_layers}) to say which block")
+    return kinds.pop()
+
+
+def _mlp_bytes(f: float, e: int, selective: bool, swiglu: bool) -> float:
+    """A dense MLP's bytes per token at this rank's width f, less its input."""
+    return e * (2 * f + (0 if selective else f)) if swiglu else e * 2 * f
+
+
+def _moe_bytes(cfg: ModelConfig, lay: Layout, e: int, share: float) -> float:
+    """An MoE feed-forward's bytes per token of the micro-batch, `share` of which this rank routes."""
+    k, E, h, f = cfg.moe_top_k, cfg.moe_num_experts, cfg.hidden_size, moe_ffn_hidden_size(cfg)
+    r = e  # the router's dtype: autocast runs its F.linear in 16-bit and (CPU) softmax stays there
+    swiglu = cfg.activation == "swiglu"
+    router = e * h + 2 * r * E + r + 8 * k  # input, probabilities, logits + lse (z-loss), int64 expert ids
+    if cfg.moe_router == "sigmoid" or cfg.moe_norm_topk_prob:  # the renormalising division keeps both sides
+        router += r * k + r
+    # int64 token and slot ids, the slot's weight, its row, the expert's insides, two fp32 [h] outputs
+    slot = 16 + r + e * h + e * (4 * f if swiglu else 2 * f) + 8 * h
+    out = share * (router + k * slot)
+    if cfg.moe_shared_experts:  # a dense tp MLP; in 16-bit its input is not the router's (a cast copy)
+        width = cfg.moe_shared_experts * f / lay.tp
+        out += _mlp_bytes(width, e, lay.recompute == "selective", swiglu) + (e * h * share if e != 4 else 0)
+    return out
+
+
+def layer_activation_bytes_per_token(cfg: ModelConfig, lay: Layout, seq_len: int, layer: int | None = None) -> float:
+    """Bytes one transformer block keeps for backward per token of a micro-batch on one tp rank; `layer`
+    (1..L) says which block where dense and MoE blocks mix (model.moe_every, moe_first_dense)."""
     _check(cfg, lay)
     e, tp = DTYPE_BYTES[lay.precision], lay.tp
     h = cfg.hidden_size
     share = 1 / tp if lay.sequence_parallel and tp > 1 else 1  # of the micro-batch's tokens
     h_sp = h * share
+    moe = _is_moe(cfg, layer)
     if lay.recompute == "full":
         return e * h_sp / lay.cp
     d = head_dim(cfg)
     hq, hkv = cfg.num_heads / tp, (cfg.num_kv_heads or cfg.num_heads) / tp
-    f = resolved_ffn_hidden_size(cfg) / tp
     selective = lay.recompute == "selective"
-    out = 2 * _norm_bytes(cfg, e, h_sp, share) + 2 * e * h_sp + e * (2 * hq * d + 2 * hkv * d)
+    out = 2 * _norm_bytes(cfg, e, h_sp, share) + e * h_sp + e * (2 * hq * d + 2 * hkv * d)  # qkv's input
     if cfg.qk_norm:  # per-head RMSNorm of q and k, before rotary: never recomputed by 'selective'
         out += _rms_bytes(e, (hq + hkv) * d, hq + hkv)
     if not selective and lay.cp > 1:
         out += 4 * hq + 4 * hq * d  # ring attention: fp32 log-sum-exp and fp32 output
     elif not selective:
         out += 4 * hq if lay.attention != "math" else e * hq * seq_len
-    swiglu = cfg.activation == "swiglu"
-    out += e * (2 * f + (0 if selective else f)) if swiglu else e * 2 * f
+    if moe:
+        out += _moe_bytes(cfg, lay, e, share)
+    else:  # fc1's input, then the MLP
+        out += e * h_sp + _mlp_bytes(resolved_ffn_hidden_size(cfg) / tp, e, selective, cfg.activation == "swiglu")
     return out / lay.cp  # per token of the whole sequence, of which this rank holds 1/cp
 
 
-def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
+def _weight_copies(cfg: ModelConfig, lay: Layout, moe: bool) -> int:
+    """Matmul parameters of one block on this rank that autocast copies to 16-bit."""
+    tp, h = lay.tp, cfg.hidden_size
+    d = head_dim(cfg)
+    qkv = (cfg.num_heads + 2 * (cfg.num_kv_heads or cfg.num_heads)) * d * h // tp
+    mats = 3 if cfg.activation == "swiglu" else 2
+    if not moe:
+        ffn = mats * resolved_ffn_hidden_size(cfg) * h // tp
+    else:  # router and every expert, replicated over tp; shared experts a tp MLP
+        f, experts = moe_ffn_hidden_size(cfg), cfg.moe_num_experts
+        ffn = experts * h + experts * mats * f * h + mats * cfg.moe_shared_experts * f * h // tp
+    return qkv + cfg.num_heads * d * h // tp + ffn
+
+
+def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int, layer: int | None = None) -> int:
     """Bytes one block's graph keeps per micro-batch whatever its size: the 16-bit weight copies
-    under autocast (kept unless the block recomputes everything) and the math path's causal mask."""
+    under autocast (kept unless the block recomputes everything), the math path's causal mask and an
+    MoE layer's fp32 load statistics ([E] shares and the [2E + 1] summed counts)."""
     _check(cfg, lay)
+    moe = _is_moe(cfg, layer)
     if lay.recompute == "full":
         return 0
-    out = 0
+    out = 4 * cfg.moe_num_experts + 4 * (2 * cfg.moe_num_experts + 1) if moe else 0
     if lay.precision != "fp32":
-        tp, h = lay.tp, cfg.hidden_size
-        d = head_dim(cfg)
-        qkv = (cfg.num_heads + 2 * (cfg.num_kv_heads or cfg.num_heads)) * d * h // tp
-        ffn = resolved_ffn_hidden_size(cfg)
-        mlp = (3 if cfg.activation == "swiglu" else 2) * ffn * h // tp
-        out += DTYPE_BYTES[lay.precision] * (qkv + cfg.num_heads * d * h // tp + mlp)
+        out += DTYPE_BYTES[lay.precision] * _weight_copies(cfg, lay, moe)
     if lay.cp > 1 and cfg.position == "rope":  # cos and sin at this rank's positions, kept by rotary
         out += 4 * head_dim(cfg) * seq_len // lay.cp
     elif lay.attention == "math" and lay.recompute == "none" and lay.cp == 1:
@@ -144,10 +229,11 @@ def layer_fixed_bytes(cfg: ModelConfig, lay: Layout, seq_len: int) -> int:
     return out
 
 
-def layer_activation_bytes(cfg: ModelConfig, lay: Layout, seq_len: int, micro_batch: int) -> int:
+def layer_activation_bytes(cfg: ModelConfig, lay: Layout, seq_len: int, micro_batch: int,
+                           layer: int | None = None) -> int:
     """Bytes one block's graph keeps for one micro-batch [s, b] on one tp rank."""
-    per_token = layer_activation_bytes_per_token(cfg, lay, seq_len)
-    return round(per_token * seq_len * micro_batch) + layer_fixed_bytes(cfg, lay, seq_len)
+    per_token = layer_activation_bytes_per_token(cfg, lay, seq_len, layer)
+    return round(per_token * seq_len * micro_batch) + layer_fixed_bytes(cfg, lay, seq_len, layer)
 
 
 def in_flight(kind: str, pp: int, stage: int, micro_batches: int, virtual_stages: int = 1) -> int:
