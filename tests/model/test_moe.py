@@ -186,13 +186,6 @@ def test_mfu_counts_the_parameters_a_token_touches_and_the_total_counts_every_ex
     assert active_matmul_parameters(dense) == matmul_parameters(dense)
 
 
-def test_the_memory_model_refuses_moe_activations_by_name():
-    from megalite.memory import Layout, layer_activation_bytes_per_token
-
-    with pytest.raises(ValueError, match="model.moe_num_experts=4: the memory model does not yet predict"):
-        layer_activation_bytes_per_token(_cfg(), Layout(), 32)
-
-
 def _ep_layer_run(ep: int) -> tuple:
     """On each rank of an ep group: the layer's output and input gradient for this rank's own tokens, its
     experts' gradients, and the all-to-all bytes it sent (forward and backward)."""
