@@ -40,6 +40,7 @@ from megalite.config import (
     seq_len_at,
     to_yaml,
 )
+from megalite.config.batch_rampup import batch_size_at, parse_rampup
 from megalite.data.demo import ensure_demo_data
 from megalite.data.loader import build_dataloader, build_datasets
 from megalite.data.seq_warmup import cut_batches
@@ -208,12 +209,30 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # samples of the training order read or skipped (megalite.stability)
         self.stability = Stability(cfg.train, self.log)
+        self.rampup = parse_rampup(cfg.train.rampup_batch_size, cfg.train.global_batch_size)
+        self._iter_batch = 0  # the global batch the training iterator was built for
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.train.steps, enabled=self.rank == 0)
         # MFU's FLOPs per token at a sequence length (the attention term grows with it: a warm-up's vary)
         # MoE: the parameters a token's matmuls touch (its top_k experts), not all of them
         self.flops_per_token = functools.partial(flops_per_token, active_matmul_parameters(cfg.model),
                                                  cfg.model.num_layers,
                                                  cfg.model.num_heads, head_dim(cfg.model))
+
+    @property
+    def batch_now(self) -> int:
+        """The global batch of the next step: train.global_batch_size, or its ramp's (train.rampup_batch_size)."""
+        return batch_size_at(self.data_position, self.rampup, self.cfg.train.global_batch_size)
+
+    def _train_iter(self):
+        """Micro-batches of the training order from data_position (past any skipped range), in global batches
+        of the current size; a ramp counts them from here, where the size was set."""
+        self.data_position = skip_ahead(self.data_position, self.stability.ranges)
+        self._iter_batch, t = self.batch_now, self.cfg.train
+        if self.rampup is None:
+            return iter(self._loader("train", self.data_position))
+        return iter(build_dataloader(self.datasets["train"], self._iter_batch, t.micro_batch_size,
+                                     self.groups.dp_rank, self.groups.dp_size, 0, self.cfg.data.num_workers,
+                                     seed=t.seed, eod=self.eod, first_sample=self.data_position))
 
     def _loader(self, split: str, consumed_samples: int):
         t = self.cfg.train
@@ -264,9 +283,9 @@ class Trainer:
         t = self.cfg.train
         train_iter, last, final, saved = None, {}, {}, False
         while self.step < t.steps:
-            if train_iter is None or skip_ahead(self.data_position, self.stability.ranges) != self.data_position:
-                self.data_position = skip_ahead(self.data_position, self.stability.ranges)
-                train_iter = iter(self._loader("train", self.data_position))
+            if (train_iter is None or skip_ahead(self.data_position, self.stability.ranges) != self.data_position
+                    or self.batch_now != self._iter_batch):
+                train_iter = self._train_iter()
             self.step += 1
             for hook in self.step_hooks:
                 hook(self.step)
@@ -310,8 +329,13 @@ class Trainer:
         start = time.perf_counter()
         take_comm_bytes()  # count only this step's traffic, not evaluation's
         self.model.train()
-        batches = cut_batches([next(train_iter) for _ in range(self.accum)], self.seq_len_now)
-        self.data_position += self.cfg.train.global_batch_size
+        batch = self.batch_now
+        accum = batch // (self.cfg.train.micro_batch_size * self.groups.dp_size)
+        self.runner.set_micro_batches(accum)
+        if hasattr(self.engine, "set_micro_batches"):
+            self.engine.set_micro_batches(accum)
+        batches = cut_batches([next(train_iter) for _ in range(accum)], self.seq_len_now)
+        self.data_position += batch
         loss_sum = self.runner.train_batch(batches)
         action = self.stability.action
         loss = self._dp_mean(loss_sum) if action == "skip" else None  # known before the update
@@ -336,7 +360,7 @@ class Trainer:
         if not math.isfinite(loss) and action in ("off", "log"):  # 'skip' dropped the update, 'rollback' returned
             raise TrainingDiverged(f"loss is {loss} at step {self.step}; last good checkpoint: "
                                    f"{latest_checkpoint(self.ckpt_dir) or 'none saved yet'}")
-        return {**self._step_metrics(loss, result, time.perf_counter() - start), **self.runner.moe_metrics()}
+        return {**self._step_metrics(loss, result, time.perf_counter() - start, batch), **self.runner.moe_metrics()}
 
     def rollback(self, spike: str) -> None:
         """Reload the latest checkpoint, record the samples read since it as skipped, continue after them."""
@@ -363,22 +387,23 @@ class Trainer:
             value /= self.groups.dp_size
         return float(value)
 
-    def _step_metrics(self, loss: float, result, seconds: float) -> dict:
+    def _step_metrics(self, loss: float, result, seconds: float, batch: int) -> dict:
         t = self.cfg.train
-        tokens_per_s = t.global_batch_size * self.cfg.data.seq_len / seconds
+        tokens_per_s = batch * self.cfg.data.seq_len / seconds
         peak = peak_flops(self.device, t.precision)
         world = self.groups.topology.world_size
         return {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
                 "skipped": result.skipped, "seq_len": self.seq_len_now, "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token(self.seq_len_now) * tokens_per_s / (peak * world) if peak else None,
                 "step_time_s": seconds, "peak_mem_gb": peak_memory_gb(self.device),
-                "consumed_samples": self.data_position,
+                "consumed_samples": self.data_position, **({"global_batch_size": batch} if self.rampup else {}),
                 **{f"comm_{key}_bytes": n for key, n in take_comm_bytes().items()}}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict:
         """Mean loss (and perplexity) over the first eval_steps global batches of `split`."""
         self.model.eval()
+        self.runner.set_micro_batches(self.accum)  # evaluations read whole global batches, ramp or not
         it, total = iter(self._loader(split, 0)), torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_steps):
             for value in self.runner.eval_batch([next(it) for _ in range(self.accum)]):

@@ -1,7 +1,7 @@
 """The typed fields of the config: their sections, their types, their allowed values, and coercion.
 
 A field's annotation in sections.py is the one statement of what it accepts: `int`, `float`,
-`str`, `bool`, `list[str]`, `X | None`, or a `Literal[...]` of choices. Loading coerces YAML and
+`str`, `bool`, `list[str]`, `list[int]`, `X | None`, or a `Literal[...]` of choices. Loading coerces YAML and
 override values through `coerce`; validation re-checks values set from code the same way; and
 every other list of allowed values in the package comes from `choices`.
 """
@@ -69,7 +69,7 @@ def describe_type(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
-        return "a list of str"
+        return f"a list of {typing.get_args(tp)[0].__name__}"
     return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str",
             type(None): "null"}.get(tp, str(tp))
 
@@ -112,9 +112,12 @@ def _coerce_plain(value, tp, key: str, expected: str | None = None):
     bad = ConfigError(f"{key}={value!r} must be {expected or describe_type(tp)}")
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
         if not isinstance(value, list) or any(isinstance(v, (list, dict, type(None))) for v in value):
             raise bad
+        if typing.get_args(tp)[0] is int:  # each element as an int field's value ('32' and 32 alike)
+            return [_coerce_plain(int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v, int, key,
+                                  expected) for v in value]
         return [str(v) for v in value]
     if tp is bool:
         if isinstance(value, bool):

@@ -327,6 +327,11 @@ class TrainConfig:
     """Values the window must hold before anything is called a spike."""
     stability_max_rollbacks: int = 3
     """'rollback': rollbacks allowed per run (process); one more spike ends the run with what was skipped."""
+    rampup_batch_size: list[int] = field(default_factory=list)
+    """Megatron's --rampup-batch-size: [START, INCR, SAMPLES] grows the global batch from START by INCR over
+    the first SAMPLES samples to global_batch_size (config.batch_rampup); [] keeps it constant. Every size
+    must divide by micro_batch_size * dp. The LR schedule counts optimizer steps, not samples (Megatron's
+    counts samples under a ramp)."""
     skip_samples: list[str] = field(default_factory=list)
     """Sample ranges of the training order never trained on, 'START:END' (multiples of global_batch_size),
     e.g. ['4096:8192']; a rollback adds its own (kept in checkpoints and run_dir/skipped_samples.json)."""

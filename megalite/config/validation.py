@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from megalite.config.batch_rampup import parse_rampup, ramp_sizes
 from megalite.config.blend import parse_data_path
 from megalite.config.fields import coerce, describe_type, field_types, section_types
 from megalite.config.sections import Config, ConfigError, head_dim, is_moe_layer, kv_heads, resolved_ffn_hidden_size
@@ -446,6 +447,27 @@ def _check_stability(cfg: Config, err) -> None:
             err(str(e))
 
 
+def _check_rampup(cfg: Config, world_size: int | None, err) -> None:
+    """train.rampup_batch_size: well formed, every size whole micro-steps; the engines and schedules it runs on."""
+    t = cfg.train
+    try:
+        rampup = parse_rampup(t.rampup_batch_size, t.global_batch_size)
+    except ValueError as e:
+        return err(str(e))
+    if rampup is None:
+        return None
+    if cfg.engine.backend != "native" or cfg.parallel.pp > 1:
+        err(f"train.rampup_batch_size={t.rampup_batch_size} runs on the native engine without pipeline "
+            f"parallelism so far (engine.backend={cfg.engine.backend}, parallel.pp={cfg.parallel.pp}): DeepSpeed "
+            "fixes its accumulation steps at start-up; drop the ramp or use engine.backend=native and pp=1")
+    step = t.micro_batch_size * (data_parallel_size(cfg, world_size) or 1)
+    bad = [size for size in ramp_sizes(rampup, t.global_batch_size) if step > 0 and size % step]
+    if bad:
+        err(f"train.rampup_batch_size={t.rampup_batch_size} makes global batches {bad} that are not multiples of "
+            f"train.micro_batch_size * dp = {step}; choose START and INCR as multiples of {step}")
+    return None
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Raise ConfigError listing every broken rule (one per line, each naming key, value and rule).
 
@@ -468,6 +490,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check_train(cfg, world_size, err)
         _check_lr_schedule(cfg, err)
         _check_stability(cfg, err)
+        _check_rampup(cfg, world_size, err)
         _check_data(cfg, err)
     if errors:
         raise ConfigError("\n".join(errors))

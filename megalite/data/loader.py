@@ -58,11 +58,12 @@ def collate_tokens(samples: list[dict], eod: int | None = None) -> dict:
 
 def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
                      dp_size: int = 1, consumed_samples: int = 0, num_workers: int = 0,
-                     seed: int = 0, eod: int | None = None) -> DataLoader:
+                     seed: int = 0, eod: int | None = None, first_sample: int = 0) -> DataLoader:
     """DataLoader of this dp rank's micro-batches, {"tokens": LongTensor [micro, seq_len + 1]} (and
     "doc_ids" [micro, seq_len] when `eod` is given, see collate_tokens).
 
-    The trainer uses tokens[:, :-1] as inputs and tokens[:, 1:] as labels.
+    The trainer uses tokens[:, :-1] as inputs and tokens[:, 1:] as labels. `first_sample`: global
+    batches counted from that sample on (a batch-size ramp rebuilds the loader where the size changes).
     The loader owns a torch.Generator seeded with `seed`: creating an iterator
     draws a worker base seed, and drawing it from the global torch RNG would
     shift dropout's random stream (a resumed run would then diverge).
@@ -71,7 +72,7 @@ def build_dataloader(dataset, global_batch_size: int, micro_batch_size: int, dp_
         raise ValueError("this split has no dataset: data.split gives it no documents or it was asked for "
                          "0 samples; give it a positive share in data.split")
     sampler = DistributedBatchSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
-                                      consumed_samples)
+                                      consumed_samples, first_sample)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=functools.partial(collate_tokens, eod=eod),
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,

@@ -21,7 +21,7 @@ class DistributedBatchSampler:
     """
 
     def __init__(self, total_samples: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, consumed_samples: int = 0):
+                 dp_rank: int, dp_size: int, consumed_samples: int = 0, first_sample: int = 0):
         for name, value, low in (("total_samples", total_samples, 0), ("global_batch_size", global_batch_size, 1),
                                  ("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
                                  ("dp_rank", dp_rank, 0), ("consumed_samples", consumed_samples, 0)):
@@ -41,6 +41,11 @@ class DistributedBatchSampler:
         if consumed_samples > total_samples:
             raise ValueError(f"consumed_samples={consumed_samples} exceeds the dataset's {total_samples} samples; "
                              "the dataset was built for a shorter run")
+        if not 0 <= first_sample <= total_samples:
+            raise ValueError(f"first_sample={first_sample} must lie in [0, total_samples={total_samples}]")
+        # first_sample: global batches are counted from there (a batch-size ramp changes size mid-run)
+        self.first_sample = int(first_sample)
+        total_samples -= self.first_sample
         self.total_samples, self.consumed_samples = int(total_samples), int(consumed_samples)
         self.global_batch_size, self.micro_batch_size = int(global_batch_size), int(micro_batch_size)
         self.dp_rank, self.dp_size = int(dp_rank), int(dp_size)
@@ -61,6 +66,6 @@ class DistributedBatchSampler:
         g0, j0 = self._start()
         mbs = self.micro_batch_size
         for g in range(g0, self.num_global_batches):
-            base = g * self.global_batch_size + self.dp_rank * self.per_rank
+            base = self.first_sample + g * self.global_batch_size + self.dp_rank * self.per_rank
             for j in range(j0 if g == g0 else 0, self.micro_per_rank):
                 yield list(range(base + j * mbs, base + (j + 1) * mbs))

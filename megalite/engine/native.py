@@ -92,6 +92,12 @@ class NativeEngine(Engine):
         self.micro_batches = micro_batches or accumulation_steps(train_cfg, group_size(dp_group))
         self.reducer = self._overlapped_reducer(model) if overlap and group_size(dp_group) > 1 else None
 
+    def set_micro_batches(self, m: int) -> None:
+        """Backward calls per optimizer step from now on (train.rampup_batch_size changes the batch)."""
+        self.micro_batches = m
+        if self.reducer is not None:  # it all-reduces a bucket at its parameters' m-th backward
+            self.reducer.micro_batches = m
+
     def _overlapped_reducer(self, model: nn.Module) -> OverlappedAllReduce:
         """Hooks on this engine's parameters; the tied table waits for the pipeline's first+last-stage sum."""
         mine = {id(p) for p in self.params} - {id(p) for p in self.experts}

@@ -53,6 +53,13 @@ class PipelineRunner:
         self.p2p = None if self.pp == 1 else self._p2p(seq_len, micro_batch, dtype)
         self.last_peak_stashed = 0
 
+    def set_micro_batches(self, m: int) -> None:
+        """Run `m` micro-batches per batch from now on (train.rampup_batch_size changes the batch)."""
+        if m != self.m:
+            self.m = m
+            self.train_steps = schedule_steps(self.kind, self.pp, self.stage, m, self.v)
+            self.eval_steps = schedule_steps(self.kind, self.pp, self.stage, m, self.v, forward_only=True)
+
     def _boundary_shape(self, seq_len: int, micro_batch: int) -> tuple[int, int, int]:
         """[s (/cp) (/tp under SP), b, h] of the tensors crossing a stage boundary."""
         tp, cp = self.groups.tp_size, self.groups.cp_size
