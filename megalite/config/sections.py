@@ -25,6 +25,7 @@ StabilityAction = Literal["off", "log", "skip", "rollback"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant", "wsd", "inverse-square-root"]
 WSDDecay = Literal["exponential", "linear", "cosine", "minus_sqrt"]
+Optimizer = Literal["adamw", "lion"]
 Recompute = Literal["none", "selective", "full"]
 MoERouter = Literal["softmax", "sigmoid"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -230,8 +231,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW or Lion) and the learning-rate schedule."""
 
+    optimizer: Optimizer = "adamw"
+    """'adamw', or 'lion' (megalite.lion: sign updates, one state per parameter; its paper's lr is 3-10x
+    smaller than AdamW's, weight decay 3-10x larger, betas 0.9/0.99; native engine)."""
     lr: float = 3e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 3e-5
@@ -239,9 +243,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay; never applied to norms, biases or (1-D) gains."""
     beta1: float = 0.9
-    """Adam first-moment decay."""
+    """Adam first-moment decay (Lion: the interpolation that makes the update's sign)."""
     beta2: float = 0.95
-    """Adam second-moment decay."""
+    """Adam second-moment decay (Lion: the momentum's decay; its paper uses 0.99)."""
     eps: float = 1e-8
     """Adam denominator epsilon."""
     warmup_steps: int = 10
