@@ -68,5 +68,5 @@ def test_the_native_engine_steps_with_lion(counting_data, tmp_path):
 
 
 def test_lion_with_deepspeed_is_refused_by_name():
-    with pytest.raises(ConfigError, match="optim.optimizer=lion with engine.backend=deepspeed"):
+    with pytest.raises(ConfigError, match="optim.optimizer=lion with engine.backend=deepspeed: megalite wires"):
         validate(load_config("tiny", ["optim.optimizer=lion", "engine.backend=deepspeed"]), world_size=1)

@@ -25,7 +25,7 @@ StabilityAction = Literal["off", "log", "skip", "rollback"]
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer"]
 Decay = Literal["cosine", "linear", "constant", "wsd", "inverse-square-root"]
 WSDDecay = Literal["exponential", "linear", "cosine", "minus_sqrt"]
-Optimizer = Literal["adamw", "lion"]
+Optimizer = Literal["adamw", "lion", "muon"]
 Recompute = Literal["none", "selective", "full"]
 MoERouter = Literal["softmax", "sigmoid"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -235,7 +235,10 @@ class OptimConfig:
 
     optimizer: Optimizer = "adamw"
     """'adamw', or 'lion' (megalite.lion: sign updates, one state per parameter; its paper's lr is 3-10x
-    smaller than AdamW's, weight decay 3-10x larger, betas 0.9/0.99; native engine)."""
+    smaller than AdamW's, weight decay 3-10x larger, betas 0.9/0.99; native engine), or 'muon' (megalite.muon:
+    orthogonalized momentum for the blocks' matrices at AdamW's lr scale, AdamW for the rest; native engine)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov), for its matrices only."""
     lr: float = 3e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 3e-5

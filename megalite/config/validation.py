@@ -431,9 +431,11 @@ def _check_stability(cfg: Config, err) -> None:
     if t.stability_min_history > t.stability_window:
         err(f"train.stability_min_history={t.stability_min_history} must be <= train.stability_window="
             f"{t.stability_window} (the window holds the history)")
-    if cfg.optim.optimizer == "lion" and cfg.engine.backend != "native":
-        err(f"optim.optimizer=lion with engine.backend={cfg.engine.backend}: DeepSpeed's Lion is a fused CUDA op "
-            "megalite does not wire yet; use engine.backend=native or optim.optimizer=adamw")
+    if cfg.optim.optimizer != "adamw" and cfg.engine.backend != "native":
+        err(f"optim.optimizer={cfg.optim.optimizer} with engine.backend={cfg.engine.backend}: megalite wires only "
+            "AdamW into DeepSpeed so far; use engine.backend=native or optim.optimizer=adamw")
+    if not 0 <= cfg.optim.muon_momentum < 1:
+        err(f"optim.muon_momentum={cfg.optim.muon_momentum} must be in [0, 1) (0.95 is the usual value)")
     if cfg.optim.z_loss < 0:
         err(f"optim.z_loss={cfg.optim.z_loss} must be >= 0 (PaLM used 1e-4; 0 disables it)")
     if not t.stability_threshold > 0:

@@ -79,7 +79,7 @@ class NativeEngine(Engine):
         self.precision = train_cfg.precision
         self.scaler = build_scaler(train_cfg.precision, train_cfg.initial_loss_scale,
                                    train_cfg.loss_scale_window, train_cfg.min_loss_scale)
-        self.optimizer = build_optimizer(model, optim_cfg, device_type)
+        self.optimizer = build_optimizer(model, optim_cfg, device_type, tp_group)
         self.schedule = LRSchedule(optim_cfg, total_steps)
         self.clip_grad = optim_cfg.clip_grad
         self.dp_group, self.mp_group, self.tp_group = dp_group, model_parallel_group, tp_group
