@@ -93,6 +93,7 @@ class LRSchedule:
         self.wsd_style = cfg.wsd_decay_style
         self.wsd_start, self.wsd_steps = wsd_window(cfg, self.warmup_steps, self.decay_steps)
         self.last_step = 0
+        self.damping: tuple[int, float] | None = None  # (last step, factor) after a rollback
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (1-based)."""
@@ -135,26 +136,36 @@ class LRSchedule:
             return f"{head}, then {self.lr:g} * sqrt({max(self.warmup_steps, 1)} / step), at least {self.min_lr:g}"
         return f"{head}, then to {self.min_lr:g} at step {self.warmup_steps + self.decay_steps}"
 
+    def rate(self, step: int) -> float:
+        """The rate optimizer step `step` uses: lr_at, times a damping factor while one is in force."""
+        damped = self.damping is not None and step <= self.damping[0]
+        return self.lr_at(step) * (self.damping[1] if damped else 1.0)
+
+    def damp(self, until: int, factor: float) -> None:
+        """Scale the rate of the steps up to `until` by `factor` (after a rollback: train.stability_*)."""
+        self.damping = (int(until), float(factor))
+
     def advance(self) -> float:
         """Count one more optimizer step and return its learning rate."""
         self.last_step += 1
-        return self.lr_at(self.last_step)
+        return self.rate(self.last_step)
 
     @property
     def current_lr(self) -> float:
         """The rate of the last step taken (0 before the first with warmup)."""
-        return self.lr_at(self.last_step)
+        return self.rate(self.last_step)
 
     def state_dict(self) -> dict:
-        """Progress only; the curve's shape comes from the config of the resumed run (a cooldown
-        resumed from a stable-phase checkpoint decays as its own config says)."""
-        return {"last_step": self.last_step}
+        """Progress (and a damping in force); the curve's shape comes from the config of the resumed run (a
+        cooldown resumed from a stable-phase checkpoint decays as its own config says)."""
+        return {"last_step": self.last_step, **({"damping": list(self.damping)} if self.damping else {})}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the step count saved by `state_dict`."""
+        """Restore the step count (and damping) saved by `state_dict`."""
         if "last_step" not in state:
             raise KeyError(f"LR schedule state has no 'last_step' (keys: {sorted(state)})")
         self.last_step = int(state["last_step"])
+        self.damping = (int(state["damping"][0]), float(state["damping"][1])) if "damping" in state else None
 
 
 # factor of (lr - min_lr) above min_lr at fraction r of a decay (Megatron's coefficients)

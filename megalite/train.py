@@ -375,6 +375,9 @@ class Trainer:
         s.record_skip(progress.consumed_samples, end)
         s.detector.forget_after(self.step)
         self.data_position = end
+        t = self.cfg.train
+        if t.stability_rollback_lr_steps and t.stability_rollback_lr_scale != 1.0:  # step carefully past it
+            self.engine.schedule.damp(self.step + t.stability_rollback_lr_steps, t.stability_rollback_lr_scale)
         self.log(f"step {spiked_at}: spike: {spike}; rolled back to {path} (step {self.step}), skipping samples "
                  f"[{progress.consumed_samples}, {end}) (rollback {s.rollbacks} of {s.max_rollbacks})")
         if self.rank == 0:

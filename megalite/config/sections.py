@@ -334,6 +334,11 @@ class TrainConfig:
     """Values the window must hold before anything is called a spike."""
     stability_max_rollbacks: int = 3
     """'rollback': rollbacks allowed per run (process); one more spike ends the run with what was skipped."""
+    stability_rollback_lr_scale: float = 1.0
+    """'rollback': the learning rate is multiplied by this for the stability_rollback_lr_steps steps after a
+    rollback (e.g. 0.5 to step more carefully past the spike); 1 keeps the schedule."""
+    stability_rollback_lr_steps: int = 0
+    """'rollback': how many steps after a rollback run at stability_rollback_lr_scale times the rate."""
     rampup_batch_size: list[int] = field(default_factory=list)
     """Megatron's --rampup-batch-size: [START, INCR, SAMPLES] grows the global batch from START by INCR over
     the first SAMPLES samples to global_batch_size (config.batch_rampup); [] keeps it constant. Every size

@@ -438,6 +438,9 @@ def _check_stability(cfg: Config, err) -> None:
         err(f"optim.muon_momentum={cfg.optim.muon_momentum} must be in [0, 1) (0.95 is the usual value)")
     if cfg.optim.z_loss < 0:
         err(f"optim.z_loss={cfg.optim.z_loss} must be >= 0 (PaLM used 1e-4; 0 disables it)")
+    if not 0 < t.stability_rollback_lr_scale <= 1 or t.stability_rollback_lr_steps < 0:
+        err(f"train.stability_rollback_lr_scale={t.stability_rollback_lr_scale} must be in (0, 1] and "
+            f"train.stability_rollback_lr_steps={t.stability_rollback_lr_steps} >= 0")
     if not t.stability_threshold > 0:
         err(f"train.stability_threshold={t.stability_threshold} must be > 0 (a robust z-score; 6 is the default)")
     if t.stability_action == "skip" and cfg.engine.backend != "native":

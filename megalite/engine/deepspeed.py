@@ -170,7 +170,7 @@ class DeepSpeedEngine(Engine):
     def step(self) -> StepResult:
         """DeepSpeed's reduce, overflow check, clip and AdamW, at megalite's learning rate."""
         scale = self.loss_scale
-        lr = self.schedule.lr_at(self.schedule.last_step + 1)
+        lr = self.schedule.rate(self.schedule.last_step + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ds.step()

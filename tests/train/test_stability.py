@@ -66,6 +66,15 @@ def test_a_planted_spike_rolls_back_skips_its_range_and_continues_as_a_run_that_
     assert want[5] != pytest.approx(step_metrics(tmp_path / "rolled")[4], rel=1e-3)  # the curve moves on
 
 
+def test_after_a_rollback_the_rate_is_damped_for_the_steps_asked(counting_data, tmp_path):
+    damped = {**STABLE, "train.stability.action": "rollback", "train.stability.rollback_lr_scale": 0.5,
+              "train.stability.rollback_lr_steps": 3}
+    _trainer(counting_data, tmp_path / "damped", True, **damped).fit()
+    _trainer(counting_data, tmp_path / "never", False, **{"train.skip_samples": "['32:64']"}).fit()
+    got, want = (step_metrics(tmp_path / name, "lr") for name in ("damped", "never"))
+    assert [got[s] / want[s] for s in range(1, STEPS + 1)] == pytest.approx([1.0] * 4 + [0.5] * 3 + [1.0] * 7)
+
+
 def test_skip_drops_the_update_of_a_loss_spike_and_log_only_reports(counting_data, tmp_path, capsys):
     logged = _trainer(counting_data, tmp_path / "log", True, **STABLE, **{"train.stability.action": "log"})
     logged.fit()
