@@ -39,32 +39,32 @@ flight (`in_flight`); parameters, gradients and optimizer state follow `STATE_BY
 An MoE layer (megalite.model.moe, dropless) keeps, in place of fc1's input and the MLP, per token this
 rank routes (all s under tp without SP, where every tp rank holds and runs all the experts; s/tp under
 SP; s/cp under cp), with E experts, top-k, f = moe_ffn_hidden_size (whole: tp does not split experts)
-and r = e the router's bytes (its F.linear is autocast whatever x.float(), and CPU autocast keeps
-softmax, top-k and logsumexp in 16-bit too):
+and r = 4 the router's bytes (moe.py routes in fp32 with autocast off, on the CPU and CUDA alike):
 
-    router           e*h + 2*r*E + r    its input (autocast's copy, or in fp32 the norm output fc1 would
-                     + 8*k              keep), the probabilities, the logits and log-sum-exp the z-loss
-                                        keeps (even at coefficient 0), the top-k expert ids (int64)
+    router           e*h + 2*r*E + r    its input (the norm output, in its own dtype: moe.RouterLogits
+                     + 8*k              upcasts it), the probabilities, the logits and log-sum-exp the
+                                        z-loss keeps (even at coefficient 0), the top-k expert ids (int64)
                      + r*k + r          sigmoid, or softmax with moe_norm_topk_prob: the top-k weights and
                                         their sum, kept by the renormalising division
     per routed slot  16 + r + e*h       k slots per token: int64 token and slot ids, the slot's weight,
     (k per token)    + e*4f | e*2f      the gathered row, SwiGLU: fc1's output, silu(gate) (plain
                                         autograd, not the dense MLP's _SwiGLU) and fc2's input; GELU: e*2f
-                     + 8*h              the fp32 expert output (kept by the weighting multiply) and the
-                                        weighted product (kept by index_add, for its shape)
-    shared experts   the dense MLP's    model.moe_shared_experts: at width moe_shared_experts*f/tp, plus
-                     + e*h_sp in 16-bit its input (the router keeps autocast's copy, not the norm output)
+                     + e*h              the expert output in the compute dtype, kept by moe.Combine (the
+                                        fp32 weighted sum; before it, autograd's index_add over an fp32
+                                        copy kept 8*h)
+    shared experts   the dense MLP's    model.moe_shared_experts: at width moe_shared_experts*f/tp; its
+                                        input is the router's (the norm output, counted once)
 
 Each slot term is one buffer over all the experts (the sorted rows, the grouped matmuls' outputs) or
 one per expert (the expert loop's), summing alike, so given the routed-slot count (dropless: exactly k
 per token) the bytes do not depend on how the slots split across experts.
 'selective' recomputes nothing in the routed experts (only the shared experts' SwiGLU activation);
 'full' keeps the block input as for a dense block. Per micro-batch (fixed): under autocast the 16-bit
-copies of the router and every expert (E*(h + 3*f*h) SwiGLU) and the shared experts' tp shard, and in
+copies of every expert (E*3*f*h SwiGLU; the fp32 router has none) and the shared experts' tp shard, and in
 any dtype 4*E + 4*(2E + 1) bytes
 of load-balancing statistics (fp32); not counted: torch._grouped_mm's int32 offsets (4*E bytes) where
-moe.py takes that path. CUDA's autocast runs softmax and sum in fp32 (its fp32 op list), so there the
-router's r-terms are 4 bytes wide in part: not measured here (the checks run on the CPU).
+moe.py takes that path. The routing is fp32 on CUDA as on the CPU (autocast off), so the router's
+terms hold there too, though the checks run on the CPU.
 
 The figures are checked against exact measurements in tools/bench_memory.py (saved-tensor bytes
 per layer) and tools/bench_zero_memory.py (state bytes per parameter). Not modelled (refused by
@@ -155,17 +155,17 @@ def _mlp_bytes(f: float, e: int, selective: bool, swiglu: bool) -> float:
 def _moe_bytes(cfg: ModelConfig, lay: Layout, e: int, share: float) -> float:
     """An MoE feed-forward's bytes per token of the micro-batch, `share` of which this rank routes."""
     k, E, h, f = cfg.moe_top_k, cfg.moe_num_experts, cfg.hidden_size, moe_ffn_hidden_size(cfg)
-    r = e  # the router's dtype: autocast runs its F.linear in 16-bit and (CPU) softmax stays there
+    r = 4  # the router's dtype: fp32 (moe.py runs the routing with autocast off)
     swiglu = cfg.activation == "swiglu"
     router = e * h + 2 * r * E + r + 8 * k  # input, probabilities, logits + lse (z-loss), int64 expert ids
     if cfg.moe_router == "sigmoid" or cfg.moe_norm_topk_prob:  # the renormalising division keeps both sides
         router += r * k + r
-    # int64 token and slot ids, the slot's weight, its row, the expert's insides, two fp32 [h] outputs
-    slot = 16 + r + e * h + e * (4 * f if swiglu else 2 * f) + 8 * h
+    # int64 token and slot ids, the slot's fp32 weight, its row, the expert's insides, its output (moe.Combine)
+    slot = 16 + r + e * h + e * (4 * f if swiglu else 2 * f) + e * h
     out = share * (router + k * slot)
-    if cfg.moe_shared_experts:  # a dense tp MLP; in 16-bit its input is not the router's (a cast copy)
+    if cfg.moe_shared_experts:  # a dense tp MLP; its input is the router's (the norm output, kept once)
         width = cfg.moe_shared_experts * f / lay.tp
-        out += _mlp_bytes(width, e, lay.recompute == "selective", swiglu) + (e * h * share if e != 4 else 0)
+        out += _mlp_bytes(width, e, lay.recompute == "selective", swiglu)
     return out
 
 
@@ -205,9 +205,9 @@ def _weight_copies(cfg: ModelConfig, lay: Layout, moe: bool) -> int:
     mats = 3 if cfg.activation == "swiglu" else 2
     if not moe:
         ffn = mats * resolved_ffn_hidden_size(cfg) * h // tp
-    else:  # router and every expert, replicated over tp; shared experts a tp MLP
+    else:  # every expert, replicated over tp (the router runs in fp32: no copy); shared experts a tp MLP
         f, experts = moe_ffn_hidden_size(cfg), cfg.moe_num_experts
-        ffn = experts * h + experts * mats * f * h + mats * cfg.moe_shared_experts * f * h // tp
+        ffn = experts * mats * f * h + mats * cfg.moe_shared_experts * f * h // tp
     return qkv + cfg.num_heads * d * h // tp + ffn
 
 

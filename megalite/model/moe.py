@@ -6,7 +6,9 @@
 Router (model.moe_router). 'softmax': p = softmax(logits) over all E experts, the top k kept and,
 with moe_norm_topk_prob, renormalised to sum to 1 (Mixtral's softmax over the top-k logits is the
 same thing; Qwen3-MoE's norm_topk_prob). 'sigmoid': scores sigmoid(logits), the top k normalised
-to sum to 1 (DeepSeek-V3, without its bias-based balancing). Routing runs in fp32.
+to sum to 1 (DeepSeek-V3, without its bias-based balancing). Routing runs in fp32, with autocast off
+(CPU and CUDA): logits, probabilities and top-k weights are fp32 whatever the compute dtype; the
+router's matmul (`RouterLogits`) upcasts x and keeps it for backward in its own dtype.
 
 Experts. Each is the dense MLP's shape at width f = moe_ffn_hidden_size: fc1 [E, 2f, h] (SwiGLU,
 rows alternating gate_j, up_j as the dense MLP's) or [E, f, h] (GELU), fc2 [E, h, f], no biases.
@@ -15,7 +17,10 @@ order and run through all of them by two grouped matmuls (torch._grouped_mm: one
 fc1 and fc2 over the contiguous runs, on the CPU and on CUDA from compute capability 9.0 in bf16;
 it has no autocast rule, so the 16-bit cast is done here), else by a loop over the local experts
 (older GPUs, widths h or f whose rows are not a multiple of 16 bytes, and a torch without it);
-both compute the same products. Dropless by default; with moe_capacity_factor c an expert takes at most
+both compute the same products, and return them in the compute dtype. The weighted sum over a token's
+slots is taken in fp32 by `Combine`: the index_add of y.float() * w autograd would run, forward and
+backward the same bits, but keeping the slots' outputs y in their own dtype (e*h bytes a slot) instead
+of an fp32 copy and the fp32 product (8*h). Dropless by default; with moe_capacity_factor c an expert takes at most
 ceil(c * n * k / E) of its slots in token order and drops the rest (the token then gets only its
 other experts' share, no renormalisation), counted in the stats.
 
@@ -112,6 +117,43 @@ def _all_to_all(x: torch.Tensor, group, out_splits: list[int], in_splits: list[i
     return out
 
 
+class RouterLogits(torch.autograd.Function):
+    """logits [n, E] = x.float() @ w.float().t() in fp32 (run it with autocast off). Saves x and w in their
+    own dtypes (the upcast is exact) rather than an fp32 copy of a 16-bit x."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_x = grad.mm(w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.t().mm(x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+class Combine(torch.autograd.Function):
+    """The weighted sum, in fp32: out [n, h] = zeros.index_add(0, token_of, y.float() * w[:, None]) of the
+    slots' expert outputs y [m, h] (any dtype) and weights w [m] (fp32). The same computation autograd
+    would do on those ops, forward and backward, but keeping only y in its own dtype, w and token_of
+    (autograd keeps an fp32 copy of a 16-bit y for the multiply and the product for index_add)."""
+
+    @staticmethod
+    def forward(ctx, y, w, token_of, n: int):
+        ctx.save_for_backward(y, w, token_of)
+        return y.new_zeros((n, y.shape[1]), dtype=torch.float32).index_add(0, token_of, y.float() * w[:, None])
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w, token_of = ctx.saved_tensors
+        g = grad.index_select(0, token_of)
+        grad_y = (g * w[:, None]).to(y.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g * y.float()).sum(1, keepdim=True).reshape(-1) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w, None, None
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread (a checkpoint's recompute)."""
     return torch._C._current_graph_task_id() != -1
@@ -179,7 +221,11 @@ class MoE(nn.Module):
     # ------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens [n, h] -> (experts [n, k] int64, weights [n, k] fp32, probabilities [n, E] fp32, logits)."""
-        logits = F.linear(x.float(), self.router.float())  # [n, E], fp32 routing
+        with torch.autocast(x.device.type, enabled=False):  # fp32 routing, under autocast too
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor):
+        logits = RouterLogits.apply(x, self.router)  # [n, E] fp32
         if self.router_kind == "sigmoid":
             probs = torch.sigmoid(logits)
             weights, experts = probs.topk(self.top_k, dim=-1)
@@ -220,12 +266,13 @@ class MoE(nn.Module):
         return kept, load.clamp(max=cap), int(order.numel() - kept.numel())
 
     def _run_local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """rows [m, h] grouped by this rank's local experts, `counts` [local] of them -> outputs [m, h]."""
+        """rows [m, h] grouped by this rank's local experts, `counts` [local] of them -> outputs [m, h] in the
+        experts' compute dtype (16-bit under autocast)."""
         dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
             else rows.dtype
         if rows.shape[0] and _grouped_mm_takes(rows, self.fc2.shape[-1], dtype):
-            return self._grouped_experts(rows.to(dtype), counts, dtype).float()
-        parts = [self._expert(j, rows_j).float() for j, rows_j in enumerate(rows.split(counts.tolist()))]
+            return self._grouped_experts(rows.to(dtype), counts, dtype)
+        parts = [self._expert(j, rows_j) for j, rows_j in enumerate(rows.split(counts.tolist()))]
         return torch.cat(parts) if parts else rows.new_zeros(rows.shape, dtype=torch.float32)
 
     def _grouped_experts(self, rows: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -247,7 +294,7 @@ class MoE(nn.Module):
         by_expert = torch.argsort(torch.arange(self.local, device=rows.device).repeat(self.ep)
                                   .repeat_interleave(incoming.reshape(-1)), stable=True)
         computed = torch.empty_like(arrived, dtype=torch.float32)
-        computed[by_expert] = self._run_local_experts(arrived[by_expert], incoming.sum(0))
+        computed[by_expert] = self._run_local_experts(arrived[by_expert], incoming.sum(0)).float()
         return AllToAll.apply(computed, self.ep_group, sent, received)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +304,7 @@ class MoE(nn.Module):
         slots, load, dropped = self._slots(experts)
         token_of = slots // self.top_k
         y = self._dispatch(tokens[token_of], load)
-        out = torch.zeros_like(tokens, dtype=torch.float32).index_add(  # the weighted sum, in fp32
-            0, token_of, y * weights.reshape(-1)[slots, None])
+        out = Combine.apply(y, weights.reshape(-1)[slots], token_of, tokens.shape[0])  # fp32 weighted sum
         out = out.to(x.dtype).reshape(s, b, h)
         if self.shared is not None:
             out = out + self.shared(x)

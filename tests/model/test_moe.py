@@ -276,3 +276,49 @@ def test_grouped_matmul_experts_equal_the_loop_over_experts(dtype, monkeypatch):
 
     for a, b in zip(run(True), run(False)):  # the same products in the same order: the same bits
         assert torch.equal(a, b)
+
+
+def test_routing_runs_in_fp32_under_bf16_autocast():
+    """CPU bf16 autocast: the router's logits, probabilities and weights are fp32 and equal the fp32 routing
+    of the same (bf16) input; the router's gradient too (fp32 products of the same numbers)."""
+    for router in ("softmax", "sigmoid"):
+        layer = _layer(_cfg(f"model.moe.router={router}"))
+        x = torch.randn(24, H).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer.route(x)
+        want = layer.route(x.float())
+        for a, b, name in zip(got, want, ("experts", "weights", "probs", "logits")):
+            assert a.dtype == b.dtype and (a.dtype == torch.int64 or a.dtype == torch.float32), (router, name)
+            assert torch.equal(a, b), (router, name)
+
+
+def _old_combine(y, weights, slots, token_of, n):
+    """The combine step as autograd ran it before moe.Combine: fp32 y times the weights, index_add."""
+    return torch.zeros(n, y.shape[1]).index_add(0, token_of, y.float() * weights.reshape(-1)[slots, None])
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_equals_the_autograd_weighted_sum_bit_for_bit(dtype, capacity):
+    """moe.Combine (keeping y in its own dtype) gives the very bits of index_add over y.float() * w, forward
+    and backward, dropless and with dropped slots (capacity factor 0.5, top-2 of 4 experts)."""
+    from megalite.model.moe import Combine
+
+    layer = _layer(_cfg("model.moe.top_k=2", *([f"model.moe.capacity_factor={capacity}"] if capacity else [])))
+    torch.manual_seed(1)
+    n = 40
+    experts, weights, _, _ = layer.route(torch.randn(n, H))
+    slots, _, dropped = layer._slots(experts)
+    assert (dropped > 0) == (capacity is not None)
+    token_of = slots // layer.top_k
+    runs = []
+    for combine in ("new", "old"):
+        torch.manual_seed(2)
+        y = torch.randn(slots.numel(), H).to(dtype).requires_grad_()
+        w = weights.detach().clone().requires_grad_()
+        out = (Combine.apply(y, w.reshape(-1)[slots], token_of, n) if combine == "new"
+               else _old_combine(y, w, slots, token_of, n))
+        (out * torch.randn_like(out)).sum().backward()
+        runs.append((out, y.grad, w.grad))
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
